@@ -1,0 +1,48 @@
+# The same targets serve people and CI. Setup is idempotent: a second run is quick.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DURATION ?= 60
+
+.PHONY: setup demo test lint format bench clean broker
+
+setup: $(STAMP) broker
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU build; a bare requirement would pull a CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[train,dev]'
+	touch $(STAMP)
+
+# mosquitto from Debian's packages when root; otherwise say what to install.
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients; \
+	  else \
+	    echo "mosquitto is not installed: run 'sudo apt-get install mosquitto mosquitto-clients'"; \
+	    echo "(the demo falls back to its embedded broker; the integration tests need mosquitto)"; \
+	  fi; }
+
+demo: setup
+	$(BIN)/rnnsentry demo --duration $(DURATION)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy detector
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done || echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,253 @@
+"""The model artifact: one ONNX file whose graph is ONE recurrent step.
+
+Inputs ``x`` [B, F] (raw units) and the state tensors (``h``, LSTM adds ``c``,
+each [L, B, H]); outputs ``mean``, ``log_var`` [B, F] (normalised units) and
+``h_out`` (``c_out``). One JSON document under :data:`METADATA_KEY` in
+``metadata_props`` describes it; :func:`read_artifact` refuses any file whose
+metadata is missing, of another format version, or inconsistent with its graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from detector.errors import ModelFileError
+
+METADATA_KEY: Final = "rnnsentry"
+FORMAT_VERSION: Final = 1
+CELLS: Final = ("gru", "lstm", "rnn")
+INPUT_NAME: Final = "x"
+OUTPUT_NAMES: Final = ("mean", "log_var")
+
+
+def state_names(cell: str) -> tuple[str, ...]:
+    """Names of the state inputs in graph order; each output is the name + ``_out``.
+
+    >>> state_names("lstm")
+    ('h', 'c')
+    """
+    return ("h", "c") if cell == "lstm" else ("h",)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """x_norm = (x - centre) / scale, per feature, fitted on training data."""
+
+    centre: list[float]
+    scale: list[float]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The raw score (Gaussian NLL) on held-out normal data, streamed like the daemon.
+
+    ``window_mean``/``window_std`` describe the short-term average of the raw
+    score over ``window`` steps: the prior of each stream's anomaly likelihood.
+    """
+
+    n: int
+    mean: float
+    std: float
+    quantiles: dict[str, float]  # "0.5", "0.9", "0.99", "0.999" -> raw score
+    window: int
+    window_mean: float
+    window_std: float
+    threshold: float  # default anomaly-likelihood threshold for this model
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything the daemon needs to know about a model, stored in the file."""
+
+    format_version: int
+    name: str
+    cell: str
+    layers: int
+    hidden_size: int
+    features: list[str]
+    normalisation: Normalisation
+    sample_interval_s: float | None
+    calibration: Calibration
+    training: dict[str, Any]  # provenance: data_fingerprint, rows, seed, val_loss, date, options
+    graph_sha256: str
+    parity_max_abs_diff: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return state_names(self.cell)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short content fingerprint (first 16 hex digits of the graph's SHA-256)."""
+        return self.graph_sha256[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+
+def meta_from_dict(doc: dict[str, Any]) -> ModelMeta:
+    """Build and check :class:`ModelMeta`; every problem names its field."""
+    if not isinstance(doc, dict):
+        raise ModelFileError("metadata is not a JSON object")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"unknown metadata format_version {version!r} (this rnnsentry reads {FORMAT_VERSION})"
+        )
+    try:
+        norm = Normalisation(**doc["normalisation"])
+        cal = Calibration(**doc["calibration"])
+        known = {k: doc[k] for k in ModelMeta.__dataclass_fields__ if k in doc}
+        known.update(normalisation=norm, calibration=cal)
+        meta = ModelMeta(**known)
+    except KeyError as exc:
+        raise ModelFileError(f"metadata lacks field {exc.args[0]!r}") from None
+    except TypeError as exc:
+        raise ModelFileError(f"metadata has a malformed section: {exc}") from None
+    _check_meta(meta)
+    return meta
+
+
+def _check_meta(meta: ModelMeta) -> None:
+    if meta.cell not in CELLS:
+        raise ModelFileError(f"metadata cell {meta.cell!r} is not one of {', '.join(CELLS)}")
+    if meta.layers < 1 or meta.hidden_size < 1:
+        raise ModelFileError("metadata layers and hidden_size must be positive")
+    n = len(meta.features)
+    if n < 1 or len(set(meta.features)) != n:
+        raise ModelFileError("metadata features must be a non-empty list of distinct names")
+    if len(meta.normalisation.centre) != n or len(meta.normalisation.scale) != n:
+        raise ModelFileError(f"metadata normalisation does not have {n} values per feature")
+    values = [*meta.normalisation.centre, *meta.normalisation.scale]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ModelFileError("metadata normalisation holds a non-finite value")
+    if min(meta.normalisation.scale) <= 0:
+        raise ModelFileError("metadata normalisation scale must be positive")
+    cal = meta.calibration
+    if not (math.isfinite(cal.window_mean) and cal.window_std > 0 and cal.window >= 1):
+        raise ModelFileError("metadata calibration window statistics are invalid")
+
+
+# --- reading the file without the `onnx` package (the daemon does not need it) ---
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ModelFileError("not an ONNX file (truncated or corrupt protobuf)")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, bytes | int]]:
+    """Top-level protobuf fields as (number, wire type, value); corrupt input raises."""
+    out: list[tuple[int, int, bytes | int]] = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            out.append((number, wire, value))
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > len(buf):
+                raise ModelFileError("not an ONNX file (truncated or corrupt protobuf)")
+            out.append((number, wire, buf[pos : pos + size]))
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ModelFileError("not an ONNX file (corrupt protobuf)")
+    return out
+
+
+_GRAPH_FIELD: Final = 7  # ModelProto.graph
+_METADATA_FIELD: Final = 14  # ModelProto.metadata_props
+
+
+def split_model_bytes(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """Return the serialised graph and the metadata_props of an ONNX model file."""
+    graph: bytes | None = None
+    props: dict[str, str] = {}
+    for number, wire, value in _fields(data):
+        if number == _GRAPH_FIELD and wire == 2:
+            assert isinstance(value, bytes)
+            graph = value
+        elif number == _METADATA_FIELD and wire == 2:
+            assert isinstance(value, bytes)
+            entry = {n: v for n, w, v in _fields(value) if w == 2}
+            try:
+                key = bytes(entry.get(1, b"")).decode()
+                props[key] = bytes(entry.get(2, b"")).decode()
+            except UnicodeDecodeError:
+                raise ModelFileError("metadata_props is not UTF-8") from None
+    if graph is None:
+        raise ModelFileError("not an ONNX model file (no graph)")
+    return graph, props
+
+
+def graph_sha256(graph_bytes: bytes) -> str:
+    return hashlib.sha256(graph_bytes).hexdigest()
+
+
+def read_artifact(path: str | Path) -> tuple[bytes, ModelMeta]:
+    """Read a model file: its bytes and checked metadata (graph I/O is checked at load)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from None
+    return data, parse_artifact(data, str(path))
+
+
+def parse_artifact(data: bytes, where: str = "model") -> ModelMeta:
+    try:
+        graph, props = split_model_bytes(data)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{where}: {exc}") from None
+    if METADATA_KEY not in props:
+        raise ModelFileError(
+            f"{where}: no rnnsentry metadata (metadata_props key {METADATA_KEY!r} is missing);"
+            " train it with `rnnsentry train`"
+        )
+    try:
+        doc = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{where}: rnnsentry metadata is not valid JSON ({exc})") from None
+    try:
+        meta = meta_from_dict(doc)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{where}: {exc}") from None
+    actual = graph_sha256(graph)
+    if actual != meta.graph_sha256:
+        raise ModelFileError(
+            f"{where}: graph fingerprint {actual[:16]} does not match the metadata's"
+            f" {meta.graph_sha256[:16]} (the graph was changed after export)"
+        )
+    return meta
+
+
+def expected_io(meta: ModelMeta) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """The graph's inputs and outputs as the metadata implies: name -> shape ('B' dynamic)."""
+    f, layers, h = meta.n_features, meta.layers, meta.hidden_size
+    inputs: dict[str, list[Any]] = {INPUT_NAME: ["B", f]}
+    outputs: dict[str, list[Any]] = {name: ["B", f] for name in OUTPUT_NAMES}
+    for name in meta.state_names:
+        inputs[name] = [layers, "B", h]
+        outputs[name + "_out"] = [layers, "B", h]
+    return inputs, outputs

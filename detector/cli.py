@@ -1,0 +1,237 @@
+"""The ``rnnsentry`` command line: run, replay, inspect here; train, synth, demo from training.
+
+The training commands live in the ``training`` package and are imported by
+name only when asked for, so the daemon's commands never load torch. Any
+:class:`RnnsentryError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from detector import __version__
+from detector.errors import ConfigError, RnnsentryError
+
+log = logging.getLogger("rnnsentry")
+
+# Commands whose code needs torch: name -> (module, add-arguments fn, run fn, help).
+_TRAINING_COMMANDS = {
+    "train": ("training.cli", "add_train_arguments", "run_train",
+              "fit a recurrent model on CSV data and export it to ONNX"),
+    "synth": ("training.synth", "add_synth_arguments", "run_synth",
+              "write a synthetic sensor fleet with labelled anomalies to CSV"),
+    "demo": ("training.demo", "add_demo_arguments", "run_demo",
+             "train, start a broker and the daemon, replay a fleet with anomalies"),
+}  # fmt: skip
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="configuration file")
+    p.add_argument("--broker", metavar="mqtt://HOST:PORT", help="broker URL (mqtts:// for TLS)")
+    p.add_argument("--model", metavar="MODEL.onnx", help="model file (replaces [[models]])")
+    p.add_argument("--topic", metavar="TEMPLATE", action="append",
+                   help="input topic template, e.g. 'sensors/{stream}' (repeatable)")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="Prometheus port")
+    p.add_argument("--instance", metavar="NAME", help="instance name (status topic, client id)")
+    p.add_argument("--check-config", action="store_true",
+                   help="print every configuration problem and exit (1 if any)")  # fmt: skip
+
+
+def _add_replay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODEL.onnx")
+    p.add_argument("--data", required=True, metavar="FILE.csv")
+    p.add_argument("--out", required=True, metavar="SCORES.csv")
+    p.add_argument("--timestamp-col", metavar="C", help="timestamp column (default: detected)")
+    p.add_argument("--config", metavar="FILE.toml", help="take [scoring] and [streams] from here")
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a training command's own arguments are loaded only when it is chosen."""
+    parser = argparse.ArgumentParser(
+        prog="rnnsentry",
+        description="Streaming sensor-anomaly detection with recurrent networks over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"rnnsentry {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, add, _, help_text) in _TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            getattr(importlib.import_module(module), add)(p)
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    local = (
+        ("run", _add_run, "run the daemon: MQTT in, alerts and metrics out"),
+        ("replay", _add_replay, "score a CSV file row by row through the daemon's scoring path"),
+        ("inspect", _add_inspect, "show a model file's metadata, graph and parity figure"),
+    )
+    for name, add_fn, help_text in local:
+        add_fn(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(args_list)
+    logging.basicConfig(
+        level=(args.log_level or os.environ.get("RNNSENTRY_LOG_LEVEL") or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command in _TRAINING_COMMANDS:
+            module, _, run, _ = _TRAINING_COMMANDS[args.command]
+            return int(getattr(importlib.import_module(module), run)(args))
+        return {"run": cmd_run, "replay": cmd_replay, "inspect": cmd_inspect}[args.command](args)
+    except RnnsentryError as exc:
+        print(f"rnnsentry: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    if args.broker:
+        flags["mqtt"] = {"broker": args.broker}
+    if args.metrics_port is not None:
+        flags["metrics"] = {"port": args.metrics_port}
+    if args.instance:
+        flags["daemon"] = {"instance": args.instance}
+    if args.model:
+        model: dict[str, Any] = {"path": args.model}
+        if args.topic:
+            model["topics"] = args.topic
+        flags["models"] = [model]
+    return flags
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from detector.config import load_config, merge, read_toml
+    from detector.daemon import Daemon
+
+    flags = _run_flags(args)
+    if args.topic and not args.model:
+        # --topic alone retargets the single model of the config file.
+        doc = read_toml(args.config) if args.config else {}
+        models = doc.get("models") or []
+        if len(models) != 1:
+            raise ConfigError("--topic without --model needs exactly one [[models]] in the config")
+        flags["models"] = [merge(models[0], {"topics": args.topic})]
+    config, problems = load_config(args.config, flags=flags)
+    if args.check_config:
+        for problem in problems:
+            print(problem)
+        if not config.models:
+            print("models: no model configured (give --model or [[models]])")
+        return 1 if problems or not config.models else 0
+    if problems:
+        raise ConfigError("; ".join(problems))
+    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    daemon = Daemon(config)
+    stop = threading.Event()
+    signals = {"count": 0}
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            os._exit(1)  # a second signal: leave at once
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        daemon.request_reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
+    daemon.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        daemon.stop()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from detector.config import load_config
+    from detector.model import LoadedModel
+    from detector.replay import replay_csv
+
+    config, problems = load_config(args.config, environ={})
+    if problems:
+        raise ConfigError("; ".join(problems))
+    model = LoadedModel.load(args.model)
+    result = replay_csv(
+        model, args.data, args.out, config.scoring, config.streams, args.timestamp_col
+    )
+    print(
+        f"replayed {len(result.raw)} rows of {args.data} -> {args.out}:"
+        f" {result.raised} alert(s) raised, {int(result.alert.sum())} row(s) in alert,"
+        f" {result.skipped} row(s) with missing values skipped"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from detector.model import LoadedModel
+
+    model = LoadedModel.load(args.model)
+    meta = model.meta
+    if args.json:
+        doc = asdict(meta)
+        doc["fingerprint"] = meta.fingerprint
+        doc["graph"] = {
+            "inputs": {i.name: i.shape for i in model.session.get_inputs()},
+            "outputs": {o.name: o.shape for o in model.session.get_outputs()},
+        }
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    cal = meta.calibration
+    rows = [
+        ("model", meta.name),
+        ("file", args.model),
+        ("fingerprint", meta.fingerprint),
+        ("cell", f"{meta.cell}, {meta.layers} layer(s), hidden {meta.hidden_size}"),
+        ("features", ", ".join(meta.features)),
+        ("sample interval", f"{meta.sample_interval_s} s" if meta.sample_interval_s else "-"),
+        ("parity (max abs diff)", f"{meta.parity_max_abs_diff:.2e}"
+         if meta.parity_max_abs_diff is not None else "-"),
+        ("calibration", f"raw score mean {cal.mean:.3f} sd {cal.std:.3f} over {cal.n} steps;"
+         f" p99 {cal.quantiles.get('0.99', float('nan')):.3f}"),
+        ("default threshold", f"{cal.threshold}"),
+    ]  # fmt: skip
+    for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
+        if key in meta.training:
+            rows.append((f"training {key}", str(meta.training[key])))
+    for i in model.session.get_inputs():
+        rows.append((f"input {i.name}", str(i.shape)))
+    for o in model.session.get_outputs():
+        rows.append((f"output {o.name}", str(o.shape)))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

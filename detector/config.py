@@ -1,0 +1,293 @@
+"""The daemon's configuration: one typed, frozen object, loaded once.
+
+Loaded in three steps (find the file, parse the TOML text, build from a dict)
+then environment overrides ``RNNSENTRY_SECTION__KEY`` and command-line flags.
+Unknown keys and wrong types are errors; :func:`build_config` collects every
+problem with its key. Secrets come from files, never from the TOML itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from detector.engine import StreamConfig
+from detector.errors import ConfigError
+from detector.payload import PayloadLimits
+from detector.scoring import ScoringConfig
+
+ENV_PREFIX: Final = "RNNSENTRY_"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    instance: str = "rnnsentry"  # names the status topic and the MQTT client id
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://HOST:PORT or mqtts://HOST:PORT (TLS)
+    client_id: str = ""  # default: rnnsentry-<instance>; fixed so the session persists
+    username: str = ""
+    password_file: str = ""  # file holding the password; or $CREDENTIALS_DIRECTORY/mqtt_password
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_insecure: bool = False  # skip hostname checks (tests only)
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600  # MQTT 5 session kept this long while we are away
+    qos: int = 1  # subscription QoS for sensor input
+    alert_topic: str = "rnnsentry/alerts/{stream}"
+    score_topic: str = "rnnsentry/scores/{stream}"
+    publish_scores: bool = False  # per-step scores on score_topic, QoS 0
+    status_topic: str = "rnnsentry/status/{instance}"
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+    @property
+    def host_port_tls(self) -> tuple[str, int, bool]:
+        parts = urlsplit(self.broker if "://" in self.broker else f"mqtt://{self.broker}")
+        tls = parts.scheme in ("mqtts", "ssl", "tls")
+        return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    name: str = ""  # default: the name stored in the model file
+    topics: list[str] = field(default_factory=lambda: ["sensors/{stream}"])
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max: int = 512  # messages per micro-batch
+    max_wait_ms: float = 2.0  # how long a non-full batch waits for more
+    queue_size: int = 100_000  # bounded queue between the MQTT thread and the worker
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    providers: list[str] = field(default_factory=lambda: ["cpu"])  # "cuda" first for a GPU
+    intra_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    path: str = ""  # empty: no snapshots
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    models: list[ModelConfig] = field(default_factory=list)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    streams: StreamConfig = field(default_factory=StreamConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    payload: PayloadLimits = field(default_factory=PayloadLimits)
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"rnnsentry-{self.daemon.instance}"
+
+
+_SECTIONS: Final[dict[str, Any]] = {f.name: f.type for f in fields(Config) if f.name != "models"}
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against a simple type hint, widening int to float."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list")
+            return None
+        return [_coerce(v, inner, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        problems.append(f"{key}: expected {hint.__name__}, got {type(value).__name__}")
+        return None
+    return value
+
+
+def _section(cls: Any, data: Any, key: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{key}: expected a table")
+        return None
+    hints = _hints(cls)
+    known = {f.name for f in fields(cls)}
+    for name in data:
+        if name not in known:
+            problems.append(f"{key}.{name}: unknown key")
+    kwargs = {
+        name: _coerce(value, hints[name], f"{key}.{name}", problems)
+        for name, value in data.items()
+        if name in known
+    }
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    for name in missing:
+        problems.append(f"{key}.{name}: required")
+    if missing or any(v is None and hints[k] is not type(None) for k, v in kwargs.items()):
+        return None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{key}: {exc}")
+        return None
+
+
+def build_config(doc: dict[str, Any]) -> tuple[Config, list[str]]:
+    """Build a Config from a dict; returns it with the list of every problem found."""
+    problems: list[str] = []
+    parts: dict[str, Any] = {}
+    for name, value in doc.items():
+        if name == "models":
+            if not isinstance(value, list):
+                problems.append("models: expected an array of tables ([[models]])")
+                continue
+            models = [
+                _section(ModelConfig, m, f"models[{i}]", problems) for i, m in enumerate(value)
+            ]
+            parts["models"] = [m for m in models if m is not None]
+        elif name in _SECTIONS:
+            section = _section(_SECTIONS[name], value, name, problems)
+            if section is not None:
+                parts[name] = section
+        else:
+            problems.append(f"{name}: unknown section")
+    config = Config(**parts)
+    problems.extend(check_config(config))
+    return config, problems
+
+
+def check_config(config: Config) -> list[str]:
+    """Cross-field checks that a single section cannot make on its own."""
+    problems = [f"scoring: {p}" for p in config.scoring.validate()]
+    if config.batch.max < 1:
+        problems.append("batch.max: must be at least 1")
+    if config.batch.queue_size < config.batch.max:
+        problems.append("batch.queue_size: must be at least batch.max")
+    if config.streams.max_streams < config.batch.max:
+        problems.append("streams.max_streams: must be at least batch.max")
+    if config.mqtt.qos not in (0, 1):
+        problems.append("mqtt.qos: must be 0 or 1")
+    if "{stream}" not in config.mqtt.alert_topic:
+        problems.append("mqtt.alert_topic: must contain {stream}")
+    if urlsplit(config.mqtt.broker).scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls", ""):
+        problems.append("mqtt.broker: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if not 0 <= config.metrics.port < 65536:
+        problems.append("metrics.port: must be 0..65535")
+    for i, model in enumerate(config.models):
+        for topic in model.topics:
+            if topic.count("{stream}") != 1:
+                problems.append(f"models[{i}].topics: {topic!r} must contain {{stream}} once")
+    return problems
+
+
+def env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``RNNSENTRY_SECTION__KEY=value`` as nested dict entries (values read as TOML).
+
+    >>> env_overrides({"RNNSENTRY_BATCH__MAX": "64", "RNNSENTRY_MQTT__BROKER": "mqtt://h:1"})
+    {'batch': {'max': 64}, 'mqtt': {'broker': 'mqtt://h:1'}}
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def load_config(
+    path: str | Path | None,
+    environ: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> tuple[Config, list[str]]:
+    """File, then environment, then flags (already shaped as a nested dict)."""
+    doc = read_toml(path) if path else {}
+    doc = merge(doc, env_overrides(dict(os.environ if environ is None else environ)))
+    doc = merge(doc, flags or {})
+    return build_config(doc)
+
+
+def read_password(config: MqttConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The MQTT password from password_file or systemd's credentials directory."""
+    env = os.environ if environ is None else environ
+    path = config.password_file
+    if not path and env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "mqtt_password"
+        path = str(candidate) if candidate.exists() else ""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"mqtt.password_file: cannot read {path}: {exc.strerror}") from None
+
+
+def with_models(config: Config, models: list[ModelConfig]) -> Config:
+    return replace(config, models=models)

@@ -1,0 +1,309 @@
+"""The daemon: wiring and lifecycle around the engine.
+
+``Daemon.start()`` reads as its steps (models, metrics server, worker, MQTT);
+``stop()`` undoes them in reverse: stop intake, drain the queue, publish
+``offline``, disconnect, join the worker, close the metrics server. One worker
+thread owns all stream state; paho's thread only enqueues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from detector.config import Config, read_password
+from detector.engine import (
+    DUPLICATE,
+    MODEL_NON_FINITE,
+    OUT_OF_ORDER,
+    SCORED,
+    AlertEvent,
+    BatchResult,
+    Engine,
+)
+from detector.errors import ConfigError, PayloadError
+from detector.metrics import Metrics, MetricsServer
+from detector.model import LoadedModel
+from detector.mqtt import Inbound, MqttLink
+from detector.payload import parse_message
+from detector.routing import Router
+
+log = logging.getLogger(__name__)
+
+_STATUS_REASON = {OUT_OF_ORDER: "out_of_order", DUPLICATE: "duplicate",
+                  MODEL_NON_FINITE: "model_non_finite"}  # fmt: skip
+_EVICT_EVERY_S = 10.0
+
+
+@dataclass
+class _Pending:
+    """Samples of one batch bound for one model."""
+
+    streams: list[str]
+    ts: list[float]
+    values: list[list[float]]
+    received: list[float]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Daemon:
+    """Subscribes, scores, alerts, and reports; see the module docstring."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        if not config.models:
+            raise ConfigError("no model configured: give --model or a [[models]] section")
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=config.batch.queue_size)
+        self.engines: list[Engine] = []
+        self.router = Router([])
+        self.link: MqttLink | None = None
+        self.server: MetricsServer | None = None
+        self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._reload_requested = threading.Event()
+        self._last_evict = time.monotonic()
+        self.instance = config.daemon.instance
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self._load_models()
+        self._start_metrics()
+        self._start_worker()
+        self._start_mqtt()
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.stop_intake()
+        self._stopping.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        if self.link is not None:
+            self.link.stop()
+        if self.server is not None:
+            self.server.stop()
+        log.info("stopped")
+
+    def request_reload(self) -> None:
+        """Ask the worker to reload the model files (SIGHUP); it keeps the old on failure."""
+        self._reload_requested.set()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.engines:
+            return False, "no model loaded"
+        if self.link is None or not self.link.connected.is_set():
+            why = f" ({self.link.last_error})" if self.link and self.link.last_error else ""
+            return False, "not connected to the broker" + why
+        if self.inbox.qsize() >= 0.9 * self.config.batch.queue_size:
+            return False, "input queue above its high-water mark"
+        return True, "ready"
+
+    # --- start-up steps ---
+
+    def _load_models(self) -> None:
+        rt = self.config.runtime
+        engines, routes = [], []
+        for i, mc in enumerate(self.config.models):
+            model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
+            engines.append(Engine(model, self.config.scoring, self.config.streams))
+            routes.extend((topic, i) for topic in mc.topics)
+        self.engines = engines
+        self.router = Router(routes)
+        self.metrics.set_models(
+            [(e.model.name, e.model.meta.cell, e.model.meta.fingerprint) for e in engines]
+        )
+
+    def _start_metrics(self) -> None:
+        mc = self.config.metrics
+        if mc.enabled:
+            self.server = MetricsServer(self.metrics, mc.host, mc.port, self.ready)
+            self.server.start()
+            log.info("metrics on http://%s:%d/metrics", mc.host, self.server.port)
+
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="worker", daemon=True)
+        self._worker.start()
+
+    def _start_mqtt(self) -> None:
+        mc = self.config.mqtt
+        self.link = MqttLink(
+            mc,
+            client_id=self.config.client_id,
+            status_topic=mc.status_topic.format(instance=self.instance),
+            filters=self.router.filters,
+            inbox=self.inbox,
+            on_drop=self.metrics.messages.labels("dropped").inc,
+            on_connection=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+            password=read_password(mc),
+        )
+        self.link.start()
+        log.info("connecting to %s as %s", mc.broker, self.config.client_id)
+
+    # --- the worker ---
+
+    def _work(self) -> None:
+        batch_max = self.config.batch.max
+        wait_s = self.config.batch.max_wait_ms / 1000.0
+        while True:
+            stopping = self._stopping.is_set()
+            batch = self._take(batch_max, wait_s, 0.0 if stopping else 0.1)
+            if batch:
+                try:
+                    self.process(batch)
+                except Exception:  # a bug must not kill the only worker: count and go on
+                    log.exception("batch of %d messages failed", len(batch))
+                    self.metrics.messages.labels("dropped").inc(len(batch))
+            elif stopping:
+                return
+            self._housekeeping()
+
+    def _take(self, batch_max: int, wait_s: float, idle_s: float) -> list[Inbound]:
+        try:
+            first = self.inbox.get(timeout=idle_s) if idle_s > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + wait_s
+        while len(batch) < batch_max:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+        return batch
+
+    def _housekeeping(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(self.inbox.qsize())
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self._reload()
+        now = time.monotonic()
+        if now - self._last_evict >= _EVICT_EVERY_S:
+            self._last_evict = now
+            wall = time.time()
+            m.evictions.inc(sum(e.evict_idle(wall) for e in self.engines))
+            m.streams_active.set(sum(len(e.table) for e in self.engines))
+
+    def _reload(self) -> None:
+        old = self.engines
+        try:
+            self._load_models()
+        except Exception as exc:  # keep serving with the old models
+            log.error("reload failed, keeping the running model(s): %s", exc)
+            self.engines = old
+            return
+        log.info("models reloaded: %s", ", ".join(e.model.name for e in self.engines))
+
+    def process(self, batch: list[Inbound]) -> None:
+        """Route, parse, step and publish one micro-batch (the worker's whole job)."""
+        m = self.metrics
+        pending: dict[int, _Pending] = {}
+        limits = self.config.payload
+        for topic, payload, received in batch:
+            route = self.router.route(topic)
+            if route is None:
+                m.reject("unknown_route")
+                continue
+            target, stream = route
+            model = self.engines[target].model
+            try:
+                parsed = parse_message(
+                    payload, model.meta.features, model.feature_index, received, limits
+                )
+            except PayloadError as exc:
+                m.reject(exc.reason)
+                log.debug("rejected message on %s: %s", topic, exc)
+                continue
+            if parsed.ignored_names:
+                m.ignored_values.inc(parsed.ignored_names)
+            p = pending.get(target)
+            if p is None:
+                p = pending[target] = _Pending([], [], [], [])
+            for reading in parsed.readings:
+                p.streams.append(stream)
+                p.ts.append(reading.ts)
+                p.values.append(reading.values)
+                p.received.append(received)
+        for target, p in pending.items():
+            self._step(self.engines[target], p)
+        m.streams_active.set(sum(len(e.table) for e in self.engines))
+
+    def _step(self, engine: Engine, p: _Pending) -> None:
+        m = self.metrics
+        result = engine.process(p.streams, np.asarray(p.ts), np.asarray(p.values))
+        decided = time.time()
+        for size, seconds in zip(result.call_sizes, result.call_seconds, strict=True):
+            m.batch_size.observe(size)
+            m.inference_seconds.observe(seconds)
+        scored = result.status == SCORED
+        m.messages.labels("scored").inc(int(scored.sum()))
+        for code, reason in _STATUS_REASON.items():
+            count = int((result.status == code).sum())
+            if count:
+                m.reject(reason, count)
+        if result.gap_resets:
+            m.gap_resets.inc(result.gap_resets)
+        for received in p.received:
+            m.decision_latency.observe(decided - received)
+        for event in result.events:
+            self._publish_alert(engine, event, decided)
+        if self.config.mqtt.publish_scores:
+            self._publish_scores(p, result, scored)
+
+    def _publish_alert(self, engine: Engine, event: AlertEvent, decided: float) -> None:
+        model = engine.model
+        doc = {
+            "stream": event.stream,
+            "event": event.event,
+            "alert_id": f"{event.stream}#{event.episode}",
+            "episode": event.episode,
+            "ts": event.ts,
+            "time": _iso(event.ts),
+            "decided_at": decided,
+            "likelihood": event.likelihood,
+            "raw_score": event.raw_score,
+            "threshold": self.config.scoring.threshold,
+            "top_features": [{"feature": f, "std_error": round(e, 4)} for f, e in event.top],
+            "model": model.name,
+            "fingerprint": model.meta.fingerprint,
+            "instance": self.instance,
+        }
+        self.metrics.alerts.labels(event.event).inc()
+        log.info("alert %s %s (likelihood %.6f)", event.event, doc["alert_id"], event.likelihood)
+        self._send(self.config.mqtt.alert_topic.format(stream=event.stream), doc, qos=1)
+
+    def _publish_scores(self, p: _Pending, result: BatchResult, scored: np.ndarray) -> None:
+        for i in np.flatnonzero(scored):
+            raw = float(result.raw[i])
+            doc = {
+                "stream": p.streams[i],
+                "ts": p.ts[i],
+                "raw_score": None if math.isnan(raw) else raw,
+                "likelihood": float(result.likelihood[i]),
+                "active": bool(result.active[i]),
+            }
+            self._send(self.config.mqtt.score_topic.format(stream=p.streams[i]), doc, qos=0)
+
+    def _send(self, topic: str, doc: dict[str, object], qos: int) -> None:
+        if self.link is None:
+            return
+        if not self.link.publish(topic, json.dumps(doc).encode(), qos=qos):
+            self.metrics.publish_failures.inc()

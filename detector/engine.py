@@ -1,0 +1,234 @@
+"""One batched step of many streams through one model: the data path's core.
+
+``Engine.process`` takes B samples (stream ids, timestamps, raw values), splits
+them into rounds so a stream seen twice is stepped in order, and per round:
+checks timestamps (out of order, duplicate, gap reset), gathers states, makes
+ONE onnxruntime call, scores against the previous predictions, and scatters
+the new states back. The daemon, ``replay`` and the evaluation all use it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from detector.model import LoadedModel
+from detector.scoring import SCORER_COLUMNS, Scorer, ScoringConfig, top_features
+from detector.state import Column, StateTable
+
+# Per-sample outcome codes in BatchResult.status.
+SCORED: Final = 0
+OUT_OF_ORDER: Final = 1
+DUPLICATE: Final = 2
+MODEL_NON_FINITE: Final = 3
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Limits on the streams one model keeps state for."""
+
+    max_streams: int = 100_000
+    idle_ttl_s: float = 86_400.0  # a stream unseen this long is forgotten
+    max_gap_s: float | None = None  # a gap longer than this resets a stream's state
+    max_gap_intervals: float = 10.0  # ... or this many of the model's sample intervals
+
+    def gap_limit(self, interval_s: float | None) -> float:
+        if self.max_gap_s is not None:
+            return self.max_gap_s
+        if interval_s:
+            return self.max_gap_intervals * interval_s
+        return math.inf
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """A raised or cleared alert of one stream, ready to publish."""
+
+    index: int  # position of the sample in the batch
+    stream: str
+    event: str  # "raised" | "cleared"
+    episode: int
+    ts: float
+    likelihood: float
+    raw_score: float
+    top: list[tuple[str, float]]  # (feature, standardised error), largest first
+
+
+@dataclass
+class BatchResult:
+    status: np.ndarray  # int8 [B]: SCORED, OUT_OF_ORDER, DUPLICATE, MODEL_NON_FINITE
+    raw: np.ndarray  # [B] raw score (NaN: not scored or no prediction yet)
+    likelihood: np.ndarray  # [B] anomaly likelihood (0 during warm-up)
+    active: np.ndarray  # [B] bool: an alert is active after this sample
+    std_errors: np.ndarray  # [B, F]
+    events: list[AlertEvent] = field(default_factory=list)
+    gap_resets: int = 0
+    new_streams: int = 0
+    call_sizes: list[int] = field(default_factory=list)  # onnxruntime batch sizes
+    call_seconds: list[float] = field(default_factory=list)
+
+
+def _rounds(streams: list[str]) -> list[np.ndarray]:
+    """Indices split so that no stream appears twice in a round, order kept.
+
+    >>> [r.tolist() for r in _rounds(["a", "b", "a", "a"])]
+    [[0, 1], [2], [3]]
+    """
+    seen: dict[str, int] = {}
+    occurrence = np.empty(len(streams), dtype=np.int64)
+    for i, s in enumerate(streams):
+        k = seen.get(s, 0)
+        occurrence[i] = k
+        seen[s] = k + 1
+    top = int(occurrence.max()) + 1 if len(streams) else 0
+    if top <= 1:
+        return [np.arange(len(streams))]
+    return [np.flatnonzero(occurrence == k) for k in range(top)]
+
+
+class Engine:
+    """Owns one model's state table and scorer; single-threaded by design."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        scoring: ScoringConfig | None = None,
+        streams: StreamConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.scoring = scoring or ScoringConfig()
+        self.stream_config = streams or StreamConfig()
+        self.scorer = Scorer(self.scoring, model.meta.calibration)
+        self.max_gap_s = self.stream_config.gap_limit(model.meta.sample_interval_s)
+        meta = model.meta
+        f = meta.n_features
+        columns: dict[str, Column] = {
+            name: Column((meta.layers, meta.hidden_size), np.float32, 0.0, axis=1)
+            for name in meta.state_names
+        }
+        columns["mean"] = Column((f,), np.float32, 0.0)
+        columns["log_var"] = Column((f,), np.float32, 0.0)
+        columns["has_pred"] = Column((), np.bool_, False)
+        columns["last_ts"] = Column((), np.float64, math.nan)
+        for name, (dtype, fill) in SCORER_COLUMNS.items():
+            columns[name] = Column((), dtype, fill)
+        self.table = StateTable(columns, self.stream_config.max_streams)
+        # Reset on a gap: the network's memory and the short-term average, not the
+        # stream's long-run statistics or its alert episode.
+        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg", "warm"]
+        self._step_cols = [*meta.state_names, "mean", "log_var", "has_pred"]
+
+    def process(
+        self, streams: list[str], ts: np.ndarray, x: np.ndarray, now: float | None = None
+    ) -> BatchResult:
+        """Step B samples; ``x`` [B, F] raw units (finite), ``ts`` [B] epoch seconds."""
+        n = len(streams)
+        f = self.model.meta.n_features
+        result = BatchResult(
+            status=np.zeros(n, np.int8),
+            raw=np.full(n, np.nan),
+            likelihood=np.zeros(n),
+            active=np.zeros(n, np.bool_),
+            std_errors=np.full((n, f), np.nan),
+        )
+        if n == 0:
+            return result
+        now = time.time() if now is None else now
+        ts = np.asarray(ts, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float64)
+        for idx in _rounds(streams):
+            self._round(idx, [streams[i] for i in idx], ts[idx], x[idx], now, result)
+        return result
+
+    def _round(
+        self,
+        idx: np.ndarray,
+        streams: list[str],
+        ts: np.ndarray,
+        x: np.ndarray,
+        now: float,
+        result: BatchResult,
+    ) -> None:
+        table = self.table
+        before = len(table)
+        rows = table.rows_for(streams, now)
+        result.new_streams += len(table) - before
+        last = table.arrays["last_ts"][rows]
+        with np.errstate(invalid="ignore"):
+            ooo = ts < last
+            dup = ts == last
+            gap = (ts - last) > self.max_gap_s
+        result.status[idx[ooo]] = OUT_OF_ORDER
+        result.status[idx[dup]] = DUPLICATE
+        if gap.any():
+            table.reset_rows(rows[gap], self._gap_reset)
+            result.gap_resets += int(gap.sum())
+        keep = ~(ooo | dup)
+        if not keep.any():
+            return
+        if not keep.all():
+            idx, rows, ts, x = idx[keep], rows[keep], ts[keep], x[keep]
+            streams = [streams[j] for j in np.flatnonzero(keep)]
+
+        cols = table.gather(rows)
+        model = self.model
+        t0 = time.perf_counter()
+        out = model.step(x, [cols[s] for s in model.meta.state_names])
+        result.call_seconds.append(time.perf_counter() - t0)
+        result.call_sizes.append(len(rows))
+
+        finite = np.isfinite(out.mean).all(1) & np.isfinite(out.log_var).all(1)
+        for state in out.states:
+            finite &= np.isfinite(state).all(axis=(0, 2))
+        if not finite.all():
+            # A network that produced NaN leaves the stream's previous state in place.
+            result.status[idx[~finite]] = MODEL_NON_FINITE
+            idx, rows, x, ts = idx[finite], rows[finite], x[finite], ts[finite]
+            streams = [streams[j] for j in np.flatnonzero(finite)]
+            cols = {k: v[:, finite] if table.columns[k].axis == 1 else v[finite]
+                    for k, v in cols.items()}  # fmt: skip
+            out.mean, out.log_var = out.mean[finite], out.log_var[finite]
+            out.states = [s[:, finite] for s in out.states]
+            if len(rows) == 0:
+                return
+
+        z = model.normalise(x)
+        scores = self.scorer.step_batch(cols, z, cols["mean"], cols["log_var"], cols["has_pred"])
+        for name, state in zip(model.meta.state_names, out.states, strict=True):
+            cols[name] = state
+        cols["mean"], cols["log_var"] = out.mean, out.log_var
+        cols["has_pred"] = np.ones(len(rows), np.bool_)
+        cols["last_ts"] = ts
+        table.scatter(rows, cols)
+
+        result.raw[idx] = scores.raw
+        result.likelihood[idx] = scores.likelihood
+        result.active[idx] = scores.active
+        result.std_errors[idx] = scores.std_errors
+        for k in np.flatnonzero(scores.raised | scores.cleared):
+            result.events.append(self._event(int(k), idx, streams, ts, scores))
+
+    def _event(
+        self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any
+    ) -> AlertEvent:
+        features = self.model.meta.features
+        errors = scores.std_errors[k]
+        top = [(features[i], float(errors[i])) for i in top_features(errors, self.scoring.top_k)]
+        i = int(idx[k])
+        return AlertEvent(
+            index=i,
+            stream=streams[k],
+            event="raised" if scores.raised[k] else "cleared",
+            episode=int(scores.episode[k]),
+            ts=float(ts[k]),
+            likelihood=float(scores.likelihood[k]),
+            raw_score=float(scores.raw[k]),
+            top=top,
+        )
+
+    def evict_idle(self, now: float) -> int:
+        return self.table.evict_idle(now, self.stream_config.idle_ttl_s)

@@ -1,0 +1,149 @@
+"""The MQTT link: paho 2.x on its own thread, feeding a bounded queue.
+
+``on_message`` does the minimum: stamps the receive time and ``put_nowait``s
+(topic, payload, time) into the queue; a full queue drops and counts, never
+blocking paho's thread. Subscriptions are made in ``on_connect`` so reconnects
+resubscribe; a retained ``online`` status and a retained Last Will ``offline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from detector.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+Inbound = tuple[str, bytes, float]  # topic, payload, receive time (epoch seconds)
+
+
+class MqttLink:
+    """One connection to the broker, for input, alerts and status."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        status_topic: str,
+        filters: list[str],
+        inbox: queue.Queue[Inbound],
+        on_drop: Callable[[], None],
+        on_connection: Callable[[bool], None],
+        password: str | None = None,
+    ) -> None:
+        self.config = config
+        self.status_topic = status_topic
+        self.filters = filters
+        self.inbox = inbox
+        self._on_drop = on_drop
+        self._on_connection = on_connection
+        self.connected = threading.Event()
+        self.last_error = ""
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+        )
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(100)
+        client.reconnect_delay_set(
+            min_delay=max(1, int(config.reconnect_min_s)),
+            max_delay=max(1, int(config.reconnect_max_s)),
+        )
+        client.will_set(status_topic, b"offline", qos=1, retain=True)
+        if config.username:
+            client.username_pw_set(config.username, password)
+        _, _, tls = config.host_port_tls
+        if tls or config.tls_ca_file:
+            client.tls_set(
+                ca_certs=config.tls_ca_file or None,
+                certfile=config.tls_cert_file or None,
+                keyfile=config.tls_key_file or None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            if config.tls_insecure:
+                client.tls_insecure_set(True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        self.client = client
+
+    def start(self) -> None:
+        """Connect in the background; a broker that is down is retried with backoff."""
+        host, port, _ = self.config.host_port_tls
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        self.client.connect_async(
+            host, port, keepalive=self.config.keepalive_s, clean_start=False, properties=props
+        )
+        self.client.loop_start()
+
+    def stop_intake(self) -> None:
+        if self.connected.is_set():
+            self.client.unsubscribe(self.filters)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Publish ``offline``, disconnect cleanly (no Last Will) and stop paho's thread."""
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=timeout_s)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS or info.rc == paho.MQTT_ERR_NO_CONN
+
+    # --- paho callbacks (paho's network thread) ---
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = str(reason)
+            log.error("broker refused the connection: %s", reason)
+            self.connected.clear()
+            self._on_connection(False)
+            return
+        log.info(
+            "connected to the broker (session present: %s)", getattr(flags, "session_present", "?")
+        )
+        client.subscribe([(f, self.config.qos) for f in self.filters])
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        self.last_error = ""
+        self.connected.set()
+        self._on_connection(True)
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self.connected.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+        self.connected.clear()
+        self._on_connection(False)
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
+        try:
+            self.inbox.put_nowait((topic, msg.payload, time.time()))
+        except queue.Full:
+            self._on_drop()

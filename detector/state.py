@@ -1,0 +1,162 @@
+"""The state table: every stream's per-stream arrays, a row each.
+
+Columns are preallocated numpy arrays (grown by doubling up to ``max_streams``),
+with a dict from stream id to row and a free list. When full, the least
+recently seen streams are evicted in a small chunk; ``evict_idle`` drops
+streams unseen for a TTL. The owner (one worker thread) needs no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Column:
+    """A per-stream array: trailing shape, dtype, initial value, and the stream axis."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    fill: Any
+    axis: int = 0  # where the stream axis goes (RNN state is [L, N, H]: axis 1)
+
+    def full_shape(self, n: int) -> tuple[int, ...]:
+        dims = list(self.shape)
+        dims.insert(self.axis, n)
+        return tuple(dims)
+
+
+class StateTable:
+    """Rows of per-stream state; ``gather`` and ``scatter`` move whole batches.
+
+    >>> t = StateTable({"x": Column((), np.float64, 0.0)}, max_streams=4)
+    >>> rows = t.rows_for(["a", "b", "a"], now=1.0)
+    >>> rows.tolist(), len(t)
+    ([0, 1, 0], 2)
+    """
+
+    def __init__(
+        self, columns: dict[str, Column], max_streams: int, initial_capacity: int = 1024
+    ) -> None:
+        if max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+        self.columns = dict(columns)
+        self.max_streams = max_streams
+        self.capacity = max(1, min(initial_capacity, max_streams))
+        self.arrays = {
+            name: np.full(col.full_shape(self.capacity), col.fill, dtype=col.dtype)
+            for name, col in self.columns.items()
+        }
+        self.last_seen = np.full(self.capacity, -np.inf)
+        self.ids: list[str | None] = [None] * self.capacity
+        self.index: dict[str, int] = {}
+        self.free: list[int] = list(range(self.capacity - 1, -1, -1))
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, stream: str) -> bool:
+        return stream in self.index
+
+    # --- rows ---
+
+    def rows_for(self, streams: Sequence[str], now: float) -> np.ndarray:
+        """Rows for these streams (new ones created, fresh), all marked seen at ``now``."""
+        rows = np.empty(len(streams), dtype=np.int64)
+        index = self.index
+        for i, stream in enumerate(streams):
+            row = index.get(stream)
+            if row is None:
+                row = self._new_row(stream, now)
+            rows[i] = row
+        self.last_seen[rows] = now
+        return rows
+
+    def _new_row(self, stream: str, now: float) -> int:
+        if not self.free:
+            if self.capacity < self.max_streams:
+                self._grow(min(self.capacity * 2, self.max_streams))
+            else:
+                self._evict_oldest(now)
+        row = self.free.pop()
+        self.index[stream] = row
+        self.ids[row] = stream
+        self.last_seen[row] = now
+        return row
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        for name, col in self.columns.items():
+            pad = np.full(col.full_shape(extra), col.fill, dtype=col.dtype)
+            self.arrays[name] = np.concatenate([self.arrays[name], pad], axis=col.axis)
+        self.last_seen = np.concatenate([self.last_seen, np.full(extra, -np.inf)])
+        self.ids.extend([None] * extra)
+        self.free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.capacity = capacity
+
+    def _evict_oldest(self, now: float) -> None:
+        # Evict a chunk at once so that a stream of new ids costs O(1) amortised.
+        chunk = max(1, len(self.index) // 64)
+        candidates = np.argpartition(self.last_seen, chunk - 1)[:chunk]
+        victims = [int(r) for r in candidates if self.last_seen[r] < now]
+        if not victims:
+            raise RuntimeError("state table is full of streams seen in this very batch")
+        self.remove_rows(victims)
+
+    def remove_rows(self, rows: Iterable[int]) -> None:
+        rows = list(rows)
+        for row in rows:
+            stream = self.ids[row]
+            if stream is None:
+                continue
+            del self.index[stream]
+            self.ids[row] = None
+            self.last_seen[row] = -np.inf
+            self.free.append(row)
+            self.evicted += 1
+        self.reset_rows(np.asarray(rows, dtype=np.int64))
+
+    def evict_idle(self, now: float, ttl_s: float) -> int:
+        """Drop streams not seen for ``ttl_s`` seconds; returns how many."""
+        live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        stale = live[self.last_seen[live] < now - ttl_s]
+        self.remove_rows(int(r) for r in stale)
+        return len(stale)
+
+    # --- values ---
+
+    def gather(self, rows: np.ndarray, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Copies of the named columns for these rows (stream axis as each column's)."""
+        return {
+            name: np.take(self.arrays[name], rows, axis=self.columns[name].axis)
+            for name in (names if names is not None else self.columns)
+        }
+
+    def scatter(self, rows: np.ndarray, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            col = self.columns[name]
+            if col.axis == 0:
+                self.arrays[name][rows] = value
+            else:
+                index: tuple[Any, ...] = (slice(None),) * col.axis + (rows,)
+                self.arrays[name][index] = value
+
+    def reset_rows(self, rows: np.ndarray, names: Iterable[str] | None = None) -> None:
+        """Put these rows' columns back to their initial values."""
+        if len(rows) == 0:
+            return
+        for name in names if names is not None else self.columns:
+            col = self.columns[name]
+            index: tuple[Any, ...] = (slice(None),) * col.axis + (rows,)
+            self.arrays[name][index] = col.fill
+
+    def streams(self) -> list[str]:
+        return list(self.index)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + self.last_seen.nbytes
