@@ -323,6 +323,7 @@ class _Connection:
         finally:
             self.close(will=will, flush=not will)
             self._writer.join(JOIN_TIMEOUT)
+            self._shutdown()  # wakes a writer still stuck in sendall after a flush
             rfile.close()
             self.sock.close()
             self.broker._forget(self, gone=True)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -33,21 +33,28 @@ PROTOCOLS = [
 class Peer:
     """A paho client whose callbacks feed queues the test waits on."""
 
-    def __init__(self, port: int, protocol: int, client_id: str = "", *,
-                 will: tuple[str, bytes, int, bool] | None = None,
-                 clean: bool = True, keepalive: int = 30) -> None:
-        self.protocol = protocol
+    def __init__(
+        self,
+        port: int,
+        protocol: MQTTProtocolVersion,
+        client_id: str = "",
+        *,
+        will: tuple[str, bytes, int, bool] | None = None,
+        clean: bool = True,
+    ) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connects: queue.Queue[tuple[object, ReasonCode]] = queue.Queue()
+        self.connects: queue.Queue[tuple[mqtt.ConnectFlags, ReasonCode]] = queue.Queue()
         self.subacks: queue.Queue[tuple[int, list[ReasonCode]]] = queue.Queue()
         self.unsubacks: queue.Queue[int] = queue.Queue()
         self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
-        kwargs: dict[str, object] = {}
-        if protocol == mqtt.MQTTv311:
-            kwargs["clean_session"] = clean
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=client_id, protocol=protocol,
-                                  reconnect_on_failure=False, **kwargs)
+        v5 = protocol == mqtt.MQTTv5
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            clean_session=None if v5 else clean,
+            reconnect_on_failure=False,
+        )
         self.client.on_connect = lambda _c, _u, flags, rc, _p: self.connects.put((flags, rc))
         self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
         self.client.on_subscribe = lambda _c, _u, mid, codes, _p: self.subacks.put((mid, codes))
@@ -56,10 +63,10 @@ class Peer:
         if will is not None:
             topic, payload, qos, retain = will
             self.client.will_set(topic, payload, qos=qos, retain=retain)
-        connect_kwargs: dict[str, object] = {}
-        if protocol == mqtt.MQTTv5:
-            connect_kwargs["clean_start"] = clean
-        self.client.connect("127.0.0.1", port, keepalive=keepalive, **connect_kwargs)
+        if v5:
+            self.client.connect("127.0.0.1", port, clean_start=clean)
+        else:
+            self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.flags, rc = self.connects.get(timeout=TIMEOUT)
         assert not rc.is_failure, rc
@@ -74,8 +81,14 @@ class Peer:
         _, mid = self.client.unsubscribe(topic)
         assert self.unsubacks.get(timeout=TIMEOUT) == mid
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
-                properties: Properties | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         info.wait_for_publish(timeout=TIMEOUT)
         assert info.is_published()
@@ -113,8 +126,14 @@ def broker(caplog: pytest.LogCaptureFixture) -> Iterator[EmbeddedBroker]:
 def peers(broker: EmbeddedBroker) -> Iterator[Callable[..., Peer]]:
     made: list[Peer] = []
 
-    def make(protocol: int = mqtt.MQTTv311, client_id: str = "", **kwargs: object) -> Peer:
-        peer = Peer(broker.port, protocol, client_id, **kwargs)  # type: ignore[arg-type]
+    def make(
+        protocol: MQTTProtocolVersion = mqtt.MQTTv311,
+        client_id: str = "",
+        *,
+        will: tuple[str, bytes, int, bool] | None = None,
+        clean: bool = True,
+    ) -> Peer:
+        peer = Peer(broker.port, protocol, client_id, will=will, clean=clean)
         made.append(peer)
         return peer
 
@@ -140,8 +159,13 @@ def _packet(first: int, body: bytes) -> bytes:
             return bytes((first,)) + bytes(rl) + body
 
 
-def raw_connect(port: int, client_id: str, keepalive: int = 30,
-                will: tuple[str, bytes] | None = None, rcvbuf: int = 0) -> socket.socket:
+def raw_connect(
+    port: int,
+    client_id: str,
+    keepalive: int = 30,
+    will: tuple[str, bytes] | None = None,
+    rcvbuf: int = 0,
+) -> socket.socket:
     flags = 0x02 | (0x04 if will else 0)
     body = _utf8("MQTT") + bytes((4, flags)) + struct.pack("!H", keepalive) + _utf8(client_id)
     if will:
@@ -182,7 +206,7 @@ def test_topic_matching_rules() -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("qos", [0, 1])
-def test_pub_sub(peers: Callable[..., Peer], protocol: int, qos: int) -> None:
+def test_pub_sub(peers: Callable[..., Peer], protocol: MQTTProtocolVersion, qos: int) -> None:
     sub, pub = peers(protocol), peers(protocol)
     assert sub.subscribe("sensors/temp", qos) == [qos]
     pub.publish("sensors/temp", b"21.5", qos=qos)
@@ -192,7 +216,7 @@ def test_pub_sub(peers: Callable[..., Peer], protocol: int, qos: int) -> None:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_qos_is_min_of_publish_and_subscription_and_qos2_is_handled(
-    peers: Callable[..., Peer], protocol: int
+    peers: Callable[..., Peer], protocol: MQTTProtocolVersion
 ) -> None:
     sub0, sub2, pub = peers(protocol), peers(protocol), peers(protocol)
     assert sub0.subscribe("q", 0) == [0]
@@ -205,7 +229,9 @@ def test_qos_is_min_of_publish_and_subscription_and_qos2_is_handled(
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_wildcards_and_unsubscribe(peers: Callable[..., Peer], protocol: int) -> None:
+def test_wildcards_and_unsubscribe(
+    peers: Callable[..., Peer], protocol: MQTTProtocolVersion
+) -> None:
     sub, pub = peers(protocol), peers(protocol)
     assert sub.subscribe("plant/+/temp", 1) == [1]
     assert sub.subscribe("alarms/#", 0) == [0]
@@ -229,20 +255,20 @@ def test_v5_properties_forwarded_and_mixed_versions(peers: Callable[..., Peer]) 
     pub = peers(mqtt.MQTTv5)
     sub5.subscribe("props", 1)
     sub3.subscribe("props", 1)
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ContentType = "application/json"
     props.UserProperty = [("site", "north"), ("unit", "C")]
     pub.publish("props", b"{}", qos=1, properties=props)
     got = sub5.next_message()
     assert got.payload == b"{}"
-    assert got.properties.ContentType == "application/json"
-    assert got.properties.UserProperty == [("site", "north"), ("unit", "C")]
+    assert getattr(got.properties, "ContentType", None) == "application/json"
+    assert getattr(got.properties, "UserProperty", None) == [("site", "north"), ("unit", "C")]
     assert sub3.next_message().payload == b"{}"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_retained_message_for_late_subscriber_and_clearing(
-    peers: Callable[..., Peer], protocol: int
+    peers: Callable[..., Peer], protocol: MQTTProtocolVersion
 ) -> None:
     pub = peers(protocol)
     pub.publish("r/a", b"old", qos=1, retain=True)
@@ -264,7 +290,9 @@ def test_retained_message_for_late_subscriber_and_clearing(
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_last_will_on_abrupt_socket_close(peers: Callable[..., Peer], protocol: int) -> None:
+def test_last_will_on_abrupt_socket_close(
+    peers: Callable[..., Peer], protocol: MQTTProtocolVersion
+) -> None:
     watcher = peers(protocol)
     watcher.subscribe("status/#", 1)
     dying = peers(protocol, "dying-node", will=("status/dying-node", b"offline", 1, True))
@@ -276,8 +304,7 @@ def test_last_will_on_abrupt_socket_close(peers: Callable[..., Peer], protocol: 
     assert late.next_message().payload == b"offline"
 
 
-def test_last_will_on_keepalive_expiry(broker: EmbeddedBroker,
-                                       peers: Callable[..., Peer]) -> None:
+def test_last_will_on_keepalive_expiry(broker: EmbeddedBroker, peers: Callable[..., Peer]) -> None:
     watcher = peers(mqtt.MQTTv311)
     watcher.subscribe("status/#", 0)
     silent = raw_connect(broker.port, "silent", keepalive=1, will=("status/silent", b"gone"))
@@ -288,7 +315,9 @@ def test_last_will_on_keepalive_expiry(broker: EmbeddedBroker,
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_no_will_on_clean_disconnect(peers: Callable[..., Peer], protocol: int) -> None:
+def test_no_will_on_clean_disconnect(
+    peers: Callable[..., Peer], protocol: MQTTProtocolVersion
+) -> None:
     watcher = peers(protocol)
     watcher.subscribe("status/#", 0)
     polite = peers(protocol, "polite", will=("status/polite", b"offline", 0, False))
@@ -302,12 +331,13 @@ def test_v5_disconnect_with_will_message(peers: Callable[..., Peer]) -> None:
     watcher.subscribe("status/#", 0)
     leaving = peers(mqtt.MQTTv5, "leaving", will=("status/leaving", b"bye", 0, False))
     leaving.client.disconnect(
-        reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+        reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+    )
     assert watcher.next_message().payload == b"bye"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_client_id_takeover(peers: Callable[..., Peer], protocol: int) -> None:
+def test_client_id_takeover(peers: Callable[..., Peer], protocol: MQTTProtocolVersion) -> None:
     first = peers(protocol, "sensor-7")
     second = peers(protocol, "sensor-7", clean=False)
     assert second.flags.session_present is False
@@ -323,8 +353,9 @@ def test_empty_client_id_is_assigned(peers: Callable[..., Peer]) -> None:
         assert peer.subscribe("x", 1) == [1]
 
 
-def test_garbage_only_closes_the_offending_connection(broker: EmbeddedBroker,
-                                                      peers: Callable[..., Peer]) -> None:
+def test_garbage_only_closes_the_offending_connection(
+    broker: EmbeddedBroker, peers: Callable[..., Peer]
+) -> None:
     sub, pub = peers(mqtt.MQTTv5), peers(mqtt.MQTTv311)
     sub.subscribe("ok", 1)
 

@@ -1,0 +1,136 @@
+"""A broker on a free loopback port for the demo, the tests and the benchmarks.
+
+:class:`Mosquitto` runs the real mosquitto binary with a generated config and
+can be restarted on the same port; :func:`start_local_broker` falls back to the
+in-process :class:`~detector.embedded_broker.EmbeddedBroker` when mosquitto is
+not installed. Never used by ``rnnsentry run``, which talks to your broker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+START_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0 and read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_accepting(host: str, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
+            time.sleep(0.05)
+
+
+class LocalBroker(Protocol):
+    host: str
+
+    @property
+    def port(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+
+class Mosquitto:
+    """A mosquitto process on 127.0.0.1; ``extra_config`` lines go into its config file."""
+
+    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+        binary = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+        )
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self._port = port or free_port()
+        self.extra_config = extra_config
+        self.dir = Path(tempfile.mkdtemp(prefix="rnnsentry-mosquitto-"))
+        self.log_path = self.dir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self._port}"
+
+    def start(self) -> Mosquitto:
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self._port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            # mosquitto's default of 1000 silently drops QoS 0 to a slow subscriber.
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 1000\n"
+            f"{self.extra_config}\n"
+        )
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        try:
+            wait_accepting(self.host, self._port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start: {self.log_tail()}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_local_broker(prefer_mosquitto: bool = True) -> tuple[LocalBroker, str]:
+    """Start mosquitto if installed, else the embedded broker; returns (broker, kind)."""
+    if prefer_mosquitto:
+        try:
+            return Mosquitto().start(), "mosquitto"
+        except FileNotFoundError:
+            pass
+    from detector.embedded_broker import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    broker.start()
+    return broker, "embedded"
