@@ -118,7 +118,48 @@ def meta_from_dict(doc: dict[str, Any]) -> ModelMeta:
     return meta
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(meta: ModelMeta) -> None:
+    """Every field the daemon relies on has the JSON type it expects; names the field."""
+    norm, cal = meta.normalisation, meta.calibration
+    checks: list[tuple[str, bool]] = [
+        ("name", isinstance(meta.name, str)),
+        ("cell", isinstance(meta.cell, str)),
+        ("layers", _is_int(meta.layers)),
+        ("hidden_size", _is_int(meta.hidden_size)),
+        ("features", isinstance(meta.features, list)
+         and all(isinstance(f, str) for f in meta.features)),
+        # null inside these lists is how JSON writes NaN: reported as non-finite below
+        ("normalisation.centre", isinstance(norm.centre, list)
+         and all(v is None or _is_num(v) for v in norm.centre)),
+        ("normalisation.scale", isinstance(norm.scale, list)
+         and all(v is None or _is_num(v) for v in norm.scale)),
+        ("sample_interval_s", meta.sample_interval_s is None or _is_num(meta.sample_interval_s)),
+        ("calibration.n", _is_int(cal.n)),
+        ("calibration.mean", _is_num(cal.mean)),
+        ("calibration.std", _is_num(cal.std)),
+        ("calibration.quantiles", isinstance(cal.quantiles, dict)),
+        ("calibration.window", _is_int(cal.window)),
+        ("calibration.window_mean", _is_num(cal.window_mean)),
+        ("calibration.window_std", _is_num(cal.window_std)),
+        ("calibration.threshold", _is_num(cal.threshold)),
+        ("training", isinstance(meta.training, dict)),
+        ("graph_sha256", isinstance(meta.graph_sha256, str)),
+    ]  # fmt: skip
+    for name, ok in checks:
+        if not ok:
+            raise ModelFileError(f"metadata field {name} has the wrong type")
+
+
 def _check_meta(meta: ModelMeta) -> None:
+    _check_types(meta)
     if meta.cell not in CELLS:
         raise ModelFileError(f"metadata cell {meta.cell!r} is not one of {', '.join(CELLS)}")
     if meta.layers < 1 or meta.hidden_size < 1:
@@ -131,7 +172,7 @@ def _check_meta(meta: ModelMeta) -> None:
     values = [*meta.normalisation.centre, *meta.normalisation.scale]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
         raise ModelFileError("metadata normalisation holds a non-finite value")
-    if min(meta.normalisation.scale) <= 0:
+    if min(meta.normalisation.scale) <= 0:  # all finite numbers by now
         raise ModelFileError("metadata normalisation scale must be positive")
     cal = meta.calibration
     if not (math.isfinite(cal.window_mean) and cal.window_std > 0 and cal.window >= 1):

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from detector.engine import StreamConfig
 from detector.errors import ConfigError
 from detector.payload import PayloadLimits
+from detector.routing import TopicTemplate
 from detector.scoring import ScoringConfig
 
 ENV_PREFIX: Final = "RNNSENTRY_"
@@ -87,12 +88,6 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class SnapshotConfig:
-    path: str = ""  # empty: no snapshots
-    interval_s: float = 60.0
-
-
-@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -102,7 +97,6 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     payload: PayloadLimits = field(default_factory=PayloadLimits)
 
     @property
@@ -110,15 +104,28 @@ class Config:
         return self.mqtt.client_id or f"rnnsentry-{self.daemon.instance}"
 
 
-_SECTIONS: Final[dict[str, Any]] = {f.name: f.type for f in fields(Config) if f.name != "models"}
+_SECTIONS: Final[dict[str, Any]] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "models"
+}
 
 
 def _hints(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+class EnvText(str):
+    """A value from the environment: text, read as TOML when its field is not text."""
+
+
 def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
     """Check ``value`` against a simple type hint, widening int to float."""
+    if isinstance(value, EnvText) and hint is not str:
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            problems.append(f"{key}: cannot read {str(value)!r} from the environment")
+            return None
+        return _coerce(value, hint, key, problems)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -216,28 +223,28 @@ def check_config(config: Config) -> list[str]:
     if not 0 <= config.metrics.port < 65536:
         problems.append("metrics.port: must be 0..65535")
     for i, model in enumerate(config.models):
+        if not model.topics:
+            problems.append(f"models[{i}].topics: give at least one topic template")
         for topic in model.topics:
-            if topic.count("{stream}") != 1:
-                problems.append(f"models[{i}].topics: {topic!r} must contain {{stream}} once")
+            try:
+                TopicTemplate.parse(topic)
+            except ValueError as exc:
+                problems.append(f"models[{i}].topics: {exc}")
     return problems
 
 
 def env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """``RNNSENTRY_SECTION__KEY=value`` as nested dict entries (values read as TOML).
+    """``RNNSENTRY_SECTION__KEY=value`` as nested dict entries (text, typed when built).
 
     >>> env_overrides({"RNNSENTRY_BATCH__MAX": "64", "RNNSENTRY_MQTT__BROKER": "mqtt://h:1"})
-    {'batch': {'max': 64}, 'mqtt': {'broker': 'mqtt://h:1'}}
+    {'batch': {'max': '64'}, 'mqtt': {'broker': 'mqtt://h:1'}}
     """
     out: dict[str, dict[str, Any]] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        out.setdefault(section, {})[key] = value
+        out.setdefault(section, {})[key] = EnvText(text)
     return out
 
 

@@ -114,7 +114,8 @@ class Daemon:
 
     def _load_models(self) -> None:
         rt = self.config.runtime
-        engines, routes = [], []
+        engines: list[Engine] = []
+        routes: list[tuple[str, int]] = []
         for i, mc in enumerate(self.config.models):
             model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
             engines.append(Engine(model, self.config.scoring, self.config.streams))

@@ -39,8 +39,6 @@ def wait_accepting(host: str, port: int, timeout_s: float = START_TIMEOUT_S) -> 
 
 
 class LocalBroker(Protocol):
-    host: str
-
     @property
     def port(self) -> int: ...
 

@@ -83,7 +83,7 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
         host, port, _ = self.config.host_port_tls
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry_s
         self.client.connect_async(
             host, port, keepalive=self.config.keepalive_s, clean_start=False, properties=props
@@ -144,6 +144,6 @@ class MqttLink:
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
         try:
-            self.inbox.put_nowait((topic, msg.payload, time.time()))
+            self.inbox.put_nowait((topic, bytes(msg.payload), time.time()))
         except queue.Full:
             self._on_drop()

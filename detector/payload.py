@@ -35,7 +35,10 @@ def parse_timestamp(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a boolean is not a timestamp")
     if isinstance(value, (int, float)):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError:
+            raise ValueError("timestamp is too large") from None
     elif isinstance(value, str):
         text = value.strip()
         try:
@@ -78,7 +81,10 @@ class PayloadLimits:
 def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PayloadError("schema", f"{what} is not a number")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        raise PayloadError("non_finite", f"{what} is too large for a float") from None
     if not math.isfinite(out):
         raise PayloadError("non_finite", f"{what} is not finite")
     return out
@@ -156,7 +162,7 @@ def parse_message(
         raise PayloadError("too_large", f"{len(payload)} bytes > {limits.max_bytes}")
     try:
         doc: Any = json.loads(payload, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, over-long integer literals
         raise PayloadError("decode", f"not JSON ({type(exc).__name__})") from None
     if isinstance(doc, list):
         if not doc:

@@ -30,30 +30,28 @@ class TopicTemplate:
 
     @classmethod
     def parse(cls, template: str) -> TopicTemplate:
-        levels = template.split("/")
         filters: list[str] = []
         regex: list[str] = []
         names = 0
-        for i, level in enumerate(levels):
+        open_ended = False  # after {stream} the filter has ended with '#'
+        for level in template.split("/"):
             m = _PLACEHOLDER.match(level)
             if m is None:
-                if "{" in level or "}" in level or "+" in level or "#" in level:
+                if any(c in level for c in "{}+#"):
                     raise ValueError(f"topic template {template!r}: bad level {level!r}")
-                filters.append(level)
-                regex.append(re.escape(level))
-                continue
-            names += 1
-            if m.group(1) == "stream":
-                # Multi-level: '#' must end a filter, so the filter stops here.
-                filters.append("#")
-                regex.append("(.+)")
-                if i < len(levels) - 1:
-                    regex.extend(re.escape(lv) if not _PLACEHOLDER.match(lv) else "([^/]+)"
-                                 for lv in levels[i + 1 :])  # fmt: skip
-                    names += sum(1 for lv in levels[i + 1 :] if _PLACEHOLDER.match(lv))
-                break
-            filters.append("+")
-            regex.append("([^/]+)")
+                part, pattern = level, re.escape(level)
+            elif m.group(1) == "stream":
+                if open_ended:
+                    raise ValueError(f"topic template {template!r}: {{stream}} appears twice")
+                part, pattern = "#", "(.+)"
+                names += 1
+            else:
+                part, pattern = "+", "([^/]+)"
+                names += 1
+            if not open_ended:
+                filters.append(part)
+            open_ended = open_ended or part == "#"
+            regex.append(pattern)
         if names == 0:
             raise ValueError(f"topic template {template!r} has no {{stream}} placeholder")
         return cls(template, "/".join(filters), re.compile("^" + "/".join(regex) + "$"))

@@ -69,12 +69,16 @@ class StateTable:
         """Rows for these streams (new ones created, fresh), all marked seen at ``now``."""
         rows = np.empty(len(streams), dtype=np.int64)
         index = self.index
+        last_seen = self.last_seen
         for i, stream in enumerate(streams):
             row = index.get(stream)
             if row is None:
                 row = self._new_row(stream, now)
+                last_seen = self.last_seen  # may have grown
+            else:
+                # Marked at once, so an eviction later in this call cannot take it.
+                last_seen[row] = now
             rows[i] = row
-        self.last_seen[rows] = now
         return rows
 
     def _new_row(self, stream: str, now: float) -> int:

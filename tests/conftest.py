@@ -1,0 +1,46 @@
+"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from detector.localbroker import Mosquitto
+from tests.support import TINY_FEATURES, train_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RNNSENTRY_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("RNNSENTRY_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[Mosquitto]:
+    """A real mosquitto on a free loopback port, torn down after the test."""
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("mosquitto is not installed here (make setup installs it as root)")
+    broker = Mosquitto().start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small GRU trained once per session on synthetic pumps (features TINY_FEATURES)."""
+    out = tmp_path_factory.mktemp("models") / "tiny-gru.onnx"
+    train_tiny_model(out, cell="gru")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_features() -> list[str]:
+    return list(TINY_FEATURES)

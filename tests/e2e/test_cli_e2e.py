@@ -1,0 +1,174 @@
+"""rnnsentry as a user runs it: train from CSV, run the daemon as a subprocess, replay."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.localbroker import Mosquitto, free_port
+from tests.support import (
+    DAEMON_START_TIMEOUT_S,
+    TINY_FEATURES,
+    Listener,
+    Publisher,
+    metric_value,
+    poll_until,
+    sample_payload,
+    scrape,
+    tiny_fleet,
+)
+
+pytestmark = pytest.mark.e2e
+EXIT_TIMEOUT_S = 20.0
+
+
+def rnnsentry(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "detector", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _write_csv(path: Path, values: np.ndarray, start: float = 1_700_000_000.0) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["timestamp", *TINY_FEATURES, "anomaly"])
+        for t, row in enumerate(values):
+            writer.writerow([f"{start + t:.0f}", *(f"{v:.5f}" for v in row), 0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A model trained through the command line on a CSV of one pump."""
+    root = tmp_path_factory.mktemp("e2e")
+    fleet = tiny_fleet(n_streams=1, n_steps=800)
+    data = root / "pump.csv"
+    _write_csv(data, fleet.values[0])
+    model = root / "model.onnx"
+    done = rnnsentry("train", "--data", str(data), "--out", str(model), "--train-rows", "700",
+                     "--hidden", "8", "--epochs", "3", "--window", "32", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert model.exists()
+    return data, model
+
+
+def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) -> None:
+    _, model = trained
+    done = rnnsentry("inspect", str(model))
+    assert done.returncode == 0, done.stderr
+    assert "gru" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
+
+
+def test_replay_writes_one_row_per_input_row(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = trained
+    out = tmp_path / "scores.csv"
+    done = rnnsentry("replay", "--model", str(model), "--data", str(data), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 800
+    assert {"raw_score", "anomaly_score", "alert"} <= set(rows[0])
+    likelihoods = [float(r["anomaly_score"]) for r in rows]
+    assert all(0.0 <= v <= 1.0 for v in likelihoods)
+    assert likelihoods[:20] == [0.0] * 20  # warm-up
+
+
+def test_replay_and_run_refuse_a_model_without_metadata(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["mean"])], "bare",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 1])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["B", 1])],
+    )  # fmt: skip
+    bare = tmp_path / "bare.onnx"
+    onnx.save(helper.make_model(graph), bare)
+    data = tmp_path / "d.csv"
+    data.write_text("value\n1\n2\n")
+    replay = rnnsentry("replay", "--model", str(bare), "--data", str(data), "--out", "x.csv")
+    run = rnnsentry("run", "--model", str(bare), "--broker", "mqtt://127.0.0.1:1")
+    for done in (replay, run):
+        assert done.returncode == 2
+        assert "no rnnsentry metadata" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_bad_training_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    done = rnnsentry("train", "--data", str(empty), "--out", str(tmp_path / "m.onnx"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "empty" in done.stderr
+
+
+def test_daemon_command_line_imports_no_torch() -> None:
+    code = ("import sys, detector, detector.daemon, detector.cli\n"
+            "try:\n    detector.cli.main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def daemon_process(
+    trained: tuple[Path, Path], mosquitto: Mosquitto
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    _, model = trained
+    port = free_port()
+    env = {**os.environ, "RNNSENTRY_SCORING__WARMUP_STEPS": "20"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detector", "run", "--model", str(model), "--broker", mosquitto.url,
+         "--topic", "plant/{site}/{stream}/telemetry", "--metrics-port", str(port),
+         "--instance", "e2e"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        poll_until(lambda: proc.poll() is not None or _ready(port), DAEMON_START_TIMEOUT_S)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return scrape(port, "/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_daemon_alerts_on_a_spike_counts_it_and_stops_cleanly(
+    daemon_process: tuple[subprocess.Popen[str], int], mosquitto: Mosquitto
+) -> None:
+    proc, port = daemon_process
+    listener = Listener(mosquitto.port, ["rnnsentry/alerts/#"])
+    publisher = Publisher(mosquitto.port)
+    fleet = tiny_fleet(n_streams=1, n_steps=100, seed=11, start_step=800)
+    values = fleet.values[0].copy()
+    values[70, 0] += 40.0 * values[:60, 0].std()  # a flow spike
+    for t, row in enumerate(values[:80]):
+        publisher.send("plant/north/pump-9/telemetry", sample_payload(TINY_FEATURES, row, 50.0 + t))
+    alert = listener.json_on("rnnsentry/alerts/north/pump-9", lambda d: d["event"] == "raised")
+    assert alert["stream"] == "north/pump-9" and alert["ts"] == 120.0
+    assert alert["top_features"][0]["feature"] == "flow"
+
+    def scored() -> bool:
+        body = scrape(port)[1]
+        return metric_value(body, "rnnsentry_messages_total", {"outcome": "scored"}) == 80
+
+    poll_until(scored)
+    publisher.close()
+    listener.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0

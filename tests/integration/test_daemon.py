@@ -1,0 +1,173 @@
+"""The daemon in-process against a real mosquitto: scoring, alerts, rejections, health."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detector.config import build_config
+from detector.daemon import Daemon
+from detector.localbroker import Mosquitto, free_port
+from tests.support import (
+    TINY_FEATURES,
+    Listener,
+    Publisher,
+    metric_value,
+    poll_until,
+    sample_payload,
+    scrape,
+    tiny_fleet,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _config(broker: Mosquitto, model: Path, **sections: Any) -> Any:
+    doc: dict[str, Any] = {
+        "daemon": {"instance": "it"},
+        "mqtt": {
+            "broker": broker.url,
+            "client_id": f"rnnsentry-it-{free_port()}",
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 1,
+        },  # fmt: skip
+        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "scoring": {"warmup_steps": 20},
+        "batch": {"max_wait_ms": 1.0},
+    }
+    for key, value in sections.items():
+        doc.setdefault(key, {}).update(value)
+    config, problems = build_config(doc)
+    assert problems == []
+    return config
+
+
+@pytest.fixture
+def running(mosquitto: Mosquitto, tiny_model: Path) -> Iterator[tuple[Daemon, Listener, Publisher]]:
+    listener = Listener(mosquitto.port, ["rnnsentry/#"])
+    daemon = Daemon(_config(mosquitto, tiny_model))
+    daemon.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        poll_until(lambda: daemon.ready()[0])
+        yield daemon, listener, publisher
+    finally:
+        publisher.close()
+        daemon.stop()
+        listener.close()
+
+
+def _metrics(daemon: Daemon) -> str:
+    assert daemon.server is not None
+    status, body = scrape(daemon.server.port)
+    assert status == 200
+    return body
+
+
+def test_status_online_is_retained_and_offline_on_stop(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    daemon = Daemon(_config(mosquitto, tiny_model))
+    daemon.start()
+    late = None
+    try:
+        poll_until(lambda: daemon.ready()[0])
+        late = Listener(mosquitto.port, ["rnnsentry/status/#"])  # subscribes after the fact
+        topic, payload, retained = late.messages.get(timeout=10)
+        assert (topic, payload, retained) == ("rnnsentry/status/it", b"online", True)
+    finally:
+        daemon.stop()
+    assert late is not None
+    topic, payload, _ = late.messages.get(timeout=10)
+    assert (topic, payload) == ("rnnsentry/status/it", b"offline")
+    late.close()
+
+
+def test_a_spike_raises_an_alert_with_its_payload(
+    running: tuple[Daemon, Listener, Publisher],
+) -> None:
+    daemon, listener, publisher = running
+    fleet = tiny_fleet(n_streams=1, n_steps=120, seed=7, start_step=600)
+    values = fleet.values[0].copy()
+    values[90, 1] += 40.0 * values[:80, 1].std()  # a pressure spike far outside normal
+    for t, row in enumerate(values[:100]):
+        publisher.send("sensors/pump-1", sample_payload(TINY_FEATURES, row, 1000.0 + t), qos=0)
+    alert = listener.json_on("rnnsentry/alerts/pump-1", lambda d: d["event"] == "raised")
+    assert alert["stream"] == "pump-1"
+    assert alert["ts"] == 1090.0
+    assert alert["likelihood"] >= alert["threshold"]
+    assert alert["top_features"][0]["feature"] == "pressure"
+    assert alert["fingerprint"] == daemon.engines[0].model.meta.fingerprint
+    assert alert["alert_id"] == "pump-1#1"
+
+    def scored() -> float | None:
+        value = metric_value(_metrics(daemon), "rnnsentry_messages_total", {"outcome": "scored"})
+        return value if value == 100 else None
+
+    assert poll_until(scored) == 100
+    body = _metrics(daemon)
+    assert metric_value(body, "rnnsentry_alerts_total", {"event": "raised"}) == 1
+    assert metric_value(body, "rnnsentry_streams_active") == 1
+    assert metric_value(body, "rnnsentry_mqtt_connected") == 1
+
+
+def test_bad_messages_are_counted_by_reason_and_good_ones_still_scored(
+    running: tuple[Daemon, Listener, Publisher],
+) -> None:
+    daemon, _, publisher = running
+    publisher.send("sensors/a", b"\xff\xfe not json")
+    publisher.send("sensors/a", b'{"ts": 1, "values": [1, 2]}')  # wrong length
+    publisher.send("sensors/a", b'{"ts": 1, "values": [NaN, 1, 2, 3]}')
+    publisher.send("sensors/a", b'{"ts": "yesterday", "values": [0, 1, 2, 3]}')
+    publisher.send("sensors/a", json.dumps({"ts": 5, "values": [0, 1, 2, 3]}))
+    publisher.send("sensors/a", json.dumps({"ts": 4, "values": [0, 1, 2, 3]}))  # older
+    publisher.send("sensors/a", json.dumps({"ts": 5, "values": [0, 1, 2, 3]}))  # same ts
+
+    expected = {"decode": 1, "schema": 1, "non_finite": 1, "bad_timestamp": 1,
+                "out_of_order": 1, "duplicate": 1}  # fmt: skip
+
+    def counted() -> dict[str, float | None] | None:
+        body = _metrics(daemon)
+        got = {r: metric_value(body, "rnnsentry_rejections_total", {"reason": r}) for r in expected}
+        return got if got == expected else None
+
+    poll_until(counted)
+    body = _metrics(daemon)
+    assert metric_value(body, "rnnsentry_messages_total", {"outcome": "scored"}) == 1
+    assert metric_value(body, "rnnsentry_messages_total", {"outcome": "rejected"}) == 6
+
+
+def test_readyz_turns_unready_when_the_broker_goes_away(
+    running: tuple[Daemon, Listener, Publisher], mosquitto: Mosquitto
+) -> None:
+    daemon, _, _ = running
+    assert daemon.server is not None
+    port = daemon.server.port
+    assert scrape(port, "/healthz")[0] == 200
+    assert scrape(port, "/readyz")[0] == 200
+    mosquitto.stop()
+    poll_until(lambda: scrape(port, "/readyz")[0] == 503)
+    assert "broker" in scrape(port, "/readyz")[1]
+    assert scrape(port, "/healthz")[0] == 200
+    mosquitto.start()
+    poll_until(lambda: scrape(port, "/readyz")[0] == 200, timeout=30)
+
+
+def test_batch_payload_scores_every_sample(
+    running: tuple[Daemon, Listener, Publisher],
+) -> None:
+    daemon, _, publisher = running
+    rows = np.random.default_rng(3).normal(size=(50, len(TINY_FEATURES)))
+    batch = [{"ts": 100.0 + i, "values": list(map(float, r))} for i, r in enumerate(rows)]
+    publisher.send("sensors/batchy", batch)
+    poll_until(
+        lambda: (
+            metric_value(_metrics(daemon), "rnnsentry_messages_total", {"outcome": "scored"}) == 50
+        )
+    )

@@ -1,0 +1,157 @@
+"""Helpers for tests: tiny models, an MQTT listener, waiting, scraping metrics."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+# Named timeouts: generous on a loaded 2-core machine, never a bare sleep.
+CONNECT_TIMEOUT_S = 10.0
+MESSAGE_TIMEOUT_S = 15.0
+DAEMON_START_TIMEOUT_S = 30.0
+
+TINY_FEATURES = ("flow", "pressure", "temperature", "vibration")
+
+
+def tiny_fleet(n_streams: int = 4, n_steps: int = 600, seed: int = 0, start_step: int = 0) -> Any:
+    from training.synth import generate_fleet
+
+    return generate_fleet(
+        n_streams=n_streams, n_steps=n_steps, features=TINY_FEATURES, seed=seed,
+        start_step=start_step, anomalies=0,
+    )  # fmt: skip
+
+
+def train_tiny_model(out: Path, cell: str = "gru", hidden: int = 8, epochs: int = 3) -> Any:
+    """Train a very small model on normal synthetic pumps; returns its ModelMeta."""
+    from training import fit_and_export
+    from training.train import TrainOptions
+
+    fleet = tiny_fleet()
+    options = TrainOptions(cell=cell, hidden_size=hidden, epochs=epochs, window=32, stride=32)
+    return fit_and_export(
+        [fleet.values[i] for i in range(len(fleet.values))],
+        list(fleet.features),
+        out,
+        options,
+        sample_interval_s=fleet.interval_s,
+        quiet=True,
+    )
+
+
+def wait_for(
+    q: queue.Queue[Any], predicate: Callable[[Any], bool], timeout: float = MESSAGE_TIMEOUT_S
+) -> Any:
+    """The first item of ``q`` that satisfies ``predicate``; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"nothing matching arrived within {timeout} s")
+        try:
+            item = q.get(timeout=left)
+        except queue.Empty:
+            continue
+        if predicate(item):
+            return item
+
+
+def poll_until(check: Callable[[], Any], timeout: float = MESSAGE_TIMEOUT_S) -> Any:
+    """Call ``check`` until it returns something truthy (e.g. a scraped value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last: {value!r})")
+        time.sleep(0.05)
+
+
+class Listener:
+    """A paho client that puts every (topic, payload, retain) it receives in a queue."""
+
+    def __init__(self, port: int, topics: list[str], host: str = "127.0.0.1") -> None:
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self._subscribed: queue.Queue[bool] = queue.Queue()
+        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             protocol=paho.MQTTv5)  # fmt: skip
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
+        client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
+        client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        client.connect(host, port)
+        client.loop_start()
+        self.client = client
+        wait_for(self._subscribed, bool, CONNECT_TIMEOUT_S)
+
+    def json_on(self, prefix: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True,
+                timeout: float = MESSAGE_TIMEOUT_S) -> dict[str, Any]:  # fmt: skip
+        def ok(item: tuple[str, bytes, bool]) -> bool:
+            if not item[0].startswith(prefix):
+                return False
+            try:
+                return predicate(json.loads(item[1]))
+            except ValueError:
+                return False
+
+        return dict(json.loads(wait_for(self.messages, ok, timeout)[1]))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Publisher:
+    """A connected paho client for publishing test input."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             protocol=paho.MQTTv5)  # fmt: skip
+        client.connect(host, port)
+        client.loop_start()
+        self.client = client
+
+    def send(self, topic: str, payload: bytes | str | dict[str, Any] | list[Any],
+             qos: int = 1) -> None:  # fmt: skip
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload)
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout=MESSAGE_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def sample_payload(features: tuple[str, ...] | list[str], values: np.ndarray, ts: float) -> str:
+    return json.dumps({"ts": ts, "values": dict(zip(features, map(float, values), strict=True))})
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET a path of the metrics server over HTTP: (status, body)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample's value from Prometheus text exposition, or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return float(sample.value)
+    return None

@@ -1,0 +1,350 @@
+"""detector.scoring: the maths against hand computations, and the alert state machine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from detector.artifact import Calibration
+from detector.scoring import (
+    SCORER_COLUMNS,
+    Scorer,
+    ScoringConfig,
+    StepScores,
+    ewma_alpha,
+    gaussian_nll,
+    gaussian_tail,
+    short_average,
+    standardised_errors,
+    top_features,
+)
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def phi(u: float) -> float:
+    """Standard normal CDF from the stdlib."""
+    return 0.5 * math.erfc(-u / math.sqrt(2.0))
+
+
+def calibration(window_mean: float, window_std: float) -> Calibration:
+    return Calibration(
+        n=1000,
+        mean=window_mean,
+        std=window_std,
+        quantiles={},
+        window=10,
+        window_mean=window_mean,
+        window_std=window_std,
+        threshold=0.9999,
+    )
+
+
+def fresh_columns(b: int) -> dict[str, np.ndarray]:
+    """Per-stream scorer columns as the state table would create them."""
+    return {name: np.full(b, fill, dtype) for name, (dtype, fill) in SCORER_COLUMNS.items()}
+
+
+# --- pure maths ---
+
+
+def test_gaussian_nll_matches_a_hand_computation() -> None:
+    z = np.array([[1.0, -2.0, 0.3], [0.0, 0.0, 0.0]])
+    mean = np.array([[0.5, 0.0, 0.3], [1.0, -1.0, 2.0]])
+    log_var = np.array([[0.0, math.log(4.0), -1.0], [0.5, 0.0, math.log(0.25)]])
+    expected = []
+    for i in range(2):
+        total = 0.0
+        for j in range(3):
+            var = math.exp(log_var[i, j])
+            pdf = math.exp(-((z[i, j] - mean[i, j]) ** 2) / (2 * var)) / math.sqrt(
+                2 * math.pi * var
+            )
+            total -= math.log(pdf)
+        expected.append(total)
+    out = gaussian_nll(z, mean, log_var)
+    assert out.shape == (2,)
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_gaussian_nll_first_row_by_formula() -> None:
+    # 0.5*(log 2pi + 0 + 0.25) + 0.5*(log 2pi + log 4 + 1)
+    expected = 2 * HALF_LOG_2PI + 0.125 + 0.5 * math.log(4.0) + 0.5
+    got = gaussian_nll(np.array([[1.0, -2.0]]), np.array([[0.5, 0.0]]),
+                       np.array([[0.0, math.log(4.0)]]))  # fmt: skip
+    assert float(got[0]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_standardised_errors_are_signed_sigma_units() -> None:
+    out = standardised_errors(
+        np.array([[1.0, -2.0, 5.0]]),
+        np.array([[0.5, 0.0, 5.0]]),
+        np.array([[0.0, math.log(4.0), 3.0]]),
+    )
+    np.testing.assert_allclose(out, [[0.5, -1.0, 0.0]], rtol=1e-12, atol=0)
+
+
+def test_gaussian_tail_against_erfc_over_a_grid() -> None:
+    grid = np.linspace(-8.0, 8.0, 3201)
+    got = gaussian_tail(grid)
+    for z, q in zip(grid.tolist(), got.tolist(), strict=True):
+        exact = 0.5 * math.erfc(z / math.sqrt(2.0))
+        assert abs(q - exact) <= 1e-6 * exact, (z, q, exact)
+
+
+@pytest.mark.parametrize("z", [-8.0, -3.0, -0.5, 0.0, 0.5, 3.0, 5.0, 8.0])
+def test_gaussian_tail_named_points(z: float) -> None:
+    exact = 0.5 * math.erfc(z / math.sqrt(2.0))
+    assert float(gaussian_tail(np.array([z]))[0]) == pytest.approx(exact, rel=1e-6)
+
+
+def test_gaussian_tail_far_tails_stay_in_range_and_monotone() -> None:
+    z = np.linspace(-40.0, 40.0, 2001)
+    q = gaussian_tail(z)
+    assert np.all((q >= 0.0) & (q <= 1.0))
+    assert np.all(np.diff(q) <= 0.0)
+    assert float(q[0]) == 1.0
+    assert float(gaussian_tail(np.array([12.0]))[0]) > 0.0  # no underflow yet at 12 sigma
+
+
+def test_gaussian_tail_is_symmetric() -> None:
+    z = np.linspace(0.1, 6.0, 60)
+    np.testing.assert_allclose(gaussian_tail(-z), 1.0 - gaussian_tail(z), rtol=1e-12)
+    # At 0 both sides come from the same fitted value: symmetric to the fit's accuracy.
+    assert float(gaussian_tail(np.array([0.0]))[0]) == pytest.approx(0.5, rel=1e-7)
+
+
+def test_ewma_alpha() -> None:
+    assert ewma_alpha(1) == 1.0
+    assert ewma_alpha(3) == 0.5
+    assert ewma_alpha(9) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 30])
+def test_short_average_matches_a_hand_loop(window: int) -> None:
+    rng = np.random.default_rng(window)
+    raw = rng.normal(3.0, 2.0, size=50)
+    alpha = 2.0 / (window + 1.0)
+    expected = [raw[0]]
+    for value in raw[1:]:
+        expected.append(expected[-1] * (1.0 - alpha) + alpha * value)
+    np.testing.assert_allclose(short_average(raw, window), expected, rtol=1e-12)
+
+
+def test_short_average_is_what_the_scorer_keeps() -> None:
+    rng = np.random.default_rng(7)
+    z = rng.normal(0.0, 1.5, size=(40, 1))
+    scorer = Scorer(ScoringConfig(short_window=4), calibration(1.0, 0.5))
+    cols = fresh_columns(1)
+    kept, raws = [], []
+    for t in range(len(z)):
+        s = scorer.step_batch(cols, z[t : t + 1], np.zeros((1, 1)), np.zeros((1, 1)),
+                              np.ones(1, np.bool_))  # fmt: skip
+        raws.append(float(s.raw[0]))
+        kept.append(float(cols["short_avg"][0]))
+    np.testing.assert_allclose(kept, short_average(np.array(raws), 4), rtol=1e-12)
+
+
+def test_top_features_orders_by_magnitude_nan_last() -> None:
+    row = np.array([0.5, -4.0, 2.0, np.nan, -2.0, 3.0])
+    assert top_features(row, 3) == [1, 5, 2]
+    assert top_features(row, 6) == [1, 5, 2, 4, 0, 3]  # ties keep feature order
+    assert top_features(row, 10) == [1, 5, 2, 4, 0, 3]
+    assert top_features(row, 1) == [1]
+
+
+# --- config ---
+
+
+def test_default_scoring_config_is_valid() -> None:
+    assert ScoringConfig().validate() == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "word"),
+    [
+        ({"clear_threshold": 0.999, "threshold": 0.99}, "clear_threshold"),
+        ({"threshold": 1.0}, "threshold"),
+        ({"clear_threshold": 0.0}, "clear_threshold"),
+        ({"short_window": 0}, "short_window"),
+        ({"long_window": 0}, "long_window"),
+        ({"clear_steps": 0}, "clear_steps"),
+        ({"top_k": 0}, "top_k"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"min_interval_steps": -1}, "min_interval_steps"),
+        ({"prior_weight": -0.5}, "prior_weight"),
+    ],
+)
+def test_scoring_config_problems_name_the_field(changes: dict[str, float], word: str) -> None:
+    problems = ScoringConfig(**changes).validate()  # type: ignore[arg-type]
+    assert len(problems) == 1
+    assert word in problems[0]
+
+
+# --- the alert state machine ---
+#
+# With the prior worth 1e12 steps the long-run mean and variance stay at the
+# calibration prior (the step size is ~1e-12), and with short_window = 1 the short
+# average is the raw score itself. Prior mean = the raw score of z = 0 (mean 0,
+# log_var 0) and prior std 1, so the likelihood of an observation z is
+# Phi(z**2 / 2): a value we choose by choosing z.
+
+CALM = 0.0  # likelihood Phi(0) = 0.5
+MIDDLE = math.sqrt(6.0)  # Phi(3) ~ 0.99865: between clear_threshold and threshold
+HIGH = math.sqrt(12.0)  # Phi(6) ~ 1 - 1e-9: above threshold
+HUGE = 50.0
+
+
+def test_the_chosen_levels_sit_where_the_tests_need_them() -> None:
+    cfg = ScoringConfig()
+    assert phi(CALM**2 / 2) < cfg.clear_threshold
+    assert cfg.clear_threshold < phi(MIDDLE**2 / 2) < cfg.threshold
+    assert phi(HIGH**2 / 2) >= cfg.threshold
+
+
+class OneStream:
+    """Steps one stream through a Scorer, one observation at a time."""
+
+    def __init__(self, **config: float) -> None:
+        cfg = ScoringConfig(
+            short_window=1,
+            prior_weight=1e12,
+            long_window=10**15,
+            **config,  # type: ignore[arg-type]
+        )
+        self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0))
+        self.cols = fresh_columns(1)
+
+    def step(self, z: float, has_pred: bool = True) -> StepScores:
+        return self.scorer.step_batch(
+            self.cols, np.array([[z]]), np.zeros((1, 1)), np.zeros((1, 1)),
+            np.array([has_pred]),
+        )  # fmt: skip
+
+    def run(self, zs: list[float]) -> list[StepScores]:
+        return [self.step(z) for z in zs]
+
+
+def test_likelihood_follows_the_prior_as_designed() -> None:
+    s = OneStream(warmup_steps=0)
+    for z in (CALM, MIDDLE, 1.0, HIGH):
+        out = s.step(z)
+        assert float(out.raw[0]) == pytest.approx(HALF_LOG_2PI + z * z / 2, rel=1e-12)
+        assert float(out.likelihood[0]) == pytest.approx(phi(z * z / 2), abs=1e-7)
+
+
+def test_no_alert_during_warm_up_even_with_huge_errors() -> None:
+    s = OneStream(warmup_steps=5)
+    for out in s.run([HUGE] * 5):
+        assert float(out.likelihood[0]) == 0.0
+        assert not out.raised[0] and not out.active[0]
+    assert int(s.cols["warm"][0]) == 5
+    after = s.step(HUGE)  # the sixth scored step is past the warm-up
+    assert after.raised[0] and after.active[0]
+    assert float(after.likelihood[0]) >= 0.9999
+
+
+def test_steady_stream_then_a_spike_raises_exactly_once_and_holds() -> None:
+    s = OneStream(warmup_steps=3, clear_steps=3)
+    calm = s.run([CALM] * 10)
+    assert not any(o.raised[0] or o.active[0] for o in calm)
+    high = s.run([HIGH] * 6)
+    assert [bool(o.raised[0]) for o in high] == [True] + [False] * 5
+    assert all(o.active[0] and not o.cleared[0] for o in high)
+    assert all(int(o.episode[0]) == 1 for o in high)
+    assert int(s.cols["episodes"][0]) == 1
+
+
+def test_clears_only_after_clear_steps_consecutive_calm_steps() -> None:
+    s = OneStream(warmup_steps=0, clear_steps=4)
+    s.run([CALM] * 3)
+    assert s.step(HIGH).raised[0]
+    calm = s.run([CALM] * 4)
+    assert [bool(o.cleared[0]) for o in calm] == [False, False, False, True]
+    assert [bool(o.active[0]) for o in calm] == [True, True, True, False]
+    assert not any(o.raised[0] for o in calm)
+    assert int(calm[-1].episode[0]) == 1  # the cleared event belongs to the raised episode
+
+
+def test_hysteresis_a_value_between_thresholds_neither_clears_nor_raises() -> None:
+    s = OneStream(warmup_steps=0, clear_steps=2)
+    assert s.step(HIGH).raised[0]
+    middle = s.run([MIDDLE] * 20)
+    assert all(o.active[0] and not o.cleared[0] and not o.raised[0] for o in middle)
+
+
+def test_a_middle_value_restarts_the_calm_count() -> None:
+    s = OneStream(warmup_steps=0, clear_steps=3)
+    assert s.step(HIGH).raised[0]
+    outs = s.run([CALM, CALM, MIDDLE, CALM, CALM, CALM])
+    assert [bool(o.cleared[0]) for o in outs] == [False, False, False, False, False, True]
+
+
+def test_a_middle_value_does_not_raise_a_fresh_alert() -> None:
+    s = OneStream(warmup_steps=0)
+    assert not any(o.raised[0] or o.active[0] for o in s.run([MIDDLE] * 10))
+
+
+def test_min_interval_steps_blocks_a_second_raise() -> None:
+    s = OneStream(warmup_steps=0, clear_steps=2, min_interval_steps=10)
+    s.run([CALM] * 3)
+    first = s.step(HIGH)
+    assert first.raised[0]
+    outs = s.run([CALM, CALM] + [HIGH] * 10)  # steps 1..12 after the first raise
+    raised_at = [k + 1 for k, o in enumerate(outs) if o.raised[0]]
+    assert outs[1].cleared[0]
+    assert raised_at == [10]  # n - last_raise reaches min_interval_steps on the 10th step
+    assert int(outs[9].episode[0]) == 2
+    assert all(not o.active[0] for o in outs[2:9])
+
+
+def test_zero_min_interval_allows_raising_right_after_a_clear() -> None:
+    s = OneStream(warmup_steps=0, clear_steps=1, min_interval_steps=0)
+    outs = s.run([HIGH, CALM, HIGH])
+    assert [bool(o.raised[0]) for o in outs] == [True, False, True]
+    assert outs[1].cleared[0]
+
+
+def test_rows_without_a_prediction_give_nan_raw_and_zero_likelihood() -> None:
+    scorer = Scorer(ScoringConfig(warmup_steps=0), calibration(1.0, 0.5))
+    cols = fresh_columns(3)
+    z = np.array([[HUGE, 1.0], [HUGE, 1.0], [0.0, 0.0]])
+    has_pred = np.array([False, True, False])
+    out = scorer.step_batch(cols, z, np.zeros((3, 2)), np.zeros((3, 2)), has_pred)
+    assert math.isnan(out.raw[0]) and math.isnan(out.raw[2])
+    assert np.isfinite(out.raw[1])
+    assert out.likelihood[0] == 0.0 and out.likelihood[2] == 0.0
+    assert np.isnan(out.std_errors[[0, 2]]).all()
+    assert np.isfinite(out.std_errors[1]).all()
+    assert not out.raised[0] and not out.active[0]
+    assert cols["n_scored"].tolist() == [0, 1, 0]
+    assert cols["warm"].tolist() == [0, 1, 0]
+    assert np.isnan(cols["short_avg"][[0, 2]]).all()
+    assert np.isnan(cols["long_mean"][[0, 2]]).all()
+
+
+def test_non_finite_observation_leaves_the_stream_unchanged() -> None:
+    s = OneStream(warmup_steps=0)
+    s.run([CALM, 1.0])
+    before = {k: v.copy() for k, v in s.cols.items()}
+    out = s.step(math.nan)
+    assert float(out.likelihood[0]) == 0.0
+    for name, value in before.items():
+        np.testing.assert_array_equal(s.cols[name], value, err_msg=name)
+
+
+def test_streams_in_one_batch_keep_their_own_state() -> None:
+    scorer = Scorer(
+        ScoringConfig(warmup_steps=0, short_window=1, prior_weight=1e12, long_window=10**15),
+        calibration(HALF_LOG_2PI, 1.0),
+    )
+    cols = fresh_columns(2)
+    zeros = np.zeros((2, 1))
+    ones = np.ones(2, np.bool_)
+    scorer.step_batch(cols, np.array([[CALM], [CALM]]), zeros, zeros, ones)
+    out = scorer.step_batch(cols, np.array([[HIGH], [CALM]]), zeros, zeros, ones)
+    assert out.raised.tolist() == [True, False]
+    assert out.active.tolist() == [True, False]
+    assert cols["episodes"].tolist() == [1, 0]

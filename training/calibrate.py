@@ -1,0 +1,114 @@
+"""Score calibration: the raw-score distribution of held-out normal data, streamed.
+
+The exported step runs in onnxruntime over each held-out stream from a zero state,
+feeding its state back exactly as the daemon does; every step after the burn-in is
+scored with :func:`detector.scoring.gaussian_nll` against the previous prediction,
+and its short-term average with :func:`detector.scoring.short_average`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from detector.artifact import Calibration, Normalisation
+from detector.errors import DataError
+from detector.scoring import gaussian_nll, short_average
+from training.export import make_session, onnx_rollout
+
+log = logging.getLogger(__name__)
+
+QUANTILES = ("0.5", "0.9", "0.99", "0.999")
+DEFAULT_WINDOW = 10
+DEFAULT_THRESHOLD = 0.9999
+MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not positive
+
+
+def stream_scores(
+    proto: onnx.ModelProto | bytes,
+    cell: str,
+    layers: int,
+    hidden_size: int,
+    norm: Normalisation,
+    streams: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """Raw score per step of each stream (NaN at step 0, which has no prediction)."""
+    lengths = [len(s) for s in streams]
+    steps = max(lengths)
+    # Streams side by side; a short one is padded with its last row, scored only to its end.
+    x = np.stack(
+        [
+            np.pad(np.asarray(s, np.float64), ((0, steps - len(s)), (0, 0)), mode="edge")
+            for s in streams
+        ]
+    )  # (B, T, F)
+    mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
+    # The daemon normalises in float64 with a reciprocal; so do we.
+    z = (x - np.asarray(norm.centre)) * (1.0 / np.asarray(norm.scale))  # (B, T, F)
+    scores = []
+    for b, n in enumerate(lengths):
+        raw = np.full(n, np.nan)
+        if n > 1:
+            raw[1:] = gaussian_nll(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
+        scores.append(raw)
+    return scores
+
+
+def summarise(
+    scores: Sequence[np.ndarray],
+    burn_in: int,
+    window: int = DEFAULT_WINDOW,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Calibration:
+    """Pool raw scores and their short averages after ``burn_in`` steps into a Calibration."""
+    raw_parts, avg_parts = [], []
+    for raw in scores:
+        if len(raw) <= burn_in + 1:
+            continue
+        # The daemon's short average starts at the first scored step, before any warm-up.
+        avg = short_average(raw[1:], window)
+        raw_parts.append(raw[1:][burn_in:])
+        avg_parts.append(avg[burn_in:])
+    if not raw_parts:
+        raise DataError(f"no held-out stream is longer than the burn-in of {burn_in} steps")
+    raw_all = np.concatenate(raw_parts)
+    avg_all = np.concatenate(avg_parts)
+    if not np.isfinite(raw_all).all():
+        raise DataError("the model scores some held-out steps as non-finite")
+    qs = np.quantile(raw_all, [float(q) for q in QUANTILES])
+    return Calibration(
+        n=int(raw_all.size),
+        mean=float(raw_all.mean()),
+        std=max(float(raw_all.std()), MIN_STD),
+        quantiles={q: float(v) for q, v in zip(QUANTILES, qs, strict=True)},
+        window=window,
+        window_mean=float(avg_all.mean()),
+        window_std=max(float(avg_all.std()), MIN_STD),
+        threshold=threshold,
+    )
+
+
+def calibrate(
+    proto: onnx.ModelProto | bytes,
+    cell: str,
+    layers: int,
+    hidden_size: int,
+    norm: Normalisation,
+    streams: Sequence[np.ndarray],
+    burn_in: int,
+    window: int = DEFAULT_WINDOW,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Calibration:
+    """Calibration of the exported step over ``streams`` (raw units, gaps filled)."""
+    scores = stream_scores(proto, cell, layers, hidden_size, norm, streams)
+    calibration = summarise(scores, burn_in, window, threshold)
+    log.info(
+        "calibration over %d steps: raw score mean %.3f sd %.3f",
+        calibration.n,
+        calibration.mean,
+        calibration.std,
+    )
+    return calibration

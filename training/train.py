@@ -1,0 +1,416 @@
+"""Truncated-BPTT training of a :class:`RecurrentForecaster` on many streams.
+
+``train(streams, options)`` fills gaps (:func:`training.data.fill_missing`), holds out
+the last ``val_fraction`` of every stream for validation, fits the normalisation on
+the rest, and trains with the hidden state carried (detached) from one window to the
+next, as streaming inference carries it. Learning rate: cosine from ``lr`` down to
+``lr * LR_FINAL_FRACTION`` over ``epochs``. Early stopping on the validation loss
+restores the best epoch's weights. A fixed ``seed`` repeats a CPU run bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from detector.artifact import CELLS, Normalisation
+from detector.errors import ConfigError, DataError, RnnsentryError
+from training.data import fill_missing, fit_normalisation, normalise, split_rows
+from training.model import RecurrentForecaster, State, detach_state
+
+log = logging.getLogger(__name__)
+
+OPTIMISERS = ("adam", "rmsprop", "sgd")
+LR_FINAL_FRACTION = 0.1  # the cosine schedule ends at lr * this
+MIN_LANE_WINDOWS = 4  # a lane (one row of a batch) spans at least this many windows
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class TrainingError(RnnsentryError):
+    """Training could not produce a usable model (diverged, or failed its parity check)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every training option; the defaults train 100k steps x 8 features in well under 2 min."""
+
+    cell: str = "gru"  # gru | lstm | rnn (tanh)
+    layers: int = 1
+    hidden_size: int = 32
+    dropout: float = 0.0  # between stacked layers only
+    window: int = 64  # steps per truncated-BPTT window
+    stride: int | None = None  # steps between window starts; None: equal to window
+    burn_in: int = 8  # first steps of each lane/stream not scored (state still cold)
+    batch_size: int = 32  # lanes (stream segments) side by side
+    epochs: int = 30
+    patience: int = 5  # epochs without a better validation loss before stopping; 0: never
+    lr: float = 3e-3
+    optimiser: str = "adam"  # adam | rmsprop | sgd
+    clip: float = 1.0  # gradient-norm clip; 0 disables
+    val_fraction: float = 0.2  # last fraction of every stream held out (time-ordered)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.cell not in CELLS:
+            problems.append(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        if self.optimiser not in OPTIMISERS:
+            problems.append(f"optimiser must be one of {', '.join(OPTIMISERS)}")
+        for name in ("layers", "hidden_size", "window", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.stride is not None and self.stride < 1:
+            problems.append("stride must be at least 1")
+        if self.burn_in < 0 or self.patience < 0:
+            problems.append("burn_in and patience must not be negative")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append("val_fraction must be in [0, 1)")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.clip < 0:
+            problems.append("lr must be positive and clip must not be negative")
+        if problems:
+            raise ConfigError("training options: " + "; ".join(problems))
+
+    @property
+    def step_stride(self) -> int:
+        return self.stride if self.stride is not None else self.window
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float  # mean Gaussian NLL per feature and scored step
+    val_loss: float  # NaN without a validation split
+    lr: float
+    grad_norm_max: float  # largest gradient norm before clipping
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: RecurrentForecaster  # eval mode, the best epoch's weights
+    normalisation: Normalisation
+    history: list[EpochStats]
+    best_epoch: int  # 1-based
+    best_loss: float  # validation loss of best_epoch (training loss without validation)
+    options: TrainOptions
+    train_streams: list[np.ndarray]  # raw units, gaps filled
+    val_streams: list[np.ndarray]  # raw units, gaps filled; empty without validation
+    seconds: float
+    stopped_early: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+# --- batches: streams cut into lanes, lanes side by side, windows along time ---
+
+
+def lane_length(total_steps: int, options: TrainOptions) -> int:
+    """Steps per lane: enough lanes to fill a batch, each at least a few windows long.
+
+    >>> lane_length(80_000, TrainOptions())
+    2560
+    """
+    per_lane = math.ceil(total_steps / (options.batch_size * options.window))
+    return options.window * max(MIN_LANE_WINDOWS, per_lane)
+
+
+def make_lanes(parts: Sequence[np.ndarray], length: int) -> list[np.ndarray]:
+    """Cut each stream into consecutive lanes of ``length`` inputs (+1 row: the target).
+
+    A short remainder joins the lane before it, so lanes are length..1.5*length.
+    >>> [len(lane) for lane in make_lanes([np.zeros((25, 1))], 10)]
+    [11, 14]
+    """
+    lanes = []
+    for part in parts:
+        n_inputs = len(part) - 1
+        starts = list(range(0, max(n_inputs, 0), length))
+        if len(starts) > 1 and n_inputs - starts[-1] < length // 2:
+            starts.pop()
+        for i, a in enumerate(starts):
+            b = starts[i + 1] if i + 1 < len(starts) else n_inputs
+            lanes.append(part[a : b + 1])
+    return lanes
+
+
+def pack(lanes: Sequence[np.ndarray], burn_in: int) -> tuple[torch.Tensor, ...]:
+    """Pad lanes to one batch: inputs x, targets y (B, T, F) and the scored-step mask (B, T)."""
+    steps = max(len(lane) - 1 for lane in lanes)
+    n_features = lanes[0].shape[1]
+    x = np.zeros((len(lanes), steps, n_features), np.float32)  # (B, T, F)
+    y = np.zeros_like(x)  # (B, T, F)
+    mask = np.zeros((len(lanes), steps), np.float32)  # (B, T)
+    for i, lane in enumerate(lanes):
+        n = len(lane) - 1
+        x[i, :n] = lane[:-1]
+        y[i, :n] = lane[1:]
+        mask[i, burn_in:n] = 1.0
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+
+
+def gaussian_nll(mean: torch.Tensor, log_var: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-step NLL averaged over features: (B, T, F) -> (B, T)."""
+    err2 = (y - mean) ** 2 * torch.exp(-log_var)  # (B, T, F)
+    return 0.5 * (LOG_2PI + log_var + err2).mean(dim=-1)  # (B, T)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class Window:
+    """One truncated-BPTT window of a batch: its outputs and the states around it."""
+
+    start: int
+    stop: int
+    mean: torch.Tensor  # (B, W, F)
+    log_var: torch.Tensor  # (B, W, F)
+    state_in: State  # the (detached) state the window started from
+    state_out: State  # the (detached) state carried to the next window
+
+
+def iter_windows(
+    model: RecurrentForecaster,
+    x: torch.Tensor,
+    window: int,
+    stride: int,
+    state: State | None = None,
+) -> Iterator[Window]:
+    """Run ``x`` (B, T, F) window by window, carrying the detached state across windows.
+
+    The carried state is the state after the first ``stride`` steps of a window, so
+    overlapping windows (stride < window) and gaps (stride > window) stay in step.
+    """
+    steps = x.shape[1]
+    state = model.zero_state(x.shape[0]) if state is None else state
+    for start in range(0, steps, stride):
+        stop = min(start + window, steps)
+        split = min(start + stride, stop)
+        mean, log_var, carry = model(x[:, start:split], state)  # (B, split-start, F)
+        if split < stop:  # overlapping windows: finish this one from the carried state
+            mean2, log_var2, _ = model(x[:, split:stop], carry)
+            mean, log_var = torch.cat([mean, mean2], 1), torch.cat([log_var, log_var2], 1)
+        elif start + stride > stop and stop < steps:  # a gap between windows: advance only
+            with torch.no_grad():
+                _, _, carry = model(x[:, stop : start + stride], carry)
+        carry = detach_state(carry)
+        yield Window(start, stop, mean, log_var, state, carry)
+        state = carry
+
+
+def clip_gradients(parameters: Sequence[nn.Parameter], clip: float) -> float:
+    """Scale gradients to norm <= clip (clip > 0); return the norm before clipping."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    if clip > 0:
+        return float(nn.utils.clip_grad_norm_(grads, clip))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+
+
+def make_optimiser(model: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if options.optimiser == "adam":
+        return torch.optim.Adam(params, lr=options.lr)
+    if options.optimiser == "rmsprop":
+        return torch.optim.RMSprop(params, lr=options.lr)
+    return torch.optim.SGD(params, lr=options.lr, momentum=0.9)
+
+
+def optimise_step(
+    model: nn.Module, optimiser: torch.optim.Optimizer, loss: torch.Tensor, clip: float
+) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = clip_gradients(list(model.parameters()), clip)
+    optimiser.step()
+    return norm
+
+
+@torch.no_grad()
+def evaluate(model: RecurrentForecaster, parts: Sequence[np.ndarray], burn_in: int) -> float:
+    """Mean NLL over the scored steps of whole streams run from a zero state (eval mode)."""
+    lanes = [p for p in parts if len(p) > burn_in + 1]
+    if not lanes:
+        return math.nan
+    was_training = model.training
+    model.eval()
+    x, y, mask = pack(lanes, burn_in)
+    mean, log_var, _ = model(x)  # (B, T, F) each
+    model.train(was_training)
+    return float(masked_mean(gaussian_nll(mean, log_var, y), mask))
+
+
+def run_epoch(
+    model: RecurrentForecaster,
+    optimiser: torch.optim.Optimizer,
+    lanes: Sequence[np.ndarray],
+    options: TrainOptions,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
+    """One pass over every lane in shuffled batches; (mean training loss, max grad norm)."""
+    model.train()
+    order = rng.permutation(len(lanes))
+    total = weight = grad_max = 0.0
+    for first in range(0, len(order), options.batch_size):
+        batch = [lanes[i] for i in order[first : first + options.batch_size]]
+        x, y, mask = pack(batch, options.burn_in)  # (B, T, F), (B, T, F), (B, T)
+        for win in iter_windows(model, x, options.window, options.step_stride):
+            m = mask[:, win.start : win.stop]  # (B, W)
+            scored = float(m.sum())
+            if scored == 0:
+                continue
+            nll = gaussian_nll(win.mean, win.log_var, y[:, win.start : win.stop])  # (B, W)
+            loss = masked_mean(nll, m)
+            if not torch.isfinite(loss):
+                raise TrainingError("the training loss is not finite; try a lower --lr")
+            grad_max = max(grad_max, optimise_step(model, optimiser, loss, options.clip))
+            total += float(loss.detach()) * scored
+            weight += scored
+    return total / max(weight, 1.0), grad_max
+
+
+def prepare(
+    streams: Sequence[np.ndarray],
+    options: TrainOptions,
+    features: Sequence[str] | None,
+    stream_names: Sequence[str] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Fill gaps and split each stream into (training part, validation part), raw units."""
+    if not streams:
+        raise DataError("no training data: the list of streams is empty")
+    n_features = None
+    train_parts, val_parts = [], []
+    need = options.window + 1
+    for i, stream in enumerate(streams):
+        where = stream_names[i] if stream_names is not None else f"stream {i}"
+        values = np.asarray(stream, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] < 1:
+            raise DataError(f"{where}: expected a [rows, features] array, got {values.shape}")
+        if n_features is not None and values.shape[1] != n_features:
+            raise DataError(f"{where} has {values.shape[1]} features, the first has {n_features}")
+        n_features = values.shape[1]
+        n_train = split_rows(len(values), options.val_fraction)
+        if n_train < need:
+            raise DataError(
+                f"{where} has {len(values)} rows: too few for one training window of"
+                f" {options.window} steps after holding out {options.val_fraction:.0%}"
+                f" for validation (needs {need} training rows)"
+            )
+        values = fill_missing(values, features, where=where)
+        train_parts.append(values[:n_train])
+        if n_train < len(values):
+            val_parts.append(values[n_train:])
+    if features is not None and len(features) != n_features:
+        raise DataError(f"{len(features)} feature names for {n_features} columns")
+    return train_parts, val_parts
+
+
+def train(
+    streams: Sequence[np.ndarray],
+    options: TrainOptions | None = None,
+    *,
+    features: Sequence[str] | None = None,
+    stream_names: Sequence[str] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Fit a forecaster on ``streams`` (each [T, F] raw units); see the module docstring."""
+    options = options or TrainOptions()
+    began = time.perf_counter()
+    train_raw, val_raw = prepare(streams, options, features, stream_names)
+    norm = fit_normalisation(train_raw)
+    train_z = [normalise(p, norm).astype(np.float32) for p in train_raw]
+    val_z = [normalise(p, norm).astype(np.float32) for p in val_raw]
+    lanes = make_lanes(train_z, lane_length(sum(len(p) - 1 for p in train_z), options))
+    rng = np.random.default_rng(options.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            model = RecurrentForecaster(
+                train_raw[0].shape[1],
+                options.cell,
+                options.layers,
+                options.hidden_size,
+                options.dropout,
+            )
+            history, best_epoch, best_loss, stopped = _fit(model, lanes, val_z, options, rng, quiet)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    model.eval()
+    return TrainResult(
+        model,
+        norm,
+        history,
+        best_epoch,
+        best_loss,
+        options,
+        train_raw,
+        val_raw,
+        time.perf_counter() - began,
+        stopped,
+    )
+
+
+def _fit(
+    model: RecurrentForecaster,
+    lanes: list[np.ndarray],
+    val_z: list[np.ndarray],
+    options: TrainOptions,
+    rng: np.random.Generator,
+    quiet: bool,
+) -> tuple[list[EpochStats], int, float, bool]:
+    """The epoch loop: train, validate, schedule, keep the best weights, stop early."""
+    optimiser = make_optimiser(model, options)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=options.epochs, eta_min=options.lr * LR_FINAL_FRACTION
+    )
+    history: list[EpochStats] = []
+    best_loss, best_epoch, best_weights, waited = math.inf, 0, None, 0
+    for epoch in range(1, options.epochs + 1):
+        began = time.perf_counter()
+        lr = optimiser.param_groups[0]["lr"]
+        train_loss, grad_max = run_epoch(model, optimiser, lanes, options, rng)
+        val_loss = evaluate(model, val_z, options.burn_in) if val_z else math.nan
+        schedule.step()
+        stats = EpochStats(epoch, train_loss, val_loss, lr, grad_max, time.perf_counter() - began)
+        history.append(stats)
+        watched = train_loss if math.isnan(val_loss) else val_loss
+        improved = watched < best_loss
+        if improved:
+            best_loss, best_epoch, waited = watched, epoch, 0
+            best_weights = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+        if not quiet:
+            print(
+                f"epoch {epoch:>3}/{options.epochs}  train {train_loss:.4f}  val {val_loss:.4f}"
+                f"  lr {lr:.2e}  grad {grad_max:.2f}  {stats.seconds:.1f}s"
+                + ("  *" if improved else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+        if options.patience and waited >= options.patience:
+            log.info("early stop after epoch %d; best epoch %d", epoch, best_epoch)
+            break
+    if best_weights is None:
+        raise TrainingError("no epoch produced a finite loss")
+    model.load_state_dict(best_weights)
+    return history, best_epoch, best_loss, len(history) < options.epochs
