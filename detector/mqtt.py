@@ -50,12 +50,15 @@ class MqttLink:
         self._on_connection = on_connection
         self.connected = threading.Event()
         self.last_error = ""
+        self._closing = False
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
         )
-        client.enable_logger(logging.getLogger("paho"))
+        paho_log = logging.getLogger("paho")
+        paho_log.addFilter(self._quiet_when_closing)
+        client.enable_logger(paho_log)
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(100)
         client.reconnect_delay_set(
@@ -80,6 +83,11 @@ class MqttLink:
         client.on_message = self._handle_message
         self.client = client
 
+    def _quiet_when_closing(self, record: logging.LogRecord) -> bool:
+        # paho 2.2's loop thread logs "Client is not connected" at ERROR after a clean
+        # disconnect of ours; that is not an error worth an operator's attention.
+        return not (self._closing and "not connected" in record.getMessage())
+
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
         host, port, _ = self.config.host_port_tls
@@ -96,6 +104,7 @@ class MqttLink:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Publish ``offline``, disconnect cleanly (no Last Will) and stop paho's thread."""
+        self._closing = True
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             try:
@@ -105,6 +114,7 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
+        logging.getLogger("paho").removeFilter(self._quiet_when_closing)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -133,7 +143,7 @@ class MqttLink:
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
         self._on_connection(False)

@@ -105,7 +105,7 @@ def calibrate(
     """Calibration of the exported step over ``streams`` (raw units, gaps filled)."""
     scores = stream_scores(proto, cell, layers, hidden_size, norm, streams)
     calibration = summarise(scores, burn_in, window, threshold)
-    log.info(
+    log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",
         calibration.n,
         calibration.mean,

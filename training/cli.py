@@ -8,6 +8,7 @@ Bad input raises DataError, bad options ConfigError: one line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from typing import Any
 
@@ -134,7 +135,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> int:
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")
     except ImportError:
         raise RnnsentryError("training needs torch: pip install 'rnnsentry[train]'") from None
     from training.pipeline import train_csv

@@ -43,7 +43,7 @@ def fill_missing(
     for j in np.flatnonzero(~finite.all(axis=0)):
         ok = finite[:, j]
         if not ok.any():
-            name = features[j] if features is not None else f"#{j}"
+            name = features[int(j)] if features is not None else f"#{j}"
             raise DataError(f"{where}: column {name!r} has no numeric value")
         # Index of the last finite row at or before each row (-1 before the first one).
         last = np.maximum.accumulate(np.where(ok, np.arange(len(out)), -1))

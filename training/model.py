@@ -1,8 +1,8 @@
 """The recurrent forecaster: normalised x_t in, a Gaussian over x_{t+1} out.
 
-Read top-down: the log-variance clamp, the Gaussian head, the recurrent stack
-(torch's fused GRU/LSTM/RNN, batch first), then the model. States are tuples
-in :func:`detector.artifact.state_names` order, each [L, B, H]; the export in
+Read top-down: the log-variance clamp, the Gaussian head (with a linear skip from
+x_t), the recurrent stack (torch's fused GRU/LSTM/RNN, batch first), then the model.
+States are tuples in :func:`detector.artifact.state_names` order, each [L, B, H];
 :mod:`training.export` writes the same equations as one ONNX step.
 """
 
@@ -30,7 +30,7 @@ LOG_VAR_HALF_RANGE = 0.5 * (LOG_VAR_MAX - LOG_VAR_MIN)
 def soft_clamp_log_var(raw: torch.Tensor) -> torch.Tensor:
     """mid + half * tanh((raw - mid) / half): smooth, monotone, inside the range.
 
-    The export writes exactly these four operations (Sub, Div, Tanh, Mul, Add).
+    The export writes the same operations in the same order (Sub, Div, Tanh, Mul, Add).
 
     >>> soft_clamp_log_var(torch.tensor([-1e6, 1e6])).tolist()
     [-10.0, 6.0]
@@ -39,17 +39,25 @@ def soft_clamp_log_var(raw: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianHead(nn.Module):
-    """Linear H -> 2F: the first F outputs are the mean, the last F the raw log-variance."""
+    """mean = skip(x_t) + W_m h_t; log_var = clamp(W_v h_t): a Gaussian over x_{t+1}.
+
+    The linear skip from the input starts as the identity, so an untrained model
+    predicts persistence and the recurrent part learns the change; sensor levels never
+    have to squeeze through the tanh state.
+    """
 
     def __init__(self, hidden_size: int, n_features: int) -> None:
         super().__init__()
         self.n_features = n_features
         self.proj = nn.Linear(hidden_size, 2 * n_features)
+        self.skip = nn.Linear(n_features, n_features, bias=False)
+        with torch.no_grad():
+            self.skip.weight.copy_(torch.eye(n_features))
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.proj(h)  # (..., 2F)
-        mean, raw_log_var = out.split(self.n_features, dim=-1)  # (..., F) each
-        return mean, soft_clamp_log_var(raw_log_var)
+        change, raw_log_var = out.split(self.n_features, dim=-1)  # (..., F) each
+        return self.skip(x) + change, soft_clamp_log_var(raw_log_var)
 
 
 def make_stack(
@@ -118,8 +126,15 @@ class RecurrentForecaster(nn.Module):
         else:
             out, h = self.rnn(x, state[0])  # (B, T, H); (L, B, H)
             new_state = (h,)
-        mean, log_var = self.head(out)  # (B, T, F) each
+        mean, log_var = self.head(out, x)  # (B, T, F) each
         return mean, log_var, new_state
+
+    def step(
+        self, x: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One step of B streams, what the exported graph computes: x (B, F) normalised."""
+        mean, log_var, new_state = self(x[:, None, :], state)  # (B, 1, F) each
+        return mean[:, 0], log_var[:, 0], new_state  # (B, F) each
 
 
 def detach_state(state: State) -> State:

@@ -54,6 +54,7 @@ def provenance(
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    doc.update(result.extra)
     doc.update(extra or {})
     return doc
 
@@ -76,7 +77,14 @@ def export_result(
 ) -> ModelMeta:
     """Export a trained result: graph, parity check, calibration, metadata, file."""
     model, norm = result.model, result.normalisation
-    held_out = result.val_streams or [s[-max(len(s) // 5, 2) :] for s in result.train_streams]
+    held_out = result.val_streams
+    if not any(len(s) > result.options.burn_in + 2 for s in held_out):
+        # No usable validation split: calibrate on the last fifth of the training rows.
+        if result.options.val_fraction > 0:
+            log.warning("validation rows too few to calibrate on; using the training tail")
+        held_out = [
+            s[-max(len(s) // 5, result.options.burn_in + 3) :] for s in result.train_streams
+        ]
     name = name or Path(out_path).stem
     proto = build_step_graph(model, norm, name)
     parity = check_parity(proto, model, norm, parity_sequence(held_out))

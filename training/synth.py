@@ -42,6 +42,15 @@ LOAD_TAPS = 256
 TEMP_LAG_STEPS = 20.0  # temperature follows load through this exponential lag
 TEMP_TAPS = 200
 
+# (min, max) size in units of the sensor's step-to-step noise (noise_sd). A well-fitted
+# model's predictive sigma is ~1.2-1.5 noise_sd (it cannot foresee the load's wander),
+# so a spike of 8 noise_sd is still ~6 sigma to the detector.
+SIZES = {
+    "spike": (8.0, 12.0), "dip": (8.0, 12.0), "level_shift": (7.0, 10.0),
+    "drift": (8.0, 12.0), "noise_burst": (4.0, 6.0),
+}  # fmt: skip
+DRIFT_RAMP_STEPS = 30
+
 # (min, max) duration in steps per kind.
 DURATIONS = {
     "spike": (1, 3),
@@ -168,18 +177,18 @@ def inject(
         seg = out[start:end, f]  # a view: edits land in out
         sign = rng.choice([-1.0, 1.0])
         if kind == "spike":
-            seg += rng.uniform(6, 10) * sd
+            seg += rng.uniform(*SIZES["spike"]) * sd
         elif kind == "dip":
-            seg -= rng.uniform(6, 10) * sd
+            seg -= rng.uniform(*SIZES["dip"]) * sd
         elif kind == "level_shift":
-            seg += sign * rng.uniform(5, 8) * sd
+            seg += sign * rng.uniform(*SIZES["level_shift"]) * sd
         elif kind == "drift":
-            ramp = np.minimum(1.0, np.arange(1, n + 1) / min(30, n))
-            seg += sign * rng.uniform(6, 10) * sd * ramp
+            ramp = np.minimum(1.0, np.arange(1, n + 1) / min(DRIFT_RAMP_STEPS, n))
+            seg += sign * rng.uniform(*SIZES["drift"]) * sd * ramp
         elif kind == "stuck":
             seg[:] = values[max(start - 1, 0), f]
         elif kind == "noise_burst":
-            seg += rng.normal(0.0, rng.uniform(4, 6) * sd, n)
+            seg += rng.normal(0.0, rng.uniform(*SIZES["noise_burst"]) * sd, n)
         else:  # correlation_break: the sensor moves against its own trend (mirrored)
             seg[:] = 2.0 * values[start, f] - values[start:end, f]
     return out

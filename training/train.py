@@ -1,11 +1,15 @@
 """Truncated-BPTT training of a :class:`RecurrentForecaster` on many streams.
 
-``train(streams, options)`` fills gaps (:func:`training.data.fill_missing`), holds out
-the last ``val_fraction`` of every stream for validation, fits the normalisation on
-the rest, and trains with the hidden state carried (detached) from one window to the
-next, as streaming inference carries it. Learning rate: cosine from ``lr`` down to
-``lr * LR_FINAL_FRACTION`` over ``epochs``. Early stopping on the validation loss
-restores the best epoch's weights. A fixed ``seed`` repeats a CPU run bit for bit.
+``train(streams, options)`` fills gaps (NaN: forward fill within a stream, back fill
+of a leading gap, an all-NaN column is a DataError naming it; see
+:mod:`training.data`), holds out the last ``val_fraction`` of every stream for
+validation, fits the normalisation on the rest, cuts each stream into a few long
+consecutive lanes (each starts cold, its first ``burn_in`` steps unscored), batches
+lanes side by side, and trains with the hidden state carried (detached) from one
+window to the next, as streaming inference carries it. Learning rate: cosine from
+``lr`` down to ``lr * LR_FINAL_FRACTION``; sgd uses momentum 0.9. Early stopping on
+the validation loss restores the best epoch's weights. A fixed ``seed`` repeats a CPU
+run bit for bit.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ log = logging.getLogger(__name__)
 OPTIMISERS = ("adam", "rmsprop", "sgd")
 LR_FINAL_FRACTION = 0.1  # the cosine schedule ends at lr * this
 MIN_LANE_WINDOWS = 4  # a lane (one row of a batch) spans at least this many windows
+MIN_UPDATES_PER_EPOCH = 50  # small data: fewer lanes per batch, not fewer optimiser steps
 LOG_2PI = math.log(2.0 * math.pi)
 
 
 class TrainingError(RnnsentryError):
-    """Training could not produce a usable model (diverged, or failed its parity check)."""
+    """Training could not produce a usable model (the loss diverged)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class TrainOptions:
     window: int = 64  # steps per truncated-BPTT window
     stride: int | None = None  # steps between window starts; None: equal to window
     burn_in: int = 8  # first steps of each lane/stream not scored (state still cold)
-    batch_size: int = 32  # lanes (stream segments) side by side
+    batch_size: int = 32  # lanes (stream segments) side by side; fewer for small data
     epochs: int = 30
     patience: int = 5  # epochs without a better validation loss before stopping; 0: never
     lr: float = 3e-3
@@ -108,7 +113,7 @@ class TrainResult:
     val_streams: list[np.ndarray]  # raw units, gaps filled; empty without validation
     seconds: float
     stopped_early: bool = False
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, int] = field(default_factory=dict)  # batch_lanes, lane_steps, lanes
 
     @property
     def epochs_run(self) -> int:
@@ -118,22 +123,29 @@ class TrainResult:
 # --- batches: streams cut into lanes, lanes side by side, windows along time ---
 
 
-def lane_length(total_steps: int, options: TrainOptions) -> int:
-    """Steps per lane: enough lanes to fill a batch, each at least a few windows long.
+def batch_shape(total_steps: int, options: TrainOptions) -> tuple[int, int]:
+    """(lanes per batch, steps per lane) for ``total_steps`` training steps.
 
-    >>> lane_length(80_000, TrainOptions())
-    2560
+    Up to ``batch_size`` lanes side by side, fewer when the data is small, so that an
+    epoch still makes about MIN_UPDATES_PER_EPOCH optimiser steps; each lane spans at
+    least MIN_LANE_WINDOWS windows.
+    >>> batch_shape(80_000, TrainOptions())
+    (25, 3200)
+    >>> batch_shape(7_680, TrainOptions())
+    (2, 3840)
     """
-    per_lane = math.ceil(total_steps / (options.batch_size * options.window))
-    return options.window * max(MIN_LANE_WINDOWS, per_lane)
+    window = options.window
+    lanes = max(1, min(options.batch_size, total_steps // (window * MIN_UPDATES_PER_EPOCH)))
+    per_lane = math.ceil(total_steps / (lanes * window))
+    return lanes, window * max(MIN_LANE_WINDOWS, per_lane)
 
 
 def make_lanes(parts: Sequence[np.ndarray], length: int) -> list[np.ndarray]:
     """Cut each stream into consecutive lanes of ``length`` inputs (+1 row: the target).
 
-    A short remainder joins the lane before it, so lanes are length..1.5*length.
+    A short remainder joins the lane before it, so lanes hold length..1.5*length inputs.
     >>> [len(lane) for lane in make_lanes([np.zeros((25, 1))], 10)]
-    [11, 14]
+    [11, 15]
     """
     lanes = []
     for part in parts:
@@ -215,12 +227,13 @@ def iter_windows(
 
 def clip_gradients(parameters: Sequence[nn.Parameter], clip: float) -> float:
     """Scale gradients to norm <= clip (clip > 0); return the norm before clipping."""
-    grads = [p for p in parameters if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
         return 0.0
     if clip > 0:
-        return float(nn.utils.clip_grad_norm_(grads, clip))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+        return float(nn.utils.clip_grad_norm_(with_grad, clip))
+    norms = [p.grad.norm() for p in with_grad if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def make_optimiser(model: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
@@ -261,6 +274,7 @@ def run_epoch(
     model: RecurrentForecaster,
     optimiser: torch.optim.Optimizer,
     lanes: Sequence[np.ndarray],
+    batch_lanes: int,
     options: TrainOptions,
     rng: np.random.Generator,
 ) -> tuple[float, float]:
@@ -268,8 +282,8 @@ def run_epoch(
     model.train()
     order = rng.permutation(len(lanes))
     total = weight = grad_max = 0.0
-    for first in range(0, len(order), options.batch_size):
-        batch = [lanes[i] for i in order[first : first + options.batch_size]]
+    for first in range(0, len(order), batch_lanes):
+        batch = [lanes[i] for i in order[first : first + batch_lanes]]
         x, y, mask = pack(batch, options.burn_in)  # (B, T, F), (B, T, F), (B, T)
         for win in iter_windows(model, x, options.window, options.step_stride):
             m = mask[:, win.start : win.stop]  # (B, W)
@@ -337,7 +351,8 @@ def train(
     norm = fit_normalisation(train_raw)
     train_z = [normalise(p, norm).astype(np.float32) for p in train_raw]
     val_z = [normalise(p, norm).astype(np.float32) for p in val_raw]
-    lanes = make_lanes(train_z, lane_length(sum(len(p) - 1 for p in train_z), options))
+    batch, length = batch_shape(sum(len(p) - 1 for p in train_z), options)
+    lanes = make_lanes(train_z, length)
     rng = np.random.default_rng(options.seed)
     deterministic = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
@@ -351,7 +366,9 @@ def train(
                 options.hidden_size,
                 options.dropout,
             )
-            history, best_epoch, best_loss, stopped = _fit(model, lanes, val_z, options, rng, quiet)
+            history, best_epoch, best_loss, stopped = _fit(
+                model, lanes, batch, val_z, options, rng, quiet
+            )
         finally:
             torch.use_deterministic_algorithms(deterministic)
     model.eval()
@@ -366,12 +383,14 @@ def train(
         val_raw,
         time.perf_counter() - began,
         stopped,
+        extra={"batch_lanes": batch, "lane_steps": length, "lanes": len(lanes)},
     )
 
 
 def _fit(
     model: RecurrentForecaster,
     lanes: list[np.ndarray],
+    batch: int,
     val_z: list[np.ndarray],
     options: TrainOptions,
     rng: np.random.Generator,
@@ -387,7 +406,7 @@ def _fit(
     for epoch in range(1, options.epochs + 1):
         began = time.perf_counter()
         lr = optimiser.param_groups[0]["lr"]
-        train_loss, grad_max = run_epoch(model, optimiser, lanes, options, rng)
+        train_loss, grad_max = run_epoch(model, optimiser, lanes, batch, options, rng)
         val_loss = evaluate(model, val_z, options.burn_in) if val_z else math.nan
         schedule.step()
         stats = EpochStats(epoch, train_loss, val_loss, lr, grad_max, time.perf_counter() - began)
@@ -408,7 +427,7 @@ def _fit(
                 flush=True,
             )
         if options.patience and waited >= options.patience:
-            log.info("early stop after epoch %d; best epoch %d", epoch, best_epoch)
+            log.debug("early stop after epoch %d; best epoch %d", epoch, best_epoch)
             break
     if best_weights is None:
         raise TrainingError("no epoch produced a finite loss")

@@ -120,25 +120,28 @@ def test_daemon_command_line_imports_no_torch() -> None:
 
 @pytest.fixture
 def daemon_process(
-    trained: tuple[Path, Path], mosquitto: Mosquitto
+    trained: tuple[Path, Path], mosquitto: Mosquitto, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     _, model = trained
     port = free_port()
     env = {**os.environ, "RNNSENTRY_SCORING__WARMUP_STEPS": "20"}
+    log_path = tmp_path / "daemon.log"
+    log = open(log_path, "w")  # noqa: SIM115 (the daemon writes to it until it exits)
     proc = subprocess.Popen(
         [sys.executable, "-m", "detector", "run", "--model", str(model), "--broker", mosquitto.url,
          "--topic", "plant/{site}/{stream}/telemetry", "--metrics-port", str(port),
          "--instance", "e2e"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         poll_until(lambda: proc.poll() is not None or _ready(port), DAEMON_START_TIMEOUT_S)
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None, log_path.read_text()
         yield proc, port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def _ready(port: int) -> bool:

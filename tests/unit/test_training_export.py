@@ -1,0 +1,169 @@
+"""training.export / calibrate / pipeline: the one-step ONNX file the daemon loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from detector.artifact import (
+    METADATA_KEY,
+    expected_io,
+    graph_sha256,
+    meta_from_dict,
+    read_artifact,
+    split_model_bytes,
+)
+from detector.model import LoadedModel
+from detector.replay import replay_table
+from detector.scoring import ScoringConfig
+from training import fit_and_export
+from training.calibrate import stream_scores
+from training.export import (
+    PARITY_MIN_STEPS,
+    ParityError,
+    build_step_graph,
+    check_parity,
+    make_session,
+    parity_sequence,
+)
+from training.synth import generate_fleet
+from training.train import TrainOptions, train
+
+FEATURES = ["flow", "pressure", "temperature"]
+
+
+@pytest.fixture(scope="module")
+def streams() -> list[np.ndarray]:
+    fleet = generate_fleet(3, 400, features=FEATURES, seed=5)
+    return list(fleet.values)
+
+
+def dims(args: list[Any]) -> dict[str, list[Any]]:
+    """name -> shape of onnxruntime inputs or outputs, a named dimension as "B"."""
+    return {a.name: [d if isinstance(d, int) else "B" for d in a.shape] for a in args}
+
+
+def tiny(cell: str, layers: int = 1) -> TrainOptions:
+    return TrainOptions(
+        cell=cell,
+        layers=layers,
+        hidden_size=8,
+        window=32,
+        burn_in=4,
+        epochs=2,
+        batch_size=4,
+        dropout=0.1 if layers > 1 else 0.0,
+    )
+
+
+@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("lstm", 2), ("rnn", 1), ("gru", 1)])
+def test_each_cell_exports_passes_parity_and_loads(
+    tmp_path: Path, streams: list[np.ndarray], cell: str, layers: int
+) -> None:
+    path = tmp_path / f"{cell}.onnx"
+    meta = fit_and_export(
+        streams, FEATURES, path, tiny(cell, layers), sample_interval_s=1.0, name="pumps", quiet=True
+    )
+    assert meta.parity_max_abs_diff is not None and meta.parity_max_abs_diff <= 1e-4
+    assert (meta.cell, meta.layers, meta.hidden_size, meta.features) == (cell, layers, 8, FEATURES)
+    data, read = read_artifact(path)  # re-hashes the graph bytes found in the file
+    assert read == meta
+    graph_bytes, props = split_model_bytes(data)
+    assert set(props) == {METADATA_KEY} and graph_sha256(graph_bytes) == meta.graph_sha256
+    assert meta_from_dict(json.loads(props[METADATA_KEY])) == meta  # round trip
+    assert json.loads(props[METADATA_KEY]) == json.loads(meta.to_json())
+
+    session = make_session(data)
+    want_in, want_out = expected_io(meta)
+    assert dims(session.get_inputs()) == want_in and dims(session.get_outputs()) == want_out
+    assert session.get_inputs()[0].shape[0] == "B"  # the dynamic axis is named B
+
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert {"MatMul", "Tanh"} <= ops and not ops & {"GRU", "LSTM", "RNN", "Transpose"}
+
+    model = LoadedModel.load(path)  # the daemon's own loader and checks
+    out = model.step(np.asarray(streams[0][:5], np.float32), model.zero_states(5))
+    assert out.mean.shape == (5, 3) and all(s.shape == (layers, 5, 8) for s in out.states)
+    training = meta.training
+    assert training["seed"] == 0 and training["rows"] == 1200 and training["val_rows"] == 240
+    assert len(training["data_fingerprint"]) == 64 and training["options"]["cell"] == cell
+    assert training["epochs_run"] == len(training["history"]) == 2
+
+
+def test_parity_catches_a_graph_that_differs(streams: list[np.ndarray]) -> None:
+    result = train(streams, tiny("gru"), quiet=True)
+    proto = build_step_graph(result.model, result.normalisation)
+    sequence = parity_sequence(result.val_streams)
+    assert len(sequence) >= PARITY_MIN_STEPS
+    assert check_parity(proto, result.model, result.normalisation, sequence) <= 1e-4
+    with torch.no_grad():
+        result.model.head.proj.bias += 1e-3  # the torch model moves, the graph does not
+    with pytest.raises(ParityError, match="differs"):
+        check_parity(proto, result.model, result.normalisation, sequence)
+
+
+def test_normalisation_is_inside_the_graph(streams: list[np.ndarray]) -> None:
+    result = train(streams, tiny("rnn"), quiet=True)
+    proto = build_step_graph(result.model, result.normalisation)
+    x = np.asarray(streams[1][:4], np.float32)  # raw units in
+    mean, log_var, h = make_session(proto).run(None, {"x": x, "h": np.zeros((1, 4, 8), np.float32)})
+    z = (
+        torch.from_numpy(x) - torch.tensor(result.normalisation.centre, dtype=torch.float32)
+    ) / torch.tensor(result.normalisation.scale, dtype=torch.float32)
+    with torch.no_grad():
+        t_mean, t_log_var, (t_h,) = result.model.step(z)
+    assert np.abs(mean - t_mean.numpy()).max() < 1e-5
+    assert np.abs(log_var - t_log_var.numpy()).max() < 1e-5
+    assert np.abs(h - t_h.numpy()).max() < 1e-5
+
+
+def test_without_a_validation_split_it_calibrates_on_the_training_tail(
+    tmp_path: Path, streams: list[np.ndarray]
+) -> None:
+    options = replace(tiny("gru"), val_fraction=0.0)
+    meta = fit_and_export(streams, FEATURES, tmp_path / "m.onnx", options, quiet=True)
+    assert meta.training["val_rows"] == 0 and meta.training["val_loss"] is not None
+    assert meta.calibration.n > 0 and meta.parity_max_abs_diff <= 1e-4
+
+
+def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: Path) -> None:
+    """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows."""
+    model = LoadedModel.load(tiny_model)
+    meta = model.meta
+    values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
+    raw_cal = stream_scores(
+        onnx.load(tiny_model),
+        meta.cell,
+        meta.layers,
+        meta.hidden_size,
+        meta.normalisation,
+        [values],
+    )[0]
+    replayed = replay_table(model, values, None, ScoringConfig())
+    assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
+    np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
+    cal = meta.calibration
+    qs = [cal.quantiles[q] for q in ("0.5", "0.9", "0.99", "0.999")]
+    assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
+    assert cal.window == 10 and cal.threshold == 0.9999
+
+
+def test_metadata_changes_do_not_touch_the_graph_fingerprint(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    data, meta = read_artifact(tiny_model)
+    proto = onnx.load_from_string(data)
+    edited = replace(meta, name="renamed", extra={"note": "x"})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: edited.to_json()})
+    path = tmp_path / "renamed.onnx"
+    onnx.save(proto, path)
+    assert read_artifact(path)[1].name == "renamed"
+    assert asdict(read_artifact(path)[1])["graph_sha256"] == meta.graph_sha256
