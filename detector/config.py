@@ -88,6 +88,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    path: str = ""  # where the state table is saved; empty: no snapshots
+    interval_s: float = 60.0  # also written at shutdown; restored at start if the model matches
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -98,6 +104,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     payload: PayloadLimits = field(default_factory=PayloadLimits)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     @property
     def client_id(self) -> str:

@@ -35,6 +35,7 @@ from detector.model import LoadedModel
 from detector.mqtt import Inbound, MqttLink
 from detector.payload import parse_message
 from detector.routing import Router
+from detector.snapshot import load_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,26 @@ class Daemon:
         self._stopping = threading.Event()
         self._reload_requested = threading.Event()
         self._last_evict = time.monotonic()
+        self._last_snapshot = time.monotonic()
         self.instance = config.daemon.instance
 
     # --- lifecycle ---
 
     def start(self) -> None:
-        self._load_models()
+        self._install(self._load_models())
+        self._restore_snapshot()
         self._start_metrics()
         self._start_worker()
         self._start_mqtt()
 
     def stop(self) -> None:
-        if self.link is not None:
-            self.link.stop_intake()
+        """Drain what was received, say offline, disconnect, snapshot, close metrics."""
         self._stopping.set()
         if self._worker is not None:
-            self._worker.join(timeout=30)
+            self._worker.join(timeout=30)  # it finishes the batch in hand and drains the queue
         if self.link is not None:
             self.link.stop()
+        self._save_snapshot()
         if self.server is not None:
             self.server.stop()
         log.info("stopped")
@@ -112,7 +115,8 @@ class Daemon:
 
     # --- start-up steps ---
 
-    def _load_models(self) -> None:
+    def _load_models(self) -> tuple[list[Engine], Router]:
+        """Load and check every model file; raises ModelFileError naming the bad one."""
         rt = self.config.runtime
         engines: list[Engine] = []
         routes: list[tuple[str, int]] = []
@@ -120,11 +124,38 @@ class Daemon:
             model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
             engines.append(Engine(model, self.config.scoring, self.config.streams))
             routes.extend((topic, i) for topic in mc.topics)
-        self.engines = engines
-        self.router = Router(routes)
+        names = [e.model.name for e in engines]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"two models are named {name!r}: give each a name in [[models]]")
+        return engines, Router(routes)
+
+    def _install(self, loaded: tuple[list[Engine], Router]) -> None:
+        self.engines, self.router = loaded
         self.metrics.set_models(
-            [(e.model.name, e.model.meta.cell, e.model.meta.fingerprint) for e in engines]
+            [(e.model.name, e.model.meta.cell, e.model.meta.fingerprint) for e in self.engines]
         )
+
+    def _restore_snapshot(self) -> None:
+        path = self.config.snapshot.path
+        if path:
+            try:
+                restored = load_snapshot(path, self.engines)
+            except OSError as exc:
+                raise ConfigError(f"snapshot.path: cannot read {path}: {exc.strerror}") from None
+            if restored:
+                log.info("restored stream state from %s: %s", path, restored)
+            self.metrics.streams_active.set(sum(len(e.table) for e in self.engines))
+
+    def _save_snapshot(self) -> None:
+        path = self.config.snapshot.path
+        if not path or not self.engines:
+            return
+        try:
+            size = save_snapshot(path, self.engines)
+            log.debug("snapshot of %d bytes written to %s", size, path)
+        except OSError as exc:
+            self.metrics.snapshot_failures.inc()
+            log.error("cannot write the snapshot %s: %s", path, exc)
 
     def _start_metrics(self) -> None:
         mc = self.config.metrics
@@ -197,6 +228,10 @@ class Daemon:
             self._reload_requested.clear()
             self._reload()
         now = time.monotonic()
+        interval = self.config.snapshot.interval_s
+        if self.config.snapshot.path and interval > 0 and now - self._last_snapshot >= interval:
+            self._last_snapshot = now
+            self._save_snapshot()
         if now - self._last_evict >= _EVICT_EVERY_S:
             self._last_evict = now
             wall = time.time()
@@ -204,14 +239,29 @@ class Daemon:
             m.streams_active.set(sum(len(e.table) for e in self.engines))
 
     def _reload(self) -> None:
-        old = self.engines
+        """Validate every new model file first; swap only if all load (worker thread)."""
         try:
-            self._load_models()
+            engines, router = self._load_models()
         except Exception as exc:  # keep serving with the old models
+            self.metrics.reloads.labels("failed").inc()
             log.error("reload failed, keeping the running model(s): %s", exc)
-            self.engines = old
             return
-        log.info("models reloaded: %s", ", ".join(e.model.name for e in self.engines))
+        # The same [[models]] entry keeps its streams, whatever name the new file carries.
+        for engine, previous in zip(engines, self.engines, strict=True):
+            if not engine.adopt_state(previous):
+                log.warning("model %s changed its state shape: its streams start afresh",
+                            engine.model.name)  # fmt: skip
+        self._install((engines, router))
+        link = self.link
+        if link is not None and set(router.filters) != set(link.filters):
+            gone = sorted(set(link.filters) - set(router.filters))
+            link.filters = router.filters  # what on_connect subscribes after a reconnect
+            if gone:
+                link.client.unsubscribe(gone)
+            link.client.subscribe([(f, self.config.mqtt.qos) for f in router.filters])
+        self.metrics.reloads.labels("ok").inc()
+        log.info("models reloaded: %s", ", ".join(
+            f"{e.model.name} ({e.model.meta.fingerprint})" for e in engines))  # fmt: skip
 
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch (the worker's whole job)."""
@@ -288,7 +338,9 @@ class Daemon:
             "instance": self.instance,
         }
         self.metrics.alerts.labels(event.event).inc()
-        log.info("alert %s %s (likelihood %.6f)", event.event, doc["alert_id"], event.likelihood)
+        if event.event != "update":
+            log.info("alert %s %s (likelihood %.6f)", event.event, doc["alert_id"],
+                     event.likelihood)  # fmt: skip
         self._send(self.config.mqtt.alert_topic.format(stream=event.stream), doc, qos=1)
 
     def _publish_scores(self, p: _Pending, result: BatchResult, scored: np.ndarray) -> None:

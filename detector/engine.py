@@ -50,7 +50,7 @@ class AlertEvent:
 
     index: int  # position of the sample in the batch
     stream: str
-    event: str  # "raised" | "cleared"
+    event: str  # "raised" | "cleared" | "update"
     episode: int
     ts: float
     likelihood: float
@@ -119,7 +119,8 @@ class Engine:
         self.table = StateTable(columns, self.stream_config.max_streams)
         # Reset on a gap: the network's memory and the short-term average, not the
         # stream's long-run statistics or its alert episode.
-        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg", "warm"]
+        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg", "warm",
+                           "above_bits"]  # fmt: skip
         self._step_cols = [*meta.state_names, "mean", "log_var", "has_pred"]
 
     def process(
@@ -209,7 +210,7 @@ class Engine:
         result.likelihood[idx] = scores.likelihood
         result.active[idx] = scores.active
         result.std_errors[idx] = scores.std_errors
-        for k in np.flatnonzero(scores.raised | scores.cleared):
+        for k in np.flatnonzero(scores.raised | scores.cleared | scores.updated):
             result.events.append(self._event(int(k), idx, streams, ts, scores))
 
     def _event(
@@ -222,13 +223,24 @@ class Engine:
         return AlertEvent(
             index=i,
             stream=streams[k],
-            event="raised" if scores.raised[k] else "cleared",
+            event="raised" if scores.raised[k] else "cleared" if scores.cleared[k] else "update",
             episode=int(scores.episode[k]),
             ts=float(ts[k]),
             likelihood=float(scores.likelihood[k]),
             raw_score=float(scores.raw[k]),
             top=top,
         )
+
+    def adopt_state(self, old: Engine) -> bool:
+        """Take over ``old``'s streams if its per-stream arrays have the same shapes.
+
+        Used by a reload: streams keep their state (and their place in warm-up) when the
+        new model's state shape is unchanged, and start afresh otherwise.
+        """
+        same = self.table.columns == old.table.columns
+        if same:
+            self.table = old.table
+        return same
 
     def evict_idle(self, now: float) -> int:
         return self.table.evict_idle(now, self.stream_config.idle_ttl_s)

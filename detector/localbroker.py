@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -45,10 +46,40 @@ class LocalBroker(Protocol):
     def stop(self) -> None: ...
 
 
-class Mosquitto:
-    """A mosquitto process on 127.0.0.1; ``extra_config`` lines go into its config file."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener; ``require_certificate`` makes clients show one too."""
 
-    def __init__(self, port: int | None = None, extra_config: str = "") -> None:
+    cafile: str
+    certfile: str
+    keyfile: str
+    require_certificate: bool = True
+
+    def lines(self) -> str:
+        return (
+            f"cafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
+            f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+        )
+
+
+class Mosquitto:
+    """A mosquitto process on 127.0.0.1; ``extra_config`` lines go into its config file.
+
+    ``tls`` makes the listener TLS-only (``url`` is then ``mqtts://``); ``password_file``
+    (made with ``mosquitto_passwd``) turns anonymous access off unless ``allow_anonymous``
+    says otherwise; ``listener_config`` lines go right under the ``listener`` line.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        extra_config: str = "",
+        *,
+        listener_config: str = "",
+        tls: TlsFiles | None = None,
+        password_file: str | None = None,
+        allow_anonymous: bool | None = None,
+    ) -> None:
         binary = shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
         )
@@ -58,6 +89,11 @@ class Mosquitto:
         self.host = "127.0.0.1"
         self._port = port or free_port()
         self.extra_config = extra_config
+        own = listener_config.strip("\n")
+        self.listener_config = (tls.lines() if tls else "") + (own + "\n" if own else "")
+        self.tls = tls
+        self.password_file = password_file
+        self.allow_anonymous = password_file is None if allow_anonymous is None else allow_anonymous
         self.dir = Path(tempfile.mkdtemp(prefix="rnnsentry-mosquitto-"))
         self.log_path = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,13 +104,17 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self._port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{self.host}:{self._port}"
 
     def start(self) -> Mosquitto:
         conf = self.dir / "mosquitto.conf"
+        auth = f"password_file {self.password_file}\n" if self.password_file else ""
         conf.write_text(
             f"listener {self._port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"{self.listener_config}"
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}\n"
+            f"{auth}"
             "persistence false\n"
             # mosquitto's default of 1000 silently drops QoS 0 to a slow subscriber.
             "max_queued_messages 1000000\n"

@@ -21,7 +21,7 @@ from detector.errors import REJECTION_REASONS
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("scored", "rejected", "dropped")
-ALERT_EVENTS = ("raised", "cleared")
+ALERT_EVENTS = ("raised", "cleared", "update")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _INFER_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
@@ -53,6 +53,12 @@ class Metrics:
             "rnnsentry_publish_failures", "Alert or score publishes the client refused",
             registry=r,
         )  # fmt: skip
+        self.reloads = Counter(
+            "rnnsentry_reloads", "Model reloads (SIGHUP) by result", ["result"], registry=r
+        )
+        self.snapshot_failures = Counter(
+            "rnnsentry_snapshot_failures", "Snapshots that could not be written", registry=r
+        )
         self.streams_active = Gauge(
             "rnnsentry_streams_active", "Streams with state in memory", registry=r
         )
@@ -84,6 +90,8 @@ class Metrics:
             self.rejections.labels(reason)
         for event in ALERT_EVENTS:
             self.alerts.labels(event)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejections.labels(reason).inc(n)

@@ -4,6 +4,8 @@
 (topic, payload, time) into the queue; a full queue drops and counts, never
 blocking paho's thread. Subscriptions are made in ``on_connect`` so reconnects
 resubscribe; a retained ``online`` status and a retained Last Will ``offline``.
+QoS 1 input is acknowledged once queued; after ``stop_intake`` it is left
+unacknowledged, so the broker keeps it in the persistent session for the next run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,12 +52,14 @@ class MqttLink:
         self._on_drop = on_drop
         self._on_connection = on_connection
         self.connected = threading.Event()
-        self.last_error = ""
+        self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
+        self._intake_open = True
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
+            manual_ack=True,  # see _handle_message
         )
         paho_log = logging.getLogger("paho")
         paho_log.addFilter(self._quiet_when_closing)
@@ -79,6 +84,7 @@ class MqttLink:
             if config.tls_insecure:
                 client.tls_insecure_set(True)
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         self.client = client
@@ -99,11 +105,13 @@ class MqttLink:
         self.client.loop_start()
 
     def stop_intake(self) -> None:
-        if self.connected.is_set():
-            self.client.unsubscribe(self.filters)
+        """Take no more input. Subscriptions stay in the session, and input that arrives
+        from now on is not acknowledged: the broker delivers it again to the next run."""
+        self._intake_open = False
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Publish ``offline``, disconnect cleanly (no Last Will) and stop paho's thread."""
+        self.stop_intake()
         self._closing = True
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
@@ -126,8 +134,7 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         if reason.is_failure:
-            self.last_error = str(reason)
-            log.error("broker refused the connection: %s", reason)
+            self._failed(f"the broker refused the connection: {reason}", logging.ERROR)
             self.connected.clear()
             self._on_connection(False)
             return
@@ -139,6 +146,19 @@ class MqttLink:
         self.last_error = ""
         self.connected.set()
         self._on_connection(True)
+
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this from inside its ``except OSError`` around connecting (refused,
+        # unreachable, TLS handshake), so the exception in hand says why.
+        exc = sys.exc_info()[1]
+        why = (str(exc) or type(exc).__name__) if exc is not None else "connection failed"
+        self._failed(why, logging.WARNING)
+
+    def _failed(self, why: str, level: int) -> None:
+        """Keep ``why`` for /readyz; log it when it changes, not on every retry."""
+        if why != self.last_error:
+            log.log(level, "not connected to the broker: %s (retrying)", why)
+        self.last_error = why
 
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
@@ -153,7 +173,10 @@ class MqttLink:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
+        if not self._intake_open:
+            return  # unacknowledged: the broker keeps it in our session for the next run
         try:
             self.inbox.put_nowait((topic, bytes(msg.payload), time.time()))
         except queue.Full:
-            self._on_drop()
+            self._on_drop()  # counted; acknowledged, or the broker would stall the session
+        client.ack(msg.mid, msg.qos)

@@ -95,18 +95,25 @@ class ScoringConfig:
     long_window: int = 2000  # steps of memory of the long-run distribution
     prior_weight: float = 50.0  # the calibration prior counts as this many steps
     threshold: float = 0.9999  # likelihood at which an alert is raised
+    raise_k: int = 1  # raise when at least k of the last n eligible steps are above threshold
+    raise_n: int = 1
     clear_threshold: float = 0.99  # likelihood below which an active alert may clear
     clear_steps: int = 5  # consecutive steps below clear_threshold to clear
     min_interval_steps: int = 20  # steps between one raise and the next on a stream
     top_k: int = 3  # features named in an alert
+    update_every_steps: int = 0  # while active, an "update" event every this many steps (0: off)
 
     def validate(self) -> list[str]:
         problems = []
         if not 0.0 < self.clear_threshold <= self.threshold < 1.0:
             problems.append("need 0 < clear_threshold <= threshold < 1")
-        for name in ("short_window", "long_window", "clear_steps", "top_k"):
+        for name in ("short_window", "long_window", "clear_steps", "top_k", "raise_k"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if not self.raise_k <= self.raise_n <= 62:
+            problems.append("need raise_k <= raise_n <= 62")
+        if self.update_every_steps < 0:
+            problems.append("update_every_steps must not be negative")
         for name in ("warmup_steps", "min_interval_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
@@ -126,6 +133,8 @@ SCORER_COLUMNS: Final[dict[str, tuple[type, float]]] = {
     "below": (np.int32, 0),
     "last_raise": (np.int64, -(2**62)),
     "episodes": (np.int64, 0),
+    "above_bits": (np.int64, 0),  # bit i: the step i steps ago was above threshold
+    "active_steps": (np.int64, 0),  # steps since the current alert was raised
 }
 
 
@@ -138,6 +147,7 @@ class StepScores:
     std_errors: F64  # [B, F] standardised errors (NaN where no prediction)
     raised: npt.NDArray[np.bool_]
     cleared: npt.NDArray[np.bool_]
+    updated: npt.NDArray[np.bool_]  # periodic "still active" events (update_every_steps)
     active: npt.NDArray[np.bool_]
     episode: npt.NDArray[np.int64]  # per-stream episode number of the current/last alert
 
@@ -199,28 +209,52 @@ class Scorer:
         eligible = ok & (warm > cfg.warmup_steps)
         likelihood = np.where(eligible, likelihood, 0.0)
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
-        raised = (
-            eligible
-            & ~active
-            & (likelihood >= cfg.threshold)
-            & (n - last_raise >= cfg.min_interval_steps)
+        # k of the last n eligible steps above threshold (k = n = 1: this step alone).
+        bits = cols["above_bits"]
+        window_mask = (1 << cfg.raise_n) - 1
+        bits[eligible] = ((bits[eligible] << 1) | (likelihood[eligible] >= cfg.threshold)) & (
+            window_mask
         )
+        enough = _popcount(bits) >= cfg.raise_k
+        raised = eligible & ~active & enough & (n - last_raise >= cfg.min_interval_steps)
         calm = active & ok & (likelihood < cfg.clear_threshold)
         below[:] = np.where(calm, below + 1, np.where(active, 0, below))
         cleared = active & (below >= cfg.clear_steps)
         last_raise[raised] = n[raised]
         cols["episodes"][raised] += 1
+        steps_on = cols["active_steps"]
+        steps_on[active & ok] += 1
+        updated = np.zeros_like(raised)
+        if cfg.update_every_steps:
+            updated = active & ~cleared & ok & (steps_on % cfg.update_every_steps == 0)
         active[:] = (active | raised) & ~cleared
         below[cleared | raised] = 0
+        steps_on[raised | cleared] = 0
+        bits[raised] = 0
         return StepScores(
             raw=raw,
             likelihood=likelihood,
             std_errors=std_errors,
             raised=raised,
             cleared=cleared,
+            updated=updated,
             active=active.copy(),
             episode=cols["episodes"].copy(),
         )
+
+
+def _popcount(bits: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Set bits per element (values below 2**62).
+
+    >>> _popcount(np.array([0, 1, 7, 2**61])).tolist()
+    [0, 1, 3, 1]
+    """
+    count = np.zeros_like(bits)
+    b = bits.copy()
+    while b.any():
+        count += b & 1
+        b >>= 1
+    return count
 
 
 def top_features(std_errors_row: np.ndarray, k: int) -> list[int]:

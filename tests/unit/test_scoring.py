@@ -348,3 +348,33 @@ def test_streams_in_one_batch_keep_their_own_state() -> None:
     assert out.raised.tolist() == [True, False]
     assert out.active.tolist() == [True, False]
     assert cols["episodes"].tolist() == [1, 0]
+
+
+def test_k_of_n_raises_only_when_enough_recent_steps_are_high() -> None:
+    s = OneStream(warmup_steps=0, raise_k=3, raise_n=5)
+    s.run([CALM] * 3)
+    # two high steps, a calm one, then a third high one: 3 of the last 5
+    outs = s.run([HIGH, HIGH, CALM, HIGH])
+    assert [bool(o.raised[0]) for o in outs] == [False, False, False, True]
+
+
+def test_k_of_n_forgets_high_steps_older_than_n() -> None:
+    s = OneStream(warmup_steps=0, raise_k=2, raise_n=3)
+    outs = s.run([HIGH, CALM, CALM, HIGH, CALM, CALM, HIGH])
+    assert not any(o.raised[0] for o in outs)
+
+
+def test_update_events_come_every_n_steps_while_active_and_stop_at_clear() -> None:
+    s = OneStream(warmup_steps=0, update_every_steps=3, clear_steps=2)
+    assert s.step(HIGH).raised[0]
+    outs = s.run([HIGH] * 7 + [CALM] * 2 + [HIGH] * 0)
+    updates = [k + 1 for k, o in enumerate(outs) if o.updated[0]]
+    assert updates == [3, 6]  # steps after the raise, while active
+    assert outs[-1].cleared[0] and not outs[-1].updated[0]
+    assert all(int(o.episode[0]) == 1 for o in outs)
+
+
+def test_k_and_n_are_validated() -> None:
+    assert ScoringConfig(raise_k=4, raise_n=3).validate()
+    assert ScoringConfig(raise_k=1, raise_n=63).validate()
+    assert not ScoringConfig(raise_k=2, raise_n=4).validate()

@@ -1,0 +1,153 @@
+"""The daemon as a subprocess: SIGHUP reloads, and state that survives kill -9."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.engine import Engine
+from detector.localbroker import Mosquitto, free_port
+from detector.model import LoadedModel
+from detector.scoring import ScoringConfig
+from tests.support import (
+    DAEMON_START_TIMEOUT_S,
+    TINY_FEATURES,
+    Listener,
+    Publisher,
+    metric_value,
+    poll_until,
+    sample_payload,
+    scrape,
+    tiny_fleet,
+    train_tiny_model,
+)
+
+pytestmark = pytest.mark.e2e
+EXIT_TIMEOUT_S = 20.0
+
+
+class DaemonProcess:
+    """``rnnsentry run`` in a subprocess with its output in a log file."""
+
+    def __init__(self, model: Path, broker: Mosquitto, tmp_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / f"daemon-{self.port}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "detector", "run", "--model", str(model),
+             "--broker", broker.url, "--metrics-port", str(self.port), "--instance", "snap"],
+            env={**os.environ, "RNNSENTRY_SCORING__WARMUP_STEPS": "5",
+                 "RNNSENTRY_MQTT__CLIENT_ID": "rnnsentry-snap-test", **env},
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        poll_until(lambda: self.proc.poll() is not None or self._ready(), DAEMON_START_TIMEOUT_S)
+        assert self.proc.poll() is None, self.log_path.read_text()
+
+    def _ready(self) -> bool:
+        try:
+            return scrape(self.port, "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return metric_value(scrape(self.port)[1], name, labels)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=EXIT_TIMEOUT_S)
+        self._log.close()
+        return code
+
+
+def _scored(daemon: DaemonProcess) -> float | None:
+    return daemon.metric("rnnsentry_messages_total", {"outcome": "scored"})
+
+
+def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
+    tiny_model: Path, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    live = tmp_path / "live.onnx"
+    shutil.copy(tiny_model, live)
+    old_meta = LoadedModel.load(live).meta
+    old_fp = old_meta.fingerprint
+    other = tmp_path / "other.onnx"
+    new_meta = train_tiny_model(other, cell="gru", hidden=8, epochs=1)
+    new_fp = new_meta.fingerprint
+    assert new_fp != old_fp
+
+    daemon = DaemonProcess(live, mosquitto, tmp_path)
+    publisher = Publisher(mosquitto.port)
+    try:
+        rows = tiny_fleet(n_streams=1, n_steps=40, seed=3).values[0]
+        for t in range(20):
+            publisher.send("sensors/p1", sample_payload(TINY_FEATURES, rows[t], 10.0 + t))
+        poll_until(lambda: _scored(daemon) == 20)
+        info = {"model": old_meta.name, "cell": "gru"}
+        assert daemon.metric("rnnsentry_model_info", {**info, "fingerprint": old_fp}) == 1
+
+        shutil.copy(other, live)
+        daemon.proc.send_signal(signal.SIGHUP)
+        poll_until(lambda: daemon.metric("rnnsentry_reloads_total", {"result": "ok"}) == 1)
+        new_info = {"model": new_meta.name, "cell": "gru", "fingerprint": new_fp}
+        assert daemon.metric("rnnsentry_model_info", new_info) == 1
+        assert daemon.metric("rnnsentry_model_info", {**info, "fingerprint": old_fp}) is None
+        assert daemon.metric("rnnsentry_streams_active") == 1  # the stream kept its state
+
+        live.write_bytes(b"\x08\x07 this is not an onnx model")
+        daemon.proc.send_signal(signal.SIGHUP)
+        poll_until(lambda: daemon.metric("rnnsentry_reloads_total", {"result": "failed"}) == 1)
+        assert daemon.metric("rnnsentry_model_info", new_info) == 1
+        for t in range(20, 30):
+            publisher.send("sensors/p1", sample_payload(TINY_FEATURES, rows[t], 10.0 + t))
+        poll_until(lambda: _scored(daemon) == 30)
+        assert "reload failed, keeping the running model(s)" in daemon.log_path.read_text()
+    finally:
+        publisher.close()
+        assert daemon.stop() == 0
+
+
+def test_kill_9_then_restart_restores_the_snapshot_and_scores_continue_exactly(
+    tiny_model: Path, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    snapshot = tmp_path / "state.snap"
+    env = {"RNNSENTRY_SNAPSHOT__PATH": str(snapshot), "RNNSENTRY_SNAPSHOT__INTERVAL_S": "0.2",
+           "RNNSENTRY_MQTT__PUBLISH_SCORES": "true"}  # fmt: skip
+    rows = tiny_fleet(n_streams=1, n_steps=80, seed=5).values[0]
+    stamps = 100.0 + np.arange(80.0)
+
+    # What an uninterrupted run gives, through the same engine in this process.
+    engine = Engine(LoadedModel.load(tiny_model), ScoringConfig(warmup_steps=5))
+    expected = [engine.process(["pump"], stamps[t : t + 1], rows[t : t + 1]).raw[0]
+                for t in range(80)]  # fmt: skip
+
+    first = DaemonProcess(tiny_model, mosquitto, tmp_path, **env)
+    publisher = Publisher(mosquitto.port)
+    for t in range(60):
+        publisher.send("sensors/pump", sample_payload(TINY_FEATURES, rows[t], stamps[t]))
+    poll_until(lambda: _scored(first) == 60)
+    scored_at = time.time()
+    poll_until(lambda: snapshot.exists() and snapshot.stat().st_mtime > scored_at + 0.05)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    second = DaemonProcess(tiny_model, mosquitto, tmp_path, **env)
+    listener = Listener(mosquitto.port, ["rnnsentry/scores/pump"])
+    try:
+        assert second.metric("rnnsentry_streams_active") == 1  # restored before any input
+        for t in range(60, 80):
+            publisher.send("sensors/pump", sample_payload(TINY_FEATURES, rows[t], stamps[t]))
+        got = [listener.json_on("rnnsentry/scores/pump", lambda d, t=t: d["ts"] == stamps[t])
+               for t in range(60, 80)]  # fmt: skip
+        np.testing.assert_allclose([g["raw_score"] for g in got], expected[60:], rtol=1e-9)
+    finally:
+        listener.close()
+        publisher.close()
+        assert second.stop() == 0
