@@ -42,6 +42,32 @@ log = logging.getLogger(__name__)
 _STATUS_REASON = {OUT_OF_ORDER: "out_of_order", DUPLICATE: "duplicate",
                   MODEL_NON_FINITE: "model_non_finite"}  # fmt: skip
 _EVICT_EVERY_S = 10.0
+_REJECTION_LOG_EVERY_S = 10.0
+
+
+class RateLimitedLog:
+    """At most one warning per reason per interval, saying how many were not logged.
+
+    >>> r = RateLimitedLog(10.0)
+    >>> [r.note("decode", "x", now=t) for t in (0.0, 1.0, 11.0)]
+    [True, False, True]
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def note(self, reason: str, detail: str, count: int = 1, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now - self._last.get(reason, -math.inf) < self.every_s:
+            self._quiet[reason] = self._quiet.get(reason, 0) + count
+            return False
+        self._last[reason] = now
+        quiet = self._quiet.pop(reason, 0)
+        log.warning("rejected (%s): %s%s", reason, detail,
+                    f" [+{quiet} more since the last such line]" if quiet else "")  # fmt: skip
+        return True
 
 
 @dataclass
@@ -77,6 +103,7 @@ class Daemon:
         self._last_evict = time.monotonic()
         self._last_snapshot = time.monotonic()
         self.instance = config.daemon.instance
+        self._rejection_log = RateLimitedLog(_REJECTION_LOG_EVERY_S)
 
     # --- lifecycle ---
 
@@ -272,6 +299,7 @@ class Daemon:
             route = self.router.route(topic)
             if route is None:
                 m.reject("unknown_route")
+                self._rejection_log.note("unknown_route", repr(topic))
                 continue
             target, stream = route
             model = self.engines[target].model
@@ -281,7 +309,7 @@ class Daemon:
                 )
             except PayloadError as exc:
                 m.reject(exc.reason)
-                log.debug("rejected message on %s: %s", topic, exc)
+                self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
                 continue
             if parsed.ignored_names:
                 m.ignored_values.inc(parsed.ignored_names)
@@ -310,6 +338,7 @@ class Daemon:
             count = int((result.status == code).sum())
             if count:
                 m.reject(reason, count)
+                self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
         if result.gap_resets:
             m.gap_resets.inc(result.gap_resets)
         for received in p.received:

@@ -175,3 +175,28 @@ def test_daemon_alerts_on_a_spike_counts_it_and_stops_cleanly(
     listener.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0
+
+
+def test_check_config_prints_every_problem_with_its_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[mqtt]\nbrokr = "mqtt://x:1"\nqos = 2\n'
+        '[batch]\nmax = "big"\n'
+        "[scoring]\nthreshold = 0.5\nclear_threshold = 0.9\n"
+        '[[models]]\npath = "m.onnx"\ntopics = ["sensors/+"]\n'
+    )
+    done = rnnsentry("run", "--config", str(bad), "--check-config")
+    assert done.returncode == 1
+    for key in ("mqtt.brokr: unknown key", "mqtt.qos", "batch.max", "scoring:", "models[0].topics"):
+        assert key in done.stdout, (key, done.stdout)
+
+    good = tmp_path / "good.toml"
+    good.write_text('[[models]]\npath = "m.onnx"\n')
+    done = rnnsentry("run", "--config", str(good), "--check-config")
+    assert done.returncode == 0, done.stdout
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "rnnsentry.toml"
+    done = rnnsentry("run", "--config", str(example), "--check-config")
+    assert done.returncode == 0, done.stdout
