@@ -30,6 +30,8 @@ _TRAINING_COMMANDS = {
               "fit a recurrent model on CSV data and export it to ONNX"),
     "synth": ("training.synth", "add_synth_arguments", "run_synth",
               "write a synthetic sensor fleet with labelled anomalies to CSV"),
+    "evaluate": ("training.evaluate", "add_evaluate_arguments", "run_evaluate",
+                 "score replay output against labels (point-wise, event and NAB scores)"),
     "demo": ("training.demo", "add_demo_arguments", "run_demo",
              "train, start a broker and the daemon, replay a fleet with anomalies"),
 }  # fmt: skip
