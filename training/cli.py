@@ -1,4 +1,4 @@
-"""``rnnsentry train``: CSV files in, one checked model file out.
+"""``rnnsentry train``: CSV files in, one checked model file out (and a report on request).
 
 Importing this module does not import torch (``rnnsentry train --help`` works
 without it); :func:`run_train` loads it and says how to install it when missing.
@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "clip": 1.0,
     "val_fraction": 0.2,
     "seed": 0,
+    "threads": 1,
 }
 OPTIMISERS = ("adam", "rmsprop", "sgd")
 
@@ -123,6 +124,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="last fraction of each stream held out for validation (%(default)s)",
     )
     fit.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
+    fit.add_argument(
+        "--threads",
+        type=int,
+        default=d["threads"],
+        help="torch threads while training; 0: one per core (%(default)s)",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write DIR/training.png (loss curves) and DIR/training.json (every figure)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress or summary lines")
 
 
@@ -153,6 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
         stream_col=args.stream_col,
         name=args.name,
         quiet=args.quiet,
+        report_dir=args.report,
     )
     if not args.quiet:
         val = meta.training.get("val_loss")
@@ -162,5 +175,6 @@ def run_train(args: argparse.Namespace) -> int:
             f" {val if val is None else format(val, '.4f')}, best epoch"
             f" {meta.training['best_epoch']}/{meta.training['epochs_run']},"
             f" parity {meta.parity_max_abs_diff:.1e}, fingerprint {meta.fingerprint}"
+            + (f"; report in {args.report}" if args.report else "")
         )
     return 0

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,14 @@ class CsvStreams:
     streams: list[np.ndarray]  # each [T_i, F] float64 (NaN where missing)
     features: list[str]
     names: list[str]  # "file.csv" or "file.csv:stream-id"
-    sample_interval_s: float | None
+    sample_interval_s: float | None  # median of the streams' inferred intervals
+    timestamp_cols: list[str | None] = field(default_factory=list)  # used, one per file
+
+    @property
+    def timestamp_col(self) -> str | list[str | None] | None:
+        """The timestamp column used: one name when every file agrees, else one per file."""
+        used = list(dict.fromkeys(self.timestamp_cols))
+        return used[0] if len(used) == 1 else (used or None)
 
 
 def load_csv_streams(
@@ -129,6 +136,7 @@ def load_csv_streams(
     streams: list[np.ndarray] = []
     names: list[str] = []
     intervals: list[float] = []
+    stamp_cols: list[str | None] = []
     features: list[str] | None = None
     for path in paths:
         if not Path(path).is_file():
@@ -136,6 +144,7 @@ def load_csv_streams(
         wanted = list(columns) if columns else None
         max_rows = train_rows if stream_col is None else None
         table = read_csv(path, columns=wanted, timestamp_col=timestamp_col, max_rows=max_rows)
+        stamp_cols.append(table.timestamp_col)  # given, or detected by name
         cols = [c for c in table.value_columns if c != stream_col]
         if not cols:
             raise DataError(f"{path}: no numeric column to use besides the stream column")
@@ -174,4 +183,4 @@ def load_csv_streams(
         len(features),
         len(paths),
     )
-    return CsvStreams(streams, features, names, interval)
+    return CsvStreams(streams, features, names, interval, stamp_cols)

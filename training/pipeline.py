@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from detector.errors import DataError
 from training.calibrate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, calibrate
 from training.data import fingerprint, load_csv_streams
 from training.export import build_step_graph, check_parity, parity_sequence, write_artifact
-from training.train import TrainOptions, TrainResult, train
+from training.train import TrainOptions, TrainResult, speed, torch_threads, train
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def provenance(
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "duration_s": round(result.seconds, 3),
+        **{k: None if v is None else round(v, 3) for k, v in speed(result.history).items()},
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "history": [[h.epoch, _finite(h.train_loss), _finite(h.val_loss)] for h in result.history],
         "torch": torch.__version__,
@@ -76,6 +78,7 @@ def export_result(
     threshold: float = DEFAULT_THRESHOLD,
 ) -> ModelMeta:
     """Export a trained result: graph, parity check, calibration, metadata, file."""
+    began = time.perf_counter()
     model, norm = result.model, result.normalisation
     held_out = result.val_streams
     if not any(len(s) > result.options.burn_in + 2 for s in held_out):
@@ -87,7 +90,8 @@ def export_result(
         ]
     name = name or Path(out_path).stem
     proto = build_step_graph(model, norm, name)
-    parity = check_parity(proto, model, norm, parity_sequence(held_out))
+    with torch_threads(result.options.threads):  # torch's side of the parity check
+        parity = check_parity(proto, model, norm, parity_sequence(held_out))
     cal = calibrate(
         proto,
         model.cell,
@@ -100,6 +104,13 @@ def export_result(
         threshold,
     )
     data_fp = fingerprint([*result.train_streams, *result.val_streams])
+    info = {
+        "sample_interval_s": sample_interval_s,
+        "calibration_window": calibration_window,
+        "threshold": threshold,
+        "export_s": round(time.perf_counter() - began, 3),  # graph, parity and calibration
+        **(training_info or {}),
+    }
     meta = ModelMeta(
         format_version=FORMAT_VERSION,
         name=name,
@@ -110,7 +121,7 @@ def export_result(
         normalisation=norm,
         sample_interval_s=sample_interval_s,
         calibration=cal,
-        training=provenance(result, data_fp, training_info),
+        training=provenance(result, data_fp, info),
         graph_sha256="",  # filled in from the graph by write_artifact
         parity_max_abs_diff=parity,
     )
@@ -128,21 +139,40 @@ def fit_and_export(
     training_info: dict[str, Any] | None = None,
     stream_names: Sequence[str] | None = None,
     quiet: bool = False,
+    report_dir: str | Path | None = None,
 ) -> ModelMeta:
     """Train on ``streams`` (each [T, F] raw units, columns in ``features`` order) and write
-    a checked model file to ``out_path``; returns its metadata as the daemon reads it."""
+    a checked model file to ``out_path``; returns its metadata as the daemon reads it.
+
+    With ``report_dir``, also writes the training report there (:mod:`training.report`).
+    """
+    began = time.perf_counter()
     features = list(features)
     if not features or len(set(features)) != len(features):
         raise DataError("feature names must be a non-empty list of distinct names")
+    if report_dir is not None:
+        from training.report import check_report_dir
+
+        check_report_dir(report_dir)  # fail before training, not after
+    info = {"report_dir": str(report_dir) if report_dir is not None else None}
+    info.update(training_info or {})
     result = train(streams, options, features=features, stream_names=stream_names, quiet=quiet)
-    return export_result(
+    trained = time.perf_counter()
+    meta = export_result(
         result,
         features,
         out_path,
         name=name,
         sample_interval_s=sample_interval_s,
-        training_info=training_info,
+        training_info=info,
     )
+    if report_dir is not None:
+        from training.report import write_report
+
+        done = time.perf_counter()
+        timings = {"export_s": done - trained, "fit_and_export_s": done - began}
+        write_report(report_dir, result, meta, artifact=out_path, timings=timings)
+    return meta
 
 
 def train_csv(
@@ -156,16 +186,27 @@ def train_csv(
     stream_col: str | None = None,
     name: str | None = None,
     quiet: bool = False,
+    report_dir: str | Path | None = None,
 ) -> ModelMeta:
-    """Read CSV files (one stream per file, or per ``stream_col`` value) and fit_and_export."""
+    """Read CSV files (one stream per file, or per ``stream_col`` value) and fit_and_export.
+
+    The metadata records every argument, the timestamp column actually used (given or
+    detected by name) and the sample interval inferred from the timestamps.
+    """
     data = load_csv_streams(paths, columns, train_rows, timestamp_col, stream_col)
     info = {
         "files": [str(p) for p in paths],
         "stream_names": data.names[:100],
         "columns": list(columns) if columns else None,
+        "features": list(data.features),
         "train_rows_per_stream": train_rows,
-        "timestamp_col": timestamp_col,
+        "timestamp_col": data.timestamp_col,  # used: given, or detected by name
+        "timestamp_col_given": timestamp_col,
         "stream_col": stream_col,
+        "sample_interval_s": data.sample_interval_s,  # inferred from the timestamps
+        "name": name,
+        "out": str(out_path),
+        "quiet": quiet,
     }
     return fit_and_export(
         data.streams,
@@ -177,4 +218,5 @@ def train_csv(
         training_info=info,
         stream_names=data.names,
         quiet=quiet,
+        report_dir=report_dir,
     )

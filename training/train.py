@@ -9,7 +9,8 @@ lanes side by side, and trains with the hidden state carried (detached) from one
 window to the next, as streaming inference carries it. Learning rate: cosine from
 ``lr`` down to ``lr * LR_FINAL_FRACTION``; sgd uses momentum 0.9. Early stopping on
 the validation loss restores the best epoch's weights. A fixed ``seed`` repeats a CPU
-run bit for bit.
+run bit for bit. Training uses ``threads`` torch threads (1 by default: the default
+model is too small to gain from more) and restores torch's setting afterwards.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from detector.artifact import CELLS, Normalisation
 from detector.errors import ConfigError, DataError, RnnsentryError
 from training.data import fill_missing, fit_normalisation, normalise, split_rows
 from training.model import RecurrentForecaster, State, detach_state
+from training.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,10 @@ class TrainOptions:
     clip: float = 1.0  # gradient-norm clip; 0 disables
     val_fraction: float = 0.2  # last fraction of every stream held out (time-ordered)
     seed: int = 0
+    # torch intra-op threads while training (0: torch's default, one per core). The
+    # default model's matrices are small: one thread is as fast, and on a busy machine
+    # competing threads spin and slow an epoch down many times over.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +82,8 @@ class TrainOptions:
                 problems.append(f"{name} must be at least 1")
         if self.stride is not None and self.stride < 1:
             problems.append("stride must be at least 1")
-        if self.burn_in < 0 or self.patience < 0:
-            problems.append("burn_in and patience must not be negative")
+        if self.burn_in < 0 or self.patience < 0 or self.threads < 0:
+            problems.append("burn_in, patience and threads must not be negative")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -98,7 +105,9 @@ class EpochStats:
     val_loss: float  # NaN without a validation split
     lr: float
     grad_norm_max: float  # largest gradient norm before clipping
-    seconds: float
+    seconds: float  # the whole epoch, validation included
+    val_seconds: float = 0.0  # of which validation
+    windows: int = 0  # truncated-BPTT windows (lane x window) trained on
 
 
 @dataclass
@@ -118,6 +127,38 @@ class TrainResult:
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+
+def speed(history: Sequence[EpochStats]) -> dict[str, float | None]:
+    """Mean seconds per epoch (and of validation), windows per epoch and per second.
+
+    A window is one lane's ``window`` steps; each optimiser step trains a batch of them.
+    Windows per second count training time only (validation excluded).
+    """
+    if not history:
+        return {"epoch_s_mean": None, "val_s_mean": None, "windows_per_epoch": None,
+                "windows_per_s": None}  # fmt: skip
+    n = len(history)
+    train_s = sum(h.seconds - h.val_seconds for h in history)
+    windows = sum(h.windows for h in history)
+    return {
+        "epoch_s_mean": sum(h.seconds for h in history) / n,
+        "val_s_mean": sum(h.val_seconds for h in history) / n,
+        "windows_per_epoch": windows / n,
+        "windows_per_s": windows / train_s if train_s > 0 else None,
+    }
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (0: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --- batches: streams cut into lanes, lanes side by side, windows along time ---
@@ -250,7 +291,7 @@ def optimise_step(
 ) -> float:
     """Backward, clip, step; returns the gradient norm before clipping."""
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
+    torch.autograd.backward(loss)  # Tensor.backward is untyped in torch's stubs
     norm = clip_gradients(list(model.parameters()), clip)
     optimiser.step()
     return norm
@@ -270,6 +311,9 @@ def evaluate(model: RecurrentForecaster, parts: Sequence[np.ndarray], burn_in: i
     return float(masked_mean(gaussian_nll(mean, log_var, y), mask))
 
 
+ProgressCallback = Callable[[float, float], None]  # (fraction of the epoch done, loss so far)
+
+
 def run_epoch(
     model: RecurrentForecaster,
     optimiser: torch.optim.Optimizer,
@@ -277,27 +321,37 @@ def run_epoch(
     batch_lanes: int,
     options: TrainOptions,
     rng: np.random.Generator,
-) -> tuple[float, float]:
-    """One pass over every lane in shuffled batches; (mean training loss, max grad norm)."""
+    on_progress: ProgressCallback | None = None,
+) -> tuple[float, float, int]:
+    """One pass over every lane in shuffled batches.
+
+    Returns (mean training loss, max grad norm, windows trained on: lanes x windows).
+    """
     model.train()
     order = rng.permutation(len(lanes))
+    firsts = range(0, len(order), batch_lanes)
     total = weight = grad_max = 0.0
-    for first in range(0, len(order), batch_lanes):
+    windows = 0
+    for done, first in enumerate(firsts):
         batch = [lanes[i] for i in order[first : first + batch_lanes]]
         x, y, mask = pack(batch, options.burn_in)  # (B, T, F), (B, T, F), (B, T)
-        for win in iter_windows(model, x, options.window, options.step_stride):
+        n_windows = len(range(0, x.shape[1], options.step_stride))
+        for k, win in enumerate(iter_windows(model, x, options.window, options.step_stride)):
             m = mask[:, win.start : win.stop]  # (B, W)
             scored = float(m.sum())
-            if scored == 0:
-                continue
-            nll = gaussian_nll(win.mean, win.log_var, y[:, win.start : win.stop])  # (B, W)
-            loss = masked_mean(nll, m)
-            if not torch.isfinite(loss):
-                raise TrainingError("the training loss is not finite; try a lower --lr")
-            grad_max = max(grad_max, optimise_step(model, optimiser, loss, options.clip))
-            total += float(loss.detach()) * scored
-            weight += scored
-    return total / max(weight, 1.0), grad_max
+            if scored > 0:
+                nll = gaussian_nll(win.mean, win.log_var, y[:, win.start : win.stop])  # (B, W)
+                loss = masked_mean(nll, m)
+                if not torch.isfinite(loss):
+                    raise TrainingError("the training loss is not finite; try a lower --lr")
+                grad_max = max(grad_max, optimise_step(model, optimiser, loss, options.clip))
+                total += float(loss.detach()) * scored
+                weight += scored
+                windows += int((m.sum(dim=1) > 0).sum())
+            if on_progress is not None:
+                fraction = (done + (k + 1) / n_windows) / len(firsts)
+                on_progress(fraction, total / weight if weight else math.nan)
+    return total / max(weight, 1.0), grad_max, windows
 
 
 def prepare(
@@ -355,7 +409,7 @@ def train(
     lanes = make_lanes(train_z, length)
     rng = np.random.default_rng(options.seed)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch_threads(options.threads):
         torch.manual_seed(options.seed)
         torch.use_deterministic_algorithms(True)
         try:
@@ -366,8 +420,9 @@ def train(
                 options.hidden_size,
                 options.dropout,
             )
+            progress = None if quiet else EpochProgress(options.epochs)
             history, best_epoch, best_loss, stopped = _fit(
-                model, lanes, batch, val_z, options, rng, quiet
+                model, lanes, batch, val_z, options, rng, progress
             )
         finally:
             torch.use_deterministic_algorithms(deterministic)
@@ -394,7 +449,7 @@ def _fit(
     val_z: list[np.ndarray],
     options: TrainOptions,
     rng: np.random.Generator,
-    quiet: bool,
+    progress: EpochProgress | None,
 ) -> tuple[list[EpochStats], int, float, bool]:
     """The epoch loop: train, validate, schedule, keep the best weights, stop early."""
     optimiser = make_optimiser(model, options)
@@ -406,10 +461,17 @@ def _fit(
     for epoch in range(1, options.epochs + 1):
         began = time.perf_counter()
         lr = optimiser.param_groups[0]["lr"]
-        train_loss, grad_max = run_epoch(model, optimiser, lanes, batch, options, rng)
+        on_progress = None if progress is None else partial(progress.update, epoch)
+        train_loss, grad_max, windows = run_epoch(
+            model, optimiser, lanes, batch, options, rng, on_progress
+        )
+        val_began = time.perf_counter()
         val_loss = evaluate(model, val_z, options.burn_in) if val_z else math.nan
+        ended = time.perf_counter()
         schedule.step()
-        stats = EpochStats(epoch, train_loss, val_loss, lr, grad_max, time.perf_counter() - began)
+        stats = EpochStats(
+            epoch, train_loss, val_loss, lr, grad_max, ended - began, ended - val_began, windows
+        )
         history.append(stats)
         watched = train_loss if math.isnan(val_loss) else val_loss
         improved = watched < best_loss
@@ -418,13 +480,15 @@ def _fit(
             best_weights = copy.deepcopy(model.state_dict())
         else:
             waited += 1
-        if not quiet:
-            print(
-                f"epoch {epoch:>3}/{options.epochs}  train {train_loss:.4f}  val {val_loss:.4f}"
-                f"  lr {lr:.2e}  grad {grad_max:.2f}  {stats.seconds:.1f}s"
-                + ("  *" if improved else ""),
-                file=sys.stderr,
-                flush=True,
+        if progress is not None:
+            progress.finish(
+                epoch,
+                train_loss,
+                val_loss,
+                lr=lr,
+                grad_norm=grad_max,
+                seconds=stats.seconds,
+                best=improved,
             )
         if options.patience and waited >= options.patience:
             log.debug("early stop after epoch %d; best epoch %d", epoch, best_epoch)

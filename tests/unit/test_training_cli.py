@@ -12,7 +12,6 @@ import pytest
 
 from detector.artifact import read_artifact
 from detector.cli import main
-from detector.errors import DataError
 from training.cli import add_train_arguments, run_train
 from training.synth import generate_fleet, write_csv
 
@@ -91,32 +90,41 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_bad_inputs_are_data_errors(tmp_path: Path, pump_csv: Path) -> None:
-    out = str(tmp_path / "m.onnx")
-    rows = "".join(f"{t},\n" for t in range(200))  # column b is empty
-    cases = {
-        "no such file": [str(tmp_path / "missing.csv")],
-        "empty": [str(_write(tmp_path / "empty.csv", ""))],
-        "no numeric": [str(_write(tmp_path / "text.csv", "timestamp,name\n1,a\n2,b\n"))],
-        "too few": [str(_write(tmp_path / "short.csv", "a,b\n1,2\n2,3\n3,4\n"))],
-        "'b' has no numeric": [str(_write(tmp_path / "nan.csv", "a,b\n" + rows))],
-        "differ": [str(pump_csv), str(_write(tmp_path / "other.csv", "x,y\n" + rows))],
-    }
-    for message, files in cases.items():
-        columns = ["--columns", "a,b"] if message.startswith("'b'") else []
-        with pytest.raises(DataError, match=message):
-            run_train(parse("--data", *files, "--out", out, *columns, *FAST))
-    with pytest.raises(DataError, match="no column"):
-        run_train(parse("--data", str(pump_csv), "--out", out, "--columns", "flow,nope", *FAST))
-    assert not Path(out).exists()
+NAN_ROWS = "".join(f"{t},\n" for t in range(200))  # column b is empty
+# case -> (files to write, --data ("{tmp}": the test's folder, "{pump}": a good CSV),
+# more flags, what the error line says)
+BAD_INPUTS: dict[str, tuple[dict[str, str], list[str], list[str], str]] = {
+    "missing file": ({}, ["{tmp}/missing.csv"], [], "no such file"),
+    "empty file": ({"empty.csv": ""}, ["{tmp}/empty.csv"], [], "empty"),
+    "no numeric column": (
+        {"text.csv": "timestamp,name\n1,a\n2,b\n"}, ["{tmp}/text.csv"], [], "no numeric"
+    ),
+    "too few rows": ({"short.csv": "a,b\n1,2\n2,3\n3,4\n"}, ["{tmp}/short.csv"], [], "too few"),
+    "a column of NaN": (
+        {"nan.csv": "a,b\n" + NAN_ROWS}, ["{tmp}/nan.csv"], ["--columns", "a,b"],
+        "'b' has no numeric",
+    ),
+    "unknown --columns": ({}, ["{pump}"], ["--columns", "flow,nope"], "no column"),
+    "files that differ": (
+        {"other.csv": "x,y\n" + NAN_ROWS}, ["{pump}", "{tmp}/other.csv"], [], "differ"
+    ),
+}  # fmt: skip
 
 
-def test_errors_are_one_line_and_exit_code_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line_and_exit_code_2(
+    case: str, tmp_path: Path, pump_csv: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["train", "--data", str(tmp_path / "x.csv"), "--out", "m.onnx"]) == 2
+    files, data, flags, message = BAD_INPUTS[case]
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    paths = [d.format(tmp=tmp_path, pump=pump_csv) for d in data]
+    out = tmp_path / "m.onnx"
+    assert main(["train", "--data", *paths, "--out", str(out), *flags, *FAST]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("rnnsentry: error:")
+    assert err.count("\n") == 1 and err.startswith("rnnsentry: error:"), err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_importing_the_cli_and_synth_does_not_import_torch() -> None:

@@ -12,6 +12,7 @@ from detector.errors import ConfigError, DataError
 from training.cli import DEFAULTS
 from training.model import LOG_VAR_MAX, LOG_VAR_MIN, RecurrentForecaster
 from training.train import (
+    EpochStats,
     TrainOptions,
     clip_gradients,
     evaluate,
@@ -20,6 +21,8 @@ from training.train import (
     make_lanes,
     optimise_step,
     pack,
+    speed,
+    torch_threads,
     train,
 )
 
@@ -198,3 +201,22 @@ def test_cli_defaults_match_train_options() -> None:
     defaults = TrainOptions()
     assert {k: getattr(defaults, k) for k in DEFAULTS} == DEFAULTS
     assert set(DEFAULTS) == set(TrainOptions.__dataclass_fields__)
+
+
+def test_training_threads_are_set_for_the_run_and_restored() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with torch_threads(0):  # 0 leaves torch's setting alone
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"):
+        TrainOptions(threads=-1)
+
+
+def test_speed_counts_windows_over_training_time() -> None:
+    history = [EpochStats(e, 1.0, 1.0, 1e-3, 1.0, 2.0, 0.5, 300) for e in (1, 2)]
+    figures = speed(history)
+    assert figures["epoch_s_mean"] == 2.0 and figures["val_s_mean"] == 0.5
+    assert figures["windows_per_epoch"] == 300 and figures["windows_per_s"] == 200.0
+    assert speed([])["windows_per_s"] is None
