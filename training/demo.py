@@ -215,7 +215,7 @@ def _replay(
 
 def _drain(alerts: queue.Queue[dict[str, Any]], interval: float, t0: float) -> list[_Seen]:
     """Print and collect the alerts received so far; ``step`` counts from ``t0``."""
-    out = []
+    out: list[_Seen] = []
     while True:
         try:
             doc = alerts.get_nowait()
