@@ -8,12 +8,14 @@ not installed. Never used by ``rnnsentry run``, which talks to your broker.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -27,14 +29,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_accepting(host: str, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_accepting(
+    host: str,
+    port: int,
+    timeout_s: float = START_TIMEOUT_S,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
+    """Return once ``host:port`` accepts; TimeoutError after ``timeout_s`` or once the
+    server is no longer ``alive()`` (a process that exited will never accept)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or not alive():
                 raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
             time.sleep(0.05)
 
@@ -90,7 +99,7 @@ class Mosquitto:
         self._port = port or free_port()
         self.extra_config = extra_config
         own = listener_config.strip("\n")
-        self.listener_config = (tls.lines() if tls else "") + (own + "\n" if own else "")
+        self.listener_config = own + "\n" if own else ""
         self.tls = tls
         self.password_file = password_file
         self.allow_anonymous = password_file is None if allow_anonymous is None else allow_anonymous
@@ -107,12 +116,36 @@ class Mosquitto:
         scheme = "mqtts" if self.tls else "mqtt"
         return f"{scheme}://{self.host}:{self._port}"
 
+    def _readable(self, path: str, name: str) -> str:
+        """A copy of ``path`` in our directory that mosquitto can read: started as root, it
+        becomes the ``mosquitto`` user before it opens certificates and password files."""
+        copy = self.dir / name
+        shutil.copyfile(path, copy)
+        if os.geteuid() == 0:
+            self.dir.chmod(0o711)
+            try:
+                shutil.chown(copy, user="mosquitto")
+            except (LookupError, OSError):
+                copy.chmod(0o644)  # no such user: mosquitto stays whoever started it
+        return str(copy)
+
     def start(self) -> Mosquitto:
         conf = self.dir / "mosquitto.conf"
-        auth = f"password_file {self.password_file}\n" if self.password_file else ""
+        tls = ""
+        if self.tls:
+            staged = replace(
+                self.tls,
+                cafile=self._readable(self.tls.cafile, "tls-ca.pem"),
+                certfile=self._readable(self.tls.certfile, "tls-cert.pem"),
+                keyfile=self._readable(self.tls.keyfile, "tls-key.pem"),
+            )
+            tls = staged.lines()
+        auth = ""
+        if self.password_file:
+            auth = f"password_file {self._readable(self.password_file, 'passwords')}\n"
         conf.write_text(
             f"listener {self._port} {self.host}\n"
-            f"{self.listener_config}"
+            f"{tls}{self.listener_config}"
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}\n"
             f"{auth}"
             "persistence false\n"
@@ -127,11 +160,14 @@ class Mosquitto:
         )
         log.close()
         try:
-            wait_accepting(self.host, self._port)
+            wait_accepting(self.host, self._port, alive=self._running)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"mosquitto did not start: {self.log_tail()}") from None
         return self
+
+    def _running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
