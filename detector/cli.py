@@ -91,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
     args = build_parser(command).parse_args(args_list)
+    # The daemon and the demo say what they do; one-shot commands speak only when it matters.
+    default_level = "INFO" if args.command in ("run", "demo") else "WARNING"
     logging.basicConfig(
-        level=(args.log_level or os.environ.get("RNNSENTRY_LOG_LEVEL") or "INFO").upper(),
+        level=(args.log_level or os.environ.get("RNNSENTRY_LOG_LEVEL") or default_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -105,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which stopped reading: not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
