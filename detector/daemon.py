@@ -115,7 +115,9 @@ class Daemon:
         self._start_mqtt()
 
     def stop(self) -> None:
-        """Drain what was received, say offline, disconnect, snapshot, close metrics."""
+        """Stop intake, drain what was received, say offline, disconnect, snapshot, close."""
+        if self.link is not None:
+            self.link.stop_intake()  # later input stays in the broker's session for the next run
         self._stopping.set()
         if self._worker is not None:
             self._worker.join(timeout=30)  # it finishes the batch in hand and drains the queue

@@ -105,7 +105,8 @@ class LoadedModel:
 
     def step(self, x: np.ndarray, states: list[np.ndarray]) -> StepOutput:
         """One recurrent step of B streams: ``x`` [B, F] raw units, states [L, B, H]."""
-        feeds = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+        with np.errstate(over="ignore"):  # out-of-range values become inf: model_non_finite
+            feeds = {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
         for name, value in zip(self.meta.state_names, states, strict=True):
             feeds[name] = np.ascontiguousarray(value, dtype=np.float32)
         out = self.session.run(self._outputs, feeds)

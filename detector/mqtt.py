@@ -169,12 +169,12 @@ class MqttLink:
         self._on_connection(False)
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if not self._intake_open:
+            return  # unacknowledged: the broker keeps it in our session for the next run
         try:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
-        if not self._intake_open:
-            return  # unacknowledged: the broker keeps it in our session for the next run
         try:
             self.inbox.put_nowait((topic, bytes(msg.payload), time.time()))
         except queue.Full:

@@ -20,6 +20,8 @@ from detector.errors import PayloadError
 
 # Epoch numbers above this are taken as milliseconds (1e11 s is the year 5138).
 _MS_THRESHOLD: Final = 1e11
+# The model computes in float32: a larger magnitude would become infinity there.
+_FLOAT32_MAX: Final = 3.4028234663852886e38
 
 
 def parse_timestamp(value: object) -> float:
@@ -87,6 +89,8 @@ def _number(value: object, what: str) -> float:
         raise PayloadError("non_finite", f"{what} is too large for a float") from None
     if not math.isfinite(out):
         raise PayloadError("non_finite", f"{what} is not finite")
+    if abs(out) > _FLOAT32_MAX:
+        raise PayloadError("non_finite", f"{what} is beyond the model's float32 range")
     return out
 
 

@@ -275,3 +275,10 @@ def test_payload_error_carries_reason_and_detail() -> None:
 def test_payload_error_refuses_reasons_outside_the_closed_set() -> None:
     with pytest.raises(ValueError, match="unknown rejection reason"):
         PayloadError("bad_vibes", "x")
+
+
+@pytest.mark.parametrize("value", ["3.5e38", "-1e39", "1.7976931348623157e308"])
+def test_values_beyond_float32_are_non_finite(value: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse_message(f'{{"values": [{value}]}}'.encode(), ["a"], {"a": 0}, recv_ts=1.0)
+    assert info.value.reason == "non_finite"

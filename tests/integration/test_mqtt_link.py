@@ -1,0 +1,202 @@
+"""The daemon's broker link against a real mosquitto: a broker down at start-up, a broker
+restart (reconnect and resubscribe), and the persistent session across a daemon restart
+(input queued while it is away, input reaching it while it stops)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detector.config import Config, build_config
+from detector.daemon import Daemon
+from detector.localbroker import Mosquitto, free_port
+from detector.mqtt import Inbound, MqttLink
+from tests.support import (
+    CONNECT_TIMEOUT_S,
+    TINY_FEATURES,
+    Listener,
+    Publisher,
+    metric_value,
+    poll_until,
+    sample_payload,
+    scrape,
+    tiny_fleet,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+RECONNECT_TIMEOUT_S = 30.0  # reconnect delay is 1 s here; slack for a loaded machine
+QUEUED_SAMPLES = 40
+
+
+def _config(broker_url: str, model: Path) -> Config:
+    config, problems = build_config({
+        "daemon": {"instance": "link"},
+        "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-link-{free_port()}",
+                 "reconnect_min_s": 1, "reconnect_max_s": 1, "session_expiry_s": 600},
+        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "batch": {"max_wait_ms": 1.0},
+    })  # fmt: skip
+    assert problems == []
+    return config
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test starts; each is stopped at the end (stop is idempotent enough)."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in reversed(started):
+        daemon.stop()
+
+
+def _start(config: Config, daemons: list[Daemon]) -> Daemon:
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.start()
+    return daemon
+
+
+def _scrape_metric(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:
+    assert daemon.server is not None
+    status, body = scrape(daemon.server.port)
+    assert status == 200
+    value = metric_value(body, name, labels)
+    assert value is not None, name
+    return value
+
+
+def _scored(daemon: Daemon) -> float:
+    return _scrape_metric(daemon, "rnnsentry_messages_total", {"outcome": "scored"})
+
+
+def _readyz(daemon: Daemon) -> tuple[int, str]:
+    assert daemon.server is not None
+    return scrape(daemon.server.port, "/readyz")
+
+
+def _send_samples(port: int, stream: str, n: int, start_ts: float, qos: int = 1) -> None:
+    rows = tiny_fleet(n_streams=1, n_steps=max(n, 2), seed=4, start_step=600).values[0]
+    publisher = Publisher(port)
+    try:
+        for t in range(n):
+            payload = sample_payload(TINY_FEATURES, rows[t], start_ts + t)
+            publisher.send(f"sensors/{stream}", payload, qos=qos)
+    finally:
+        publisher.close()
+
+
+def test_a_broker_down_at_start_is_retried_and_readyz_says_why(
+    tiny_model: Path, daemons: list[Daemon]
+) -> None:
+    broker = Mosquitto()  # its port is chosen, nothing listens on it yet
+    try:
+        daemon = _start(_config(broker.url, tiny_model), daemons)
+
+        def reason() -> str:  # the body once it carries the last failure in brackets
+            code, body = _readyz(daemon)
+            return body if code == 503 and "(" in body else ""
+
+        why = poll_until(reason, CONNECT_TIMEOUT_S)
+        assert why.startswith("not connected to the broker") and "refused" in why.lower()
+        assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 0
+        broker.start()
+        poll_until(lambda: _readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
+        assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 1
+        _send_samples(broker.port, "late", 3, 100.0)
+        poll_until(lambda: _scored(daemon) == 3)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        daemons.clear()
+        broker.stop()
+
+
+def test_a_broker_restart_reconnects_and_resubscribes(
+    mosquitto: Mosquitto, tiny_model: Path, daemons: list[Daemon]
+) -> None:
+    daemon = _start(_config(mosquitto.url, tiny_model), daemons)
+    poll_until(lambda: daemon.ready()[0], CONNECT_TIMEOUT_S)
+    _send_samples(mosquitto.port, "before", 5, 100.0)
+    poll_until(lambda: _scored(daemon) == 5)
+
+    # Same port, persistence off: the new broker knows no session, subscription or status.
+    mosquitto.restart()
+    status = Listener(mosquitto.port, ["rnnsentry/status/#"])
+    try:
+        # Only a new connection of the daemon can tell this broker "online".
+        wait_for(status.messages, lambda m: m[:2] == ("rnnsentry/status/link", b"online"),
+                 RECONNECT_TIMEOUT_S)  # fmt: skip
+    finally:
+        status.close()
+    poll_until(lambda: _readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
+    assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 1
+    _send_samples(mosquitto.port, "after", 5, 200.0)  # only a renewed subscription gets these
+    poll_until(lambda: _scored(daemon) == 10)
+    assert sorted(daemon.engines[0].table.streams()) == ["after", "before"]
+
+
+def test_qos1_input_sent_while_the_daemon_is_stopped_is_scored_after_it_returns(
+    mosquitto: Mosquitto, tiny_model: Path, daemons: list[Daemon]
+) -> None:
+    config = _config(mosquitto.url, tiny_model)  # one client id, clean start off, expiry 600 s
+    first = _start(config, daemons)
+    poll_until(lambda: first.ready()[0], CONNECT_TIMEOUT_S)
+    first.stop()  # a graceful stop, as for an upgrade or a SIGTERM
+    daemons.remove(first)
+
+    _send_samples(mosquitto.port, "queued", QUEUED_SAMPLES, 300.0, qos=1)
+
+    second = _start(config, daemons)
+    poll_until(lambda: _scored(second) == QUEUED_SAMPLES, RECONNECT_TIMEOUT_S)
+    outcomes: dict[str, Any] = {
+        o: _scrape_metric(second, "rnnsentry_messages_total", {"outcome": o})
+        for o in ("rejected", "dropped")
+    }
+    assert outcomes == {"rejected": 0, "dropped": 0}
+    assert second.engines[0].table.streams() == ["queued"]
+
+
+def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
+    mosquitto: Mosquitto, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message that reaches a stopping daemon is not acknowledged, so it is not lost."""
+    mqtt = _config(mosquitto.url, tiny_model).mqtt
+    client_id = f"rnnsentry-handover-{free_port()}"
+
+    def link(inbox: queue.Queue[Inbound]) -> MqttLink:
+        made = MqttLink(mqtt, client_id, "rnnsentry/status/handover", ["sensors/#"], inbox,
+                        on_drop=lambda: None, on_connection=lambda up: None)  # fmt: skip
+        made.start()
+        assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
+        return made
+
+    caplog.set_level(logging.DEBUG, logger="paho")  # paho logs each PUBLISH it reads
+    first_inbox: queue.Queue[Inbound] = queue.Queue()
+    first = link(first_inbox)
+    try:
+        _send_samples(mosquitto.port, "early", 1, 1.0)  # subscribed and taking input
+        assert wait_for(first_inbox, lambda m: True)[0] == "sensors/early"
+        first.stop_intake()
+        _send_samples(mosquitto.port, "late", 1, 2.0)
+        poll_until(lambda: any("Received PUBLISH" in r.getMessage() and "sensors/late" in
+                               r.getMessage() for r in caplog.records))  # fmt: skip
+    finally:
+        first.stop()
+    assert first_inbox.empty()
+
+    second_inbox: queue.Queue[Inbound] = queue.Queue()
+    second = link(second_inbox)
+    try:
+        topic, payload, _ = wait_for(second_inbox, lambda m: True)
+        assert topic == "sensors/late" and json.loads(payload)["ts"] == 2.0
+    finally:
+        second.stop()
