@@ -343,6 +343,8 @@ class Daemon:
                 self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
         if result.gap_resets:
             m.gap_resets.inc(result.gap_resets)
+        if result.evicted:
+            m.evictions.inc(result.evicted)
         for received in p.received:
             m.decision_latency.observe(decided - received)
         for event in result.events:

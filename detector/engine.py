@@ -68,6 +68,7 @@ class BatchResult:
     events: list[AlertEvent] = field(default_factory=list)
     gap_resets: int = 0
     new_streams: int = 0
+    evicted: int = 0  # streams forgotten to make room (table at max_streams)
     call_sizes: list[int] = field(default_factory=list)  # onnxruntime batch sizes
     call_seconds: list[float] = field(default_factory=list)
 
@@ -155,9 +156,10 @@ class Engine:
         result: BatchResult,
     ) -> None:
         table = self.table
-        before = len(table)
+        before, evicted = len(table), table.evicted
         rows = table.rows_for(streams, now)
-        result.new_streams += len(table) - before
+        result.evicted += table.evicted - evicted
+        result.new_streams += len(table) - before + (table.evicted - evicted)
         last = table.arrays["last_ts"][rows]
         with np.errstate(invalid="ignore"):
             ooo = ts < last

@@ -113,6 +113,14 @@ def test_a_spike_raises_an_alert_with_its_payload(
     assert poll_until(scored) == 100
     body = _metrics(daemon)
     assert metric_value(body, "rnnsentry_alerts_total", {"event": "raised"}) == 1
+
+    # Back to normal: the same episode clears (hysteresis: clear_steps calm samples).
+    for t, row in enumerate(values[100:120], start=100):
+        publisher.send("sensors/pump-1", sample_payload(TINY_FEATURES, row, 1000.0 + t), qos=0)
+    cleared = listener.json_on("rnnsentry/alerts/pump-1", lambda d: d["event"] == "cleared")
+    assert cleared["alert_id"] == "pump-1#1" and cleared["episode"] == 1
+    assert cleared["ts"] > alert["ts"]
+    assert cleared["likelihood"] < daemon.config.scoring.clear_threshold
     assert metric_value(body, "rnnsentry_streams_active") == 1
     assert metric_value(body, "rnnsentry_mqtt_connected") == 1
 
@@ -171,3 +179,36 @@ def test_batch_payload_scores_every_sample(
             metric_value(_metrics(daemon), "rnnsentry_messages_total", {"outcome": "scored"}) == 50
         )
     )
+
+
+def test_a_full_table_evicts_the_least_recently_seen_and_a_gap_resets_state(
+    mosquitto: Mosquitto, tiny_model: Path
+) -> None:
+    config = _config(mosquitto, tiny_model, batch={"max": 2},
+                     streams={"max_streams": 2, "max_gap_s": 5.0})  # fmt: skip
+    daemon = Daemon(config)
+    daemon.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        poll_until(lambda: daemon.ready()[0])
+        rows = tiny_fleet(n_streams=1, n_steps=20, seed=2).values[0]
+        send = lambda s, t: publisher.send(  # noqa: E731
+            f"sensors/{s}", sample_payload(TINY_FEATURES, rows[t % 20], 100.0 + t)
+        )
+        for t in range(3):
+            send("a", t)
+        send("b", 0)
+        send("c", 0)  # the table holds two streams: "a", seen longest ago, goes
+        poll_until(lambda: metric_value(_metrics(daemon), "rnnsentry_evictions_total") == 1)
+        body = _metrics(daemon)
+        assert metric_value(body, "rnnsentry_streams_active") == 2
+        assert "a" not in daemon.engines[0].table and "c" in daemon.engines[0].table
+
+        send("b", 1)
+        send("b", 30)  # 29 s after the last sample: more than max_gap_s
+        poll_until(lambda: metric_value(_metrics(daemon), "rnnsentry_gap_resets_total") == 1)
+        assert metric_value(_metrics(daemon), "rnnsentry_messages_total",
+                            {"outcome": "scored"}) == 7  # fmt: skip
+    finally:
+        publisher.close()
+        daemon.stop()
