@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DURATION ?= 60
 
-.PHONY: setup demo test lint format bench clean broker
+.PHONY: setup demo test lint format bench bench-quality bench-all clean broker
 
 setup: $(STAMP) broker
 
@@ -43,8 +43,17 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Benchmarks print their figures; they are not tests. Each takes under 5 minutes.
+PERF_BENCHES := bench/step.py bench/throughput.py bench/latency.py bench/memory.py bench/train_speed.py
 bench: setup
-	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done || echo "no benchmarks yet"
+	@for b in $(PERF_BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Detection quality on ../shared/datasets (NAB + SKAB dev subsets), and the long-memory study.
+bench-quality: setup
+	$(BIN)/python bench/quality.py
+
+bench-all: bench bench-quality
+	$(BIN)/python bench/long_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
