@@ -85,8 +85,9 @@ class Done:
 
 def run_job(job: Job, work: Path, args: argparse.Namespace) -> Done:
     """Train then replay one file through the command line; the first failure is kept."""
-    stem = job.key.replace("/", "__").removesuffix(".csv")
-    model, scores = work / f"{job.protocol}__{stem}.onnx", work / f"{job.protocol}__{stem}.csv"
+    scores = work / job.protocol / job.key  # e.g. nab/realKnownCause/nyc_taxi.csv
+    scores.parent.mkdir(parents=True, exist_ok=True)
+    model = scores.with_suffix(".onnx")
     columns = ["--columns", job.columns] if job.columns else []
     train = [
         "train",
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     try:
         jobs: list[Job] = []
-        windows: dict = {}
+        windows: dict[str, list[tuple[float, float]]] = {}
         if args.only != "skab":
             nab, windows = nab_jobs(repo_path(args.nab))
             jobs += nab

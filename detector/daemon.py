@@ -363,6 +363,7 @@ class Daemon:
             "time": _iso(event.ts),
             "decided_at": decided,
             "likelihood": event.likelihood,
+            "anomaly_score": round(event.score, 6),
             "raw_score": event.raw_score,
             "threshold": self.config.scoring.threshold,
             "top_features": [{"feature": f, "std_error": round(e, 4)} for f, e in event.top],
@@ -384,6 +385,7 @@ class Daemon:
                 "ts": p.ts[i],
                 "raw_score": None if math.isnan(raw) else raw,
                 "likelihood": float(result.likelihood[i]),
+                "anomaly_score": round(float(result.score[i]), 6),
                 "active": bool(result.active[i]),
             }
             self._send(self.config.mqtt.score_topic.format(stream=p.streams[i]), doc, qos=0)

@@ -54,6 +54,7 @@ class AlertEvent:
     episode: int
     ts: float
     likelihood: float
+    score: float  # log-scaled, see detector.scoring.log_score
     raw_score: float
     top: list[tuple[str, float]]  # (feature, standardised error), largest first
 
@@ -63,6 +64,7 @@ class BatchResult:
     status: np.ndarray  # int8 [B]: SCORED, OUT_OF_ORDER, DUPLICATE, MODEL_NON_FINITE
     raw: np.ndarray  # [B] raw score (NaN: not scored or no prediction yet)
     likelihood: np.ndarray  # [B] anomaly likelihood (0 during warm-up)
+    score: np.ndarray  # [B] log-scaled anomaly score in [0, 1] (0 during warm-up)
     active: np.ndarray  # [B] bool: an alert is active after this sample
     std_errors: np.ndarray  # [B, F]
     events: list[AlertEvent] = field(default_factory=list)
@@ -134,6 +136,7 @@ class Engine:
             status=np.zeros(n, np.int8),
             raw=np.full(n, np.nan),
             likelihood=np.zeros(n),
+            score=np.zeros(n),
             active=np.zeros(n, np.bool_),
             std_errors=np.full((n, f), np.nan),
         )
@@ -210,6 +213,7 @@ class Engine:
 
         result.raw[idx] = scores.raw
         result.likelihood[idx] = scores.likelihood
+        result.score[idx] = scores.score
         result.active[idx] = scores.active
         result.std_errors[idx] = scores.std_errors
         for k in np.flatnonzero(scores.raised | scores.cleared | scores.updated):
@@ -229,6 +233,7 @@ class Engine:
             episode=int(scores.episode[k]),
             ts=float(ts[k]),
             likelihood=float(scores.likelihood[k]),
+            score=float(scores.score[k]),
             raw_score=float(scores.raw[k]),
             top=top,
         )

@@ -2,7 +2,8 @@
 
 Each row becomes one sample of one stream, stepped by the same :class:`Engine`
 the daemon uses; the output CSV holds the input columns then ``raw_score``,
-``anomaly_score`` (likelihood, 0 in warm-up), ``alert`` (0/1, active at this
+``anomaly_score`` (the log-scaled likelihood in [0, 1], 0 in warm-up; see
+:func:`detector.scoring.log_score`), ``alert`` (0/1, active at this
 row) and ``top_feature``. Rows with a missing value are not stepped.
 """
 
@@ -28,6 +29,7 @@ OUTPUT_COLUMNS = ("raw_score", "anomaly_score", "alert", "top_feature")
 class ReplayResult:
     raw: np.ndarray
     likelihood: np.ndarray
+    score: np.ndarray  # the anomaly_score column
     alert: np.ndarray  # bool per row
     top_feature: list[str]
     timestamps: np.ndarray
@@ -51,6 +53,7 @@ def replay_table(
         timestamps = np.arange(rows, dtype=np.float64) * step
     raw = np.full(rows, np.nan)
     like = np.zeros(rows)
+    score = np.zeros(rows)
     alert = np.zeros(rows, np.bool_)
     top = [""] * rows
     features = model.meta.features
@@ -65,12 +68,15 @@ def replay_table(
         if result.status[0] == SCORED:
             raw[t] = result.raw[0]
             like[t] = result.likelihood[0]
+            score[t] = result.score[0]
             active = bool(result.active[0])
             if not math.isnan(raw[t]):
                 top[t] = features[top_features(result.std_errors[0], 1)[0]]
             raised += sum(1 for e in result.events if e.event == "raised")
         alert[t] = active
-    return ReplayResult(raw, like, alert, top, timestamps, values, raised, int((~finite).sum()))
+    return ReplayResult(
+        raw, like, score, alert, top, timestamps, values, raised, int((~finite).sum())
+    )
 
 
 def replay_csv(
@@ -93,7 +99,7 @@ def replay_csv(
                 writer.writerow([
                     *row,
                     "" if math.isnan(raw) else f"{raw:.6g}",
-                    f"{result.likelihood[i]:.9f}",
+                    f"{result.score[i]:.6f}",
                     int(result.alert[i]),
                     result.top_feature[i],
                 ])  # fmt: skip

@@ -41,6 +41,24 @@ def standardised_errors(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) ->
     return out
 
 
+LOG_SCORE_DECADES: Final = 16.0  # tail probabilities down to 1e-16 map onto [0, 1]
+
+
+def log_score(tail: np.ndarray) -> F64:
+    """Anomaly score in [0, 1] from the Gaussian tail probability: -log10(tail) / 16.
+
+    The likelihood 1 - tail crowds against 1 (0.9999 and 0.99999999 print alike); its
+    logarithm keeps the resolution a threshold search needs (HTM's log-likelihood idea).
+
+    >>> log_score(np.array([1.0, 1e-4, 1e-16, 1e-30])).tolist()
+    [0.0, 0.25, 1.0, 1.0]
+    """
+    with np.errstate(divide="ignore"):
+        decades = -np.log10(np.asarray(tail, np.float64))
+    out: F64 = np.clip(decades / LOG_SCORE_DECADES, 0.0, 1.0) + 0.0  # + 0.0: no -0.0
+    return out
+
+
 def ewma_alpha(window: int) -> float:
     """Smoothing factor of an exponential average whose centre of mass matches a window.
 
@@ -144,6 +162,7 @@ class StepScores:
 
     raw: F64  # raw score; NaN where there was no prediction yet
     likelihood: F64  # anomaly likelihood in [0, 1]; 0 during warm-up
+    score: F64  # log_score of the tail: the same ordering, resolved near 1; 0 during warm-up
     std_errors: F64  # [B, F] standardised errors (NaN where no prediction)
     raised: npt.NDArray[np.bool_]
     cleared: npt.NDArray[np.bool_]
@@ -208,6 +227,7 @@ class Scorer:
 
         eligible = ok & (warm > cfg.warmup_steps)
         likelihood = np.where(eligible, likelihood, 0.0)
+        score = np.where(eligible, log_score(tail), 0.0)
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         # k of the last n eligible steps above threshold (k = n = 1: this step alone).
         bits = cols["above_bits"]
@@ -234,6 +254,7 @@ class Scorer:
         return StepScores(
             raw=raw,
             likelihood=likelihood,
+            score=score,
             std_errors=std_errors,
             raised=raised,
             cleared=cleared,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models."""
+"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models, daemons."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detector.localbroker import Mosquitto
-from tests.support import TINY_FEATURES, train_tiny_model
+from tests.support import TINY_FEATURES, InProcessDaemons, train_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +31,17 @@ def mosquitto() -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[InProcessDaemons]:
+    """``start_daemon(config)`` starts a Daemon in this process and waits until it is ready
+    (``ready_within=None``: does not wait); each still running is stopped after the test."""
+    daemons = InProcessDaemons()
+    try:
+        yield daemons
+    finally:
+        daemons.stop_all()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,18 @@
-"""Helpers for tests: tiny models, an MQTT listener, waiting, scraping metrics."""
+"""Helpers for tests: tiny models, an MQTT listener, waiting, scraping metrics, daemons
+in this process and in a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,15 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from detector.config import Config, build_config
+from detector.daemon import Daemon
+from detector.localbroker import free_port
+
 # Named timeouts: generous on a loaded 2-core machine, never a bare sleep.
 CONNECT_TIMEOUT_S = 10.0
 MESSAGE_TIMEOUT_S = 15.0
 DAEMON_START_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 20.0
 
 TINY_FEATURES = ("flow", "pressure", "temperature", "vibration")
 
@@ -155,3 +165,109 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
             if sample.name == name and (labels is None or sample.labels == labels):
                 return float(sample.value)
     return None
+
+
+def daemon_config(
+    broker_url: str, models: Path | list[dict[str, Any]], instance: str = "test",
+    **sections: dict[str, Any],
+) -> Config:  # fmt: skip
+    """A checked Config for a Daemon in this process.
+
+    Defaults: ``instance`` (and a client id ``rnnsentry-<instance>-<n>`` of its own),
+    reconnects after 1 s, metrics on 127.0.0.1 on a port the system picks, batches sent
+    after 1 ms. ``models`` is a model file (routed from ``sensors/{stream}``) or the
+    [[models]] tables. Each keyword is a section whose keys are added to or replace these.
+    """
+    if isinstance(models, Path):
+        models = [{"path": str(models), "topics": ["sensors/{stream}"]}]
+    doc: dict[str, Any] = {
+        "daemon": {"instance": instance},
+        "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-{instance}-{free_port()}",
+                 "reconnect_min_s": 1, "reconnect_max_s": 1},
+        "models": models,
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "batch": {"max_wait_ms": 1.0},
+    }  # fmt: skip
+    for key, values in sections.items():
+        doc.setdefault(key, {}).update(values)
+    config, problems = build_config(doc)
+    assert problems == []
+    return config
+
+
+class InProcessDaemons:
+    """Starts Daemons in this process (the ``start_daemon`` fixture); stops them at the end."""
+
+    def __init__(self) -> None:
+        self.running: list[Daemon] = []
+
+    def __call__(self, config: Config, ready_within: float | None = CONNECT_TIMEOUT_S) -> Daemon:
+        """Start a daemon; wait until it is ready unless ``ready_within`` is None."""
+        daemon = Daemon(config)
+        self.running.append(daemon)
+        daemon.start()
+        if ready_within is not None:
+            poll_until(lambda: daemon.ready()[0], ready_within)
+        return daemon
+
+    def stop(self, daemon: Daemon) -> None:
+        """Stop one daemon now (it is not stopped again at the end)."""
+        self.running.remove(daemon)
+        daemon.stop()
+
+    def stop_all(self) -> None:
+        """Stop every daemon still running, the latest first."""
+        while self.running:
+            self.running.pop().stop()
+
+
+def readyz(daemon: Daemon) -> tuple[int, str]:
+    """GET /readyz of an in-process daemon: (status, body)."""
+    assert daemon.server is not None
+    return scrape(daemon.server.port, "/readyz")
+
+
+class DaemonProcess:
+    """``python -m detector run`` in a subprocess, its output in ``log_dir/daemon-PORT.log``.
+
+    The constructor returns once /readyz answers 200 (the process is killed if it does not).
+    ``extra_args`` are more command-line flags, ``env`` more environment variables.
+    """
+
+    def __init__(
+        self, model: Path, broker_url: str, log_dir: Path, *, instance: str,
+        extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.port = free_port()
+        self.log_path = log_dir / f"daemon-{self.port}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "detector", "run", "--model", str(model),
+             "--broker", broker_url, "--metrics-port", str(self.port), "--instance", instance,
+             *extra_args],
+            env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            poll_until(lambda: self.proc.poll() is not None or self.ready(),
+                       DAEMON_START_TIMEOUT_S)  # fmt: skip
+            assert self.proc.poll() is None, self.log_path.read_text()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def ready(self) -> bool:
+        try:
+            return scrape(self.port, "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return metric_value(scrape(self.port)[1], name, labels)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` unless it has exited already; its exit code (-N: killed by signal N)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=EXIT_TIMEOUT_S)
+        self._log.close()
+        return code

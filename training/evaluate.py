@@ -241,7 +241,11 @@ def nab_corpus(
     running = null + np.cumsum(units[:, :3] @ weights)
     counts = np.cumsum(units[:, 3:], axis=0)
     # The score at threshold t includes every term >= t: the last of each run of equal values.
-    last = np.flatnonzero(np.append(values[1:] != values[:-1], True)) if len(values) else values
+    last = (
+        np.flatnonzero(np.append(values[1:] != values[:-1], True))
+        if len(values)
+        else np.zeros(0, np.int64)
+    )
     raws = np.concatenate(([null], running[last]))
     pick = int(np.argmax(raws))  # the first maximum: the highest threshold
     raw, threshold, tp, fp = null, math.inf, 0, 0

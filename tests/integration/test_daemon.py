@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from detector.config import build_config
 from detector.daemon import Daemon
 from detector.localbroker import Mosquitto, free_port
 from tests.support import (
+    MESSAGE_TIMEOUT_S,
     TINY_FEATURES,
+    InProcessDaemons,
     Listener,
     Publisher,
+    daemon_config,
     metric_value,
     poll_until,
     sample_payload,
@@ -27,39 +28,22 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 
-def _config(broker: Mosquitto, model: Path, **sections: Any) -> Any:
-    doc: dict[str, Any] = {
-        "daemon": {"instance": "it"},
-        "mqtt": {
-            "broker": broker.url,
-            "client_id": f"rnnsentry-it-{free_port()}",
-            "reconnect_min_s": 1,
-            "reconnect_max_s": 1,
-        },  # fmt: skip
-        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
-        "metrics": {"host": "127.0.0.1", "port": free_port()},
-        "scoring": {"warmup_steps": 20},
-        "batch": {"max_wait_ms": 1.0},
-    }
-    for key, value in sections.items():
-        doc.setdefault(key, {}).update(value)
-    config, problems = build_config(doc)
-    assert problems == []
-    return config
-
-
 @pytest.fixture
-def running(mosquitto: Mosquitto, tiny_model: Path) -> Iterator[tuple[Daemon, Listener, Publisher]]:
+def running(
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
+) -> Iterator[tuple[Daemon, Listener, Publisher]]:
     listener = Listener(mosquitto.port, ["rnnsentry/#"])
-    daemon = Daemon(_config(mosquitto, tiny_model))
-    daemon.start()
-    publisher = Publisher(mosquitto.port)
     try:
-        poll_until(lambda: daemon.ready()[0])
-        yield daemon, listener, publisher
+        config = daemon_config(mosquitto.url, tiny_model, instance="it",
+                               metrics={"port": free_port()}, scoring={"warmup_steps": 20})  # fmt: skip
+        daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
+        publisher = Publisher(mosquitto.port)
+        try:
+            yield daemon, listener, publisher
+        finally:
+            publisher.close()
+            start_daemon.stop(daemon)
     finally:
-        publisher.close()
-        daemon.stop()
         listener.close()
 
 
@@ -71,19 +55,15 @@ def _metrics(daemon: Daemon) -> str:
 
 
 def test_status_online_is_retained_and_offline_on_stop(
-    mosquitto: Mosquitto, tiny_model: Path
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    daemon = Daemon(_config(mosquitto, tiny_model))
-    daemon.start()
-    late = None
-    try:
-        poll_until(lambda: daemon.ready()[0])
-        late = Listener(mosquitto.port, ["rnnsentry/status/#"])  # subscribes after the fact
-        topic, payload, retained = late.messages.get(timeout=10)
-        assert (topic, payload, retained) == ("rnnsentry/status/it", b"online", True)
-    finally:
-        daemon.stop()
-    assert late is not None
+    config = daemon_config(mosquitto.url, tiny_model, instance="it",
+                           metrics={"port": free_port()}, scoring={"warmup_steps": 20})  # fmt: skip
+    daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
+    late = Listener(mosquitto.port, ["rnnsentry/status/#"])  # subscribes after the fact
+    topic, payload, retained = late.messages.get(timeout=10)
+    assert (topic, payload, retained) == ("rnnsentry/status/it", b"online", True)
+    start_daemon.stop(daemon)
     topic, payload, _ = late.messages.get(timeout=10)
     assert (topic, payload) == ("rnnsentry/status/it", b"offline")
     late.close()
@@ -182,15 +162,14 @@ def test_batch_payload_scores_every_sample(
 
 
 def test_a_full_table_evicts_the_least_recently_seen_and_a_gap_resets_state(
-    mosquitto: Mosquitto, tiny_model: Path
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    config = _config(mosquitto, tiny_model, batch={"max": 2},
-                     streams={"max_streams": 2, "max_gap_s": 5.0})  # fmt: skip
-    daemon = Daemon(config)
-    daemon.start()
+    config = daemon_config(mosquitto.url, tiny_model, instance="it",
+                           metrics={"port": free_port()}, scoring={"warmup_steps": 20},
+                           batch={"max": 2}, streams={"max_streams": 2, "max_gap_s": 5.0})  # fmt: skip
+    daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
     publisher = Publisher(mosquitto.port)
     try:
-        poll_until(lambda: daemon.ready()[0])
         rows = tiny_fleet(n_streams=1, n_steps=20, seed=2).values[0]
         send = lambda s, t: publisher.send(  # noqa: E731
             f"sensors/{s}", sample_payload(TINY_FEATURES, rows[t % 20], 100.0 + t)
@@ -211,4 +190,3 @@ def test_a_full_table_evicts_the_least_recently_seen_and_a_gap_resets_state(
                             {"outcome": "scored"}) == 7  # fmt: skip
     finally:
         publisher.close()
-        daemon.stop()

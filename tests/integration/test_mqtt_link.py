@@ -13,17 +13,19 @@ from typing import Any
 
 import pytest
 
-from detector.config import Config, build_config
 from detector.daemon import Daemon
 from detector.localbroker import Mosquitto, free_port
 from detector.mqtt import Inbound, MqttLink
 from tests.support import (
     CONNECT_TIMEOUT_S,
     TINY_FEATURES,
+    InProcessDaemons,
     Listener,
     Publisher,
+    daemon_config,
     metric_value,
     poll_until,
+    readyz,
     sample_payload,
     scrape,
     tiny_fleet,
@@ -36,33 +38,8 @@ RECONNECT_TIMEOUT_S = 30.0  # reconnect delay is 1 s here; slack for a loaded ma
 QUEUED_SAMPLES = 40
 
 
-def _config(broker_url: str, model: Path) -> Config:
-    config, problems = build_config({
-        "daemon": {"instance": "link"},
-        "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-link-{free_port()}",
-                 "reconnect_min_s": 1, "reconnect_max_s": 1, "session_expiry_s": 600},
-        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
-        "metrics": {"host": "127.0.0.1", "port": 0},
-        "batch": {"max_wait_ms": 1.0},
-    })  # fmt: skip
-    assert problems == []
-    return config
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; each is stopped at the end (stop is idempotent enough)."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in reversed(started):
-        daemon.stop()
-
-
-def _start(config: Config, daemons: list[Daemon]) -> Daemon:
-    daemon = Daemon(config)
-    daemons.append(daemon)
-    daemon.start()
-    return daemon
+# [mqtt] of this file's daemons beyond daemon_config's: the broker keeps a session 10 minutes.
+SESSION = {"session_expiry_s": 600}
 
 
 def _scrape_metric(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:
@@ -78,11 +55,6 @@ def _scored(daemon: Daemon) -> float:
     return _scrape_metric(daemon, "rnnsentry_messages_total", {"outcome": "scored"})
 
 
-def _readyz(daemon: Daemon) -> tuple[int, str]:
-    assert daemon.server is not None
-    return scrape(daemon.server.port, "/readyz")
-
-
 def _send_samples(port: int, stream: str, n: int, start_ts: float, qos: int = 1) -> None:
     rows = tiny_fleet(n_streams=1, n_steps=max(n, 2), seed=4, start_step=600).values[0]
     publisher = Publisher(port)
@@ -95,36 +67,34 @@ def _send_samples(port: int, stream: str, n: int, start_ts: float, qos: int = 1)
 
 
 def test_a_broker_down_at_start_is_retried_and_readyz_says_why(
-    tiny_model: Path, daemons: list[Daemon]
+    tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
     broker = Mosquitto()  # its port is chosen, nothing listens on it yet
     try:
-        daemon = _start(_config(broker.url, tiny_model), daemons)
+        config = daemon_config(broker.url, tiny_model, instance="link", mqtt=SESSION)
+        daemon = start_daemon(config, ready_within=None)
 
         def reason() -> str:  # the body once it carries the last failure in brackets
-            code, body = _readyz(daemon)
+            code, body = readyz(daemon)
             return body if code == 503 and "(" in body else ""
 
         why = poll_until(reason, CONNECT_TIMEOUT_S)
         assert why.startswith("not connected to the broker") and "refused" in why.lower()
         assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 0
         broker.start()
-        poll_until(lambda: _readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
+        poll_until(lambda: readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
         assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 1
         _send_samples(broker.port, "late", 3, 100.0)
         poll_until(lambda: _scored(daemon) == 3)
     finally:
-        for daemon in daemons:
-            daemon.stop()
-        daemons.clear()
+        start_daemon.stop_all()
         broker.stop()
 
 
 def test_a_broker_restart_reconnects_and_resubscribes(
-    mosquitto: Mosquitto, tiny_model: Path, daemons: list[Daemon]
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    daemon = _start(_config(mosquitto.url, tiny_model), daemons)
-    poll_until(lambda: daemon.ready()[0], CONNECT_TIMEOUT_S)
+    daemon = start_daemon(daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION))
     _send_samples(mosquitto.port, "before", 5, 100.0)
     poll_until(lambda: _scored(daemon) == 5)
 
@@ -137,7 +107,7 @@ def test_a_broker_restart_reconnects_and_resubscribes(
                  RECONNECT_TIMEOUT_S)  # fmt: skip
     finally:
         status.close()
-    poll_until(lambda: _readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
+    poll_until(lambda: readyz(daemon)[0] == 200, RECONNECT_TIMEOUT_S)
     assert _scrape_metric(daemon, "rnnsentry_mqtt_connected") == 1
     _send_samples(mosquitto.port, "after", 5, 200.0)  # only a renewed subscription gets these
     poll_until(lambda: _scored(daemon) == 10)
@@ -145,17 +115,16 @@ def test_a_broker_restart_reconnects_and_resubscribes(
 
 
 def test_qos1_input_sent_while_the_daemon_is_stopped_is_scored_after_it_returns(
-    mosquitto: Mosquitto, tiny_model: Path, daemons: list[Daemon]
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    config = _config(mosquitto.url, tiny_model)  # one client id, clean start off, expiry 600 s
-    first = _start(config, daemons)
-    poll_until(lambda: first.ready()[0], CONNECT_TIMEOUT_S)
-    first.stop()  # a graceful stop, as for an upgrade or a SIGTERM
-    daemons.remove(first)
+    # one client id, clean start off, expiry 600 s
+    config = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION)
+    first = start_daemon(config)
+    start_daemon.stop(first)  # a graceful stop, as for an upgrade or a SIGTERM
 
     _send_samples(mosquitto.port, "queued", QUEUED_SAMPLES, 300.0, qos=1)
 
-    second = _start(config, daemons)
+    second = start_daemon(config, ready_within=None)
     poll_until(lambda: _scored(second) == QUEUED_SAMPLES, RECONNECT_TIMEOUT_S)
     outcomes: dict[str, Any] = {
         o: _scrape_metric(second, "rnnsentry_messages_total", {"outcome": o})
@@ -169,7 +138,7 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
     mosquitto: Mosquitto, tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A message that reaches a stopping daemon is not acknowledged, so it is not lost."""
-    mqtt = _config(mosquitto.url, tiny_model).mqtt
+    mqtt = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION).mqtt
     client_id = f"rnnsentry-handover-{free_port()}"
 
     def link(inbox: queue.Queue[Inbound]) -> MqttLink:

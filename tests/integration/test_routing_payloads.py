@@ -6,24 +6,24 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from detector.config import Config, build_config
 from detector.daemon import Daemon
-from detector.localbroker import Mosquitto, free_port
+from detector.localbroker import Mosquitto
 from tests.support import (
-    CONNECT_TIMEOUT_S,
     MESSAGE_TIMEOUT_S,
     TINY_FEATURES,
+    InProcessDaemons,
     Listener,
     Publisher,
+    daemon_config,
     metric_value,
     poll_until,
+    readyz,
     sample_payload,
     scrape,
     tiny_fleet,
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 FLOOD_MESSAGES = 3000
 FLOOD_TIMEOUT_S = 60.0  # a loaded 2-core machine scores a few thousand messages a second
+WARMUP = {"warmup_steps": 20}  # [scoring]: the spikes come after 20 steps
 
 
 @pytest.fixture(scope="module")
@@ -57,44 +58,6 @@ def one_feature_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit_and_export([v[:, :1] for v in fleet.values], ["value"], out, options,
                    sample_interval_s=fleet.interval_s, quiet=True)  # fmt: skip
     return out
-
-
-def _config(broker: Mosquitto, models: list[dict[str, Any]], **sections: Any) -> Config:
-    doc: dict[str, Any] = {
-        "daemon": {"instance": "routing"},
-        "mqtt": {
-            "broker": broker.url,
-            "client_id": f"rnnsentry-routing-{free_port()}",
-            "reconnect_min_s": 1,
-            "reconnect_max_s": 1,
-        },
-        "models": models,
-        "metrics": {"host": "127.0.0.1", "port": 0},
-        "scoring": {"warmup_steps": 20},
-        "batch": {"max_wait_ms": 1.0},
-    }
-    for key, value in sections.items():
-        doc.setdefault(key, {}).update(value)
-    config, problems = build_config(doc)
-    assert problems == []
-    return config
-
-
-@pytest.fixture
-def start_daemon() -> Iterator[Any]:
-    """Start a daemon from a config, wait until ready; stopped after the test."""
-    started: list[Daemon] = []
-
-    def start(config: Config) -> Daemon:
-        daemon = Daemon(config)
-        started.append(daemon)
-        daemon.start()
-        poll_until(lambda: daemon.ready()[0], CONNECT_TIMEOUT_S)
-        return daemon
-
-    yield start
-    for daemon in reversed(started):
-        daemon.stop()
 
 
 def _metric(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:
@@ -155,13 +118,13 @@ def _with_spike(seed: int, feature: int, n_steps: int = 100, at: int = 90) -> np
 
 
 def test_two_templates_route_to_two_models(
-    mosquitto: Mosquitto, tiny_model: Path, lstm_model: Path, start_daemon: Any
+    mosquitto: Mosquitto, tiny_model: Path, lstm_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    config = _config(mosquitto, [
+    config = daemon_config(mosquitto.url, [
         {"path": str(tiny_model), "name": "pumps-gru", "topics": ["sensors/{stream}"]},
         {"path": str(lstm_model), "name": "plant-lstm",
          "topics": ["plant/{site}/{machine}/telemetry"]},
-    ])  # fmt: skip
+    ], instance="routing", scoring=WARMUP)  # fmt: skip
     listener = Listener(mosquitto.port, ["rnnsentry/alerts/#"])
     daemon = start_daemon(config)
     gru, lstm = daemon.engines
@@ -203,12 +166,13 @@ def test_two_templates_route_to_two_models(
 
 
 def test_every_payload_form_is_scored_with_the_right_timestamp(
-    mosquitto: Mosquitto, tiny_model: Path, one_feature_model: Path, start_daemon: Any
-) -> None:
-    config = _config(mosquitto, [
+    mosquitto: Mosquitto, tiny_model: Path, one_feature_model: Path,
+    start_daemon: InProcessDaemons,
+) -> None:  # fmt: skip
+    config = daemon_config(mosquitto.url, [
         {"path": str(tiny_model), "topics": ["sensors/{stream}"]},
         {"path": str(one_feature_model), "topics": ["meters/{stream}"]},
-    ], mqtt={"publish_scores": True})  # fmt: skip
+    ], instance="routing", scoring=WARMUP, mqtt={"publish_scores": True})  # fmt: skip
     listener = Listener(mosquitto.port, ["rnnsentry/scores/#"])
     daemon = start_daemon(config)
     row = [float(v) for v in tiny_fleet(n_streams=1, n_steps=2, seed=3).values[0][0]]
@@ -261,10 +225,10 @@ def test_every_payload_form_is_scored_with_the_right_timestamp(
 
 
 def test_a_full_queue_drops_and_counts_every_message(
-    mosquitto: Mosquitto, tiny_model: Path, start_daemon: Any
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
-    config = _config(mosquitto, [{"path": str(tiny_model), "topics": ["sensors/{stream}"]}],
-                     batch={"max": 1, "queue_size": 2})  # fmt: skip
+    config = daemon_config(mosquitto.url, tiny_model, instance="routing", scoring=WARMUP,
+                           batch={"max": 1, "queue_size": 2})  # fmt: skip
     daemon = start_daemon(config)
     rows = tiny_fleet(n_streams=4, n_steps=FLOOD_MESSAGES // 4, seed=5, start_step=600).values
     payloads = [
@@ -289,5 +253,4 @@ def test_a_full_queue_drops_and_counts_every_message(
     # paho's thread never blocked on the full queue: still connected, and ready once drained
     assert _metric(daemon, "rnnsentry_mqtt_connected") == 1
     assert _metric(daemon, "rnnsentry_queue_depth") <= 2
-    assert daemon.server is not None
-    poll_until(lambda: scrape(daemon.server.port, "/readyz")[0] == 200)  # type: ignore[union-attr]
+    poll_until(lambda: readyz(daemon)[0] == 200)
