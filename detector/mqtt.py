@@ -55,6 +55,7 @@ class MqttLink:
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
         self._intake_open = True
+        self._subscribe_mid = -1
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -85,6 +86,7 @@ class MqttLink:
                 client.tls_insecure_set(True)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
+        client.on_subscribe = self._handle_subscribe
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         self.client = client
@@ -141,9 +143,22 @@ class MqttLink:
         log.info(
             "connected to the broker (session present: %s)", getattr(flags, "session_present", "?")
         )
-        client.subscribe([(f, self.config.qos) for f in self.filters])
-        client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.last_error = ""
+        result, mid = client.subscribe([(f, self.config.qos) for f in self.filters])
+        self._subscribe_mid = -1 if mid is None else mid
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        # Ready only once the broker has granted the subscriptions (see _handle_subscribe):
+        # input sent before that could still miss them.
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self._failed(f"the broker refused a subscription: {', '.join(refused)}",
+                         logging.ERROR)  # fmt: skip
         self.connected.set()
         self._on_connection(True)
 

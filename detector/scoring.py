@@ -120,6 +120,8 @@ class ScoringConfig:
     min_interval_steps: int = 20  # steps between one raise and the next on a stream
     top_k: int = 3  # features named in an alert
     update_every_steps: int = 0  # while active, an "update" event every this many steps (0: off)
+    learn_from_anomalies: bool = True  # False: steps at or above clear_threshold do not
+    # move the long-run statistics (what "normal" looks like is learnt from normal steps)
 
     def validate(self) -> list[str]:
         problems = []
@@ -216,11 +218,14 @@ class Scorer:
         sd = np.sqrt(np.maximum(lv, 1e-12))
         tail = gaussian_tail((short - lm) / sd)
         likelihood = np.where(ok, 1.0 - tail, 0.0)
-        eff = np.minimum(n[ok] + cfg.prior_weight + 1.0, float(cfg.long_window))
+        learn = ok
+        if not cfg.learn_from_anomalies:
+            learn = ok & ((likelihood < cfg.clear_threshold) | (cols["warm"] < cfg.warmup_steps))
+        eff = np.minimum(n[learn] + cfg.prior_weight + 1.0, float(cfg.long_window))
         alpha = 1.0 / eff
-        delta = short[ok] - lm[ok]
-        lm[ok] += alpha * delta
-        lv[ok] = (1.0 - alpha) * (lv[ok] + alpha * delta * delta)
+        delta = short[learn] - lm[learn]
+        lm[learn] += alpha * delta
+        lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * delta * delta)
         n[ok] += 1
         warm = cols["warm"]
         warm[ok] += 1

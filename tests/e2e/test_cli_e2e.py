@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -13,21 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.localbroker import Mosquitto, free_port
+from detector.localbroker import Mosquitto
 from tests.support import (
-    DAEMON_START_TIMEOUT_S,
     TINY_FEATURES,
+    DaemonProcess,
     Listener,
     Publisher,
-    metric_value,
     poll_until,
     sample_payload,
-    scrape,
     tiny_fleet,
 )
 
 pytestmark = pytest.mark.e2e
-EXIT_TIMEOUT_S = 20.0
 
 
 def rnnsentry(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -121,40 +117,20 @@ def test_daemon_command_line_imports_no_torch() -> None:
 @pytest.fixture
 def daemon_process(
     trained: tuple[Path, Path], mosquitto: Mosquitto, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
+) -> Iterator[DaemonProcess]:
     _, model = trained
-    port = free_port()
-    env = {**os.environ, "RNNSENTRY_SCORING__WARMUP_STEPS": "20"}
-    log_path = tmp_path / "daemon.log"
-    log = open(log_path, "w")  # noqa: SIM115 (the daemon writes to it until it exits)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "detector", "run", "--model", str(model), "--broker", mosquitto.url,
-         "--topic", "plant/{site}/{stream}/telemetry", "--metrics-port", str(port),
-         "--instance", "e2e"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    daemon = DaemonProcess(model, mosquitto.url, tmp_path, instance="e2e",
+                           extra_args=["--topic", "plant/{site}/{stream}/telemetry"],
+                           env={"RNNSENTRY_SCORING__WARMUP_STEPS": "20"})  # fmt: skip
     try:
-        poll_until(lambda: proc.poll() is not None or _ready(port), DAEMON_START_TIMEOUT_S)
-        assert proc.poll() is None, log_path.read_text()
-        yield proc, port
+        yield daemon
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _ready(port: int) -> bool:
-    try:
-        return scrape(port, "/readyz")[0] == 200
-    except OSError:
-        return False
+        daemon.stop(signal.SIGKILL)
 
 
 def test_daemon_alerts_on_a_spike_counts_it_and_stops_cleanly(
-    daemon_process: tuple[subprocess.Popen[str], int], mosquitto: Mosquitto
+    daemon_process: DaemonProcess, mosquitto: Mosquitto
 ) -> None:
-    proc, port = daemon_process
     listener = Listener(mosquitto.port, ["rnnsentry/alerts/#"])
     publisher = Publisher(mosquitto.port)
     fleet = tiny_fleet(n_streams=1, n_steps=100, seed=11, start_step=800)
@@ -166,15 +142,11 @@ def test_daemon_alerts_on_a_spike_counts_it_and_stops_cleanly(
     assert alert["stream"] == "north/pump-9" and alert["ts"] == 120.0
     assert alert["top_features"][0]["feature"] == "flow"
 
-    def scored() -> bool:
-        body = scrape(port)[1]
-        return metric_value(body, "rnnsentry_messages_total", {"outcome": "scored"}) == 80
-
-    poll_until(scored)
+    scored = {"outcome": "scored"}
+    poll_until(lambda: daemon_process.metric("rnnsentry_messages_total", scored) == 80)
     publisher.close()
     listener.close()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0
+    assert daemon_process.stop(signal.SIGTERM) == 0
 
 
 def test_check_config_prints_every_problem_with_its_key(tmp_path: Path) -> None:

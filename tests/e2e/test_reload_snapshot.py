@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,58 +11,24 @@ import numpy as np
 import pytest
 
 from detector.engine import Engine
-from detector.localbroker import Mosquitto, free_port
+from detector.localbroker import Mosquitto
 from detector.model import LoadedModel
 from detector.scoring import ScoringConfig
 from tests.support import (
-    DAEMON_START_TIMEOUT_S,
     TINY_FEATURES,
+    DaemonProcess,
     Listener,
     Publisher,
-    metric_value,
     poll_until,
     sample_payload,
-    scrape,
     tiny_fleet,
     train_tiny_model,
 )
 
 pytestmark = pytest.mark.e2e
-EXIT_TIMEOUT_S = 20.0
-
-
-class DaemonProcess:
-    """``rnnsentry run`` in a subprocess with its output in a log file."""
-
-    def __init__(self, model: Path, broker: Mosquitto, tmp_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.log_path = tmp_path / f"daemon-{self.port}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detector", "run", "--model", str(model),
-             "--broker", broker.url, "--metrics-port", str(self.port), "--instance", "snap"],
-            env={**os.environ, "RNNSENTRY_SCORING__WARMUP_STEPS": "5",
-                 "RNNSENTRY_MQTT__CLIENT_ID": "rnnsentry-snap-test", **env},
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        poll_until(lambda: self.proc.poll() is not None or self._ready(), DAEMON_START_TIMEOUT_S)
-        assert self.proc.poll() is None, self.log_path.read_text()
-
-    def _ready(self) -> bool:
-        try:
-            return scrape(self.port, "/readyz")[0] == 200
-        except OSError:
-            return False
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        return metric_value(scrape(self.port)[1], name, labels)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=EXIT_TIMEOUT_S)
-        self._log.close()
-        return code
+# The environment of this file's daemons: a fixed client id, alerts after 5 samples.
+SNAP_ENV = {"RNNSENTRY_SCORING__WARMUP_STEPS": "5",
+            "RNNSENTRY_MQTT__CLIENT_ID": "rnnsentry-snap-test"}  # fmt: skip
 
 
 def _scored(daemon: DaemonProcess) -> float | None:
@@ -84,7 +47,7 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
     new_fp = new_meta.fingerprint
     assert new_fp != old_fp
 
-    daemon = DaemonProcess(live, mosquitto, tmp_path)
+    daemon = DaemonProcess(live, mosquitto.url, tmp_path, instance="snap", env=SNAP_ENV)
     publisher = Publisher(mosquitto.port)
     try:
         rows = tiny_fleet(n_streams=1, n_steps=40, seed=3).values[0]
@@ -119,7 +82,8 @@ def test_kill_9_then_restart_restores_the_snapshot_and_scores_continue_exactly(
     tiny_model: Path, mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     snapshot = tmp_path / "state.snap"
-    env = {"RNNSENTRY_SNAPSHOT__PATH": str(snapshot), "RNNSENTRY_SNAPSHOT__INTERVAL_S": "0.2",
+    env = {**SNAP_ENV, "RNNSENTRY_SNAPSHOT__PATH": str(snapshot),
+           "RNNSENTRY_SNAPSHOT__INTERVAL_S": "0.2",
            "RNNSENTRY_MQTT__PUBLISH_SCORES": "true"}  # fmt: skip
     rows = tiny_fleet(n_streams=1, n_steps=80, seed=5).values[0]
     stamps = 100.0 + np.arange(80.0)
@@ -129,7 +93,7 @@ def test_kill_9_then_restart_restores_the_snapshot_and_scores_continue_exactly(
     expected = [engine.process(["pump"], stamps[t : t + 1], rows[t : t + 1]).raw[0]
                 for t in range(80)]  # fmt: skip
 
-    first = DaemonProcess(tiny_model, mosquitto, tmp_path, **env)
+    first = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance="snap", env=env)
     publisher = Publisher(mosquitto.port)
     for t in range(60):
         publisher.send("sensors/pump", sample_payload(TINY_FEATURES, rows[t], stamps[t]))
@@ -138,7 +102,7 @@ def test_kill_9_then_restart_restores_the_snapshot_and_scores_continue_exactly(
     poll_until(lambda: snapshot.exists() and snapshot.stat().st_mtime > scored_at + 0.05)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
 
-    second = DaemonProcess(tiny_model, mosquitto, tmp_path, **env)
+    second = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance="snap", env=env)
     listener = Listener(mosquitto.port, ["rnnsentry/scores/pump"])
     try:
         assert second.metric("rnnsentry_streams_active") == 1  # restored before any input

@@ -4,24 +4,19 @@ back (the MQTT 5 session outlives the process)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto, free_port
+from detector.localbroker import Mosquitto
 from tests.support import (
-    DAEMON_START_TIMEOUT_S,
     TINY_FEATURES,
+    DaemonProcess,
     Listener,
     Publisher,
-    metric_value,
     poll_until,
     sample_payload,
-    scrape,
     tiny_fleet,
     wait_for,
 )
@@ -33,46 +28,10 @@ STATUS_TOPIC = f"rnnsentry/status/{INSTANCE}"
 # A killed process's socket is closed by the kernel, so the will comes at once; the 2 s
 # keepalive only bounds the wait should it not.
 WILL_TIMEOUT_S = 10.0
-EXIT_TIMEOUT_S = 20.0
 QUEUED_SAMPLES = 30
-
-
-class DaemonProcess:
-    """``python -m detector run`` with a fixed instance name (so a fixed client id)."""
-
-    def __init__(self, model: Path, broker: Mosquitto, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in close())
-        env = {
-            **os.environ,
-            "RNNSENTRY_MQTT__KEEPALIVE_S": "2",
-            "RNNSENTRY_MQTT__RECONNECT_MIN_S": "1",
-            "RNNSENTRY_MQTT__RECONNECT_MAX_S": "1",
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detector", "run", "--model", str(model), "--broker",
-             broker.url, "--metrics-port", str(self.port), "--instance", INSTANCE],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        poll_until(lambda: self.proc.poll() is not None or self._ready(), DAEMON_START_TIMEOUT_S)
-        assert self.proc.poll() is None, log_path.read_text()
-
-    def _ready(self) -> bool:
-        try:
-            return scrape(self.port, "/readyz")[0] == 200
-        except OSError:
-            return False
-
-    def scored(self) -> float | None:
-        body = scrape(self.port)[1]
-        return metric_value(body, "rnnsentry_messages_total", {"outcome": "scored"})
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=EXIT_TIMEOUT_S)
-        self._log.close()
+# The daemon's environment: a 2 s keepalive, reconnects after 1 s.
+LINK_ENV = {"RNNSENTRY_MQTT__KEEPALIVE_S": "2", "RNNSENTRY_MQTT__RECONNECT_MIN_S": "1",
+            "RNNSENTRY_MQTT__RECONNECT_MAX_S": "1"}  # fmt: skip
 
 
 def test_kill_9_leaves_the_retained_will_and_a_restart_scores_the_input_sent_meanwhile(
@@ -81,14 +40,14 @@ def test_kill_9_leaves_the_retained_will_and_a_restart_scores_the_input_sent_mea
     daemons: list[DaemonProcess] = []
     listeners: list[Listener] = []
     try:
-        daemons.append(DaemonProcess(tiny_model, mosquitto, tmp_path / "first.log"))
+        daemons.append(DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance=INSTANCE,
+                                     env=LINK_ENV))  # fmt: skip
         status = Listener(mosquitto.port, ["rnnsentry/status/#"])
         listeners.append(status)
         assert wait_for(status.messages, lambda m: True) == (STATUS_TOPIC, b"online", True)
 
-        first = daemons[0].proc
-        first.send_signal(signal.SIGKILL)  # no chance to say goodbye: the broker must
-        assert first.wait(timeout=EXIT_TIMEOUT_S) == -signal.SIGKILL
+        first = daemons[0]  # killed: no chance to say goodbye, the broker must
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         topic, payload, _ = wait_for(status.messages, lambda m: True, WILL_TIMEOUT_S)
         assert (topic, payload) == (STATUS_TOPIC, b"offline")
         newcomer = Listener(mosquitto.port, ["rnnsentry/status/#"])
@@ -101,12 +60,14 @@ def test_kill_9_leaves_the_retained_will_and_a_restart_scores_the_input_sent_mea
             publisher.send("sensors/while-down", sample_payload(TINY_FEATURES, row, 500.0 + t))
         publisher.close()
 
-        second = DaemonProcess(tiny_model, mosquitto, tmp_path / "second.log")
+        second = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance=INSTANCE,
+                               env=LINK_ENV)  # fmt: skip
         daemons.append(second)
         assert wait_for(status.messages, lambda m: True)[:2] == (STATUS_TOPIC, b"online")
-        poll_until(lambda: second.scored() == QUEUED_SAMPLES)
+        scored = {"outcome": "scored"}
+        poll_until(lambda: second.metric("rnnsentry_messages_total", scored) == QUEUED_SAMPLES)
     finally:
         for listener in listeners:
             listener.close()
         for daemon in daemons:
-            daemon.close()
+            daemon.stop(signal.SIGKILL)

@@ -27,6 +27,8 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
+WARMUP = {"warmup_steps": 20}  # [scoring] of this file's daemons: alerts after 20 samples
+
 
 @pytest.fixture
 def running(
@@ -35,7 +37,7 @@ def running(
     listener = Listener(mosquitto.port, ["rnnsentry/#"])
     try:
         config = daemon_config(mosquitto.url, tiny_model, instance="it",
-                               metrics={"port": free_port()}, scoring={"warmup_steps": 20})  # fmt: skip
+                               metrics={"port": free_port()}, scoring=WARMUP)  # fmt: skip
         daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
         publisher = Publisher(mosquitto.port)
         try:
@@ -58,7 +60,7 @@ def test_status_online_is_retained_and_offline_on_stop(
     mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
     config = daemon_config(mosquitto.url, tiny_model, instance="it",
-                           metrics={"port": free_port()}, scoring={"warmup_steps": 20})  # fmt: skip
+                           metrics={"port": free_port()}, scoring=WARMUP)  # fmt: skip
     daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
     late = Listener(mosquitto.port, ["rnnsentry/status/#"])  # subscribes after the fact
     topic, payload, retained = late.messages.get(timeout=10)
@@ -165,8 +167,8 @@ def test_a_full_table_evicts_the_least_recently_seen_and_a_gap_resets_state(
     mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
     config = daemon_config(mosquitto.url, tiny_model, instance="it",
-                           metrics={"port": free_port()}, scoring={"warmup_steps": 20},
-                           batch={"max": 2}, streams={"max_streams": 2, "max_gap_s": 5.0})  # fmt: skip
+                           metrics={"port": free_port()}, scoring=WARMUP, batch={"max": 2},
+                           streams={"max_streams": 2, "max_gap_s": 5.0})  # fmt: skip
     daemon = start_daemon(config, ready_within=MESSAGE_TIMEOUT_S)
     publisher = Publisher(mosquitto.port)
     try:

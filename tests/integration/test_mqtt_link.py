@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

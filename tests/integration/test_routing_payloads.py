@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 FLOOD_MESSAGES = 3000
 FLOOD_TIMEOUT_S = 60.0  # a loaded 2-core machine scores a few thousand messages a second
-WARMUP = {"warmup_steps": 20}  # [scoring]: the spikes come after 20 steps
+WARMUP = {"warmup_steps": 20}  # [scoring] of this file's daemons: alerts after 20 samples
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,22 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from detector.config import Config, build_config
 from detector.daemon import Daemon
-from detector.localbroker import Mosquitto, TlsFiles, free_port
+from detector.localbroker import Mosquitto, TlsFiles
 from tests.support import (
     CONNECT_TIMEOUT_S,
     MESSAGE_TIMEOUT_S,
     TINY_FEATURES,
+    InProcessDaemons,
+    daemon_config,
     metric_value,
     poll_until,
+    readyz,
     sample_payload,
     scrape,
     tiny_fleet,
@@ -115,34 +116,6 @@ def password_broker(tmp_path: Path) -> Iterator[Mosquitto]:
         broker.stop()
 
 
-def _config(broker: Mosquitto, model: Path, **mqtt: Any) -> Config:
-    config, problems = build_config({
-        "daemon": {"instance": "secure"},
-        "mqtt": {"broker": broker.url, "client_id": f"rnnsentry-secure-{free_port()}",
-                 "reconnect_min_s": 1, "reconnect_max_s": 1, **mqtt},
-        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
-        "metrics": {"host": "127.0.0.1", "port": 0},
-        "batch": {"max_wait_ms": 1.0},
-    })  # fmt: skip
-    assert problems == []
-    return config
-
-
-@pytest.fixture
-def start_daemon() -> Iterator[Any]:
-    started: list[Daemon] = []
-
-    def start(config: Config) -> Daemon:
-        daemon = Daemon(config)
-        started.append(daemon)
-        daemon.start()
-        return daemon
-
-    yield start
-    for daemon in reversed(started):
-        daemon.stop()
-
-
 def _daemon_tls(pki: Pki, ca: Path) -> dict[str, str]:
     """[mqtt] TLS settings: trust ``ca``, show the client certificate."""
     return {"tls_ca_file": str(ca), "tls_cert_file": str(pki.client_cert),
@@ -152,11 +125,6 @@ def _daemon_tls(pki: Pki, ca: Path) -> dict[str, str]:
 def _metric(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float | None:
     assert daemon.server is not None
     return metric_value(scrape(daemon.server.port)[1], name, labels)
-
-
-def _readyz(daemon: Daemon) -> tuple[int, str]:
-    assert daemon.server is not None
-    return scrape(daemon.server.port, "/readyz")
 
 
 def _publish_samples(port: int, n: int, *, pki: Pki | None = None,
@@ -184,7 +152,7 @@ def _publish_samples(port: int, n: int, *, pki: Pki | None = None,
 
 def _unready_reason(daemon: Daemon) -> str:
     """/readyz's body once it is 503 with the last failure in brackets, else ""."""
-    code, body = _readyz(daemon)
+    code, body = readyz(daemon)
     return body if code == 503 and "(" in body else ""
 
 
@@ -196,12 +164,13 @@ def _scored(daemon: Daemon) -> float | None:
 
 
 def test_tls_with_a_ca_and_client_certificate_connects_and_scores(
-    tls_broker: Mosquitto, pki: Pki, tiny_model: Path, start_daemon: Any
+    tls_broker: Mosquitto, pki: Pki, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
     assert tls_broker.url.startswith("mqtts://127.0.0.1:")
-    config = _config(tls_broker, tiny_model, **_daemon_tls(pki, pki.ca))
-    daemon = start_daemon(config)
-    poll_until(lambda: _readyz(daemon)[0] == 200, CONNECT_TIMEOUT_S)
+    config = daemon_config(tls_broker.url, tiny_model, instance="secure",
+                           mqtt=_daemon_tls(pki, pki.ca))  # fmt: skip
+    daemon = start_daemon(config, ready_within=None)
+    poll_until(lambda: readyz(daemon)[0] == 200, CONNECT_TIMEOUT_S)
     assert _metric(daemon, "rnnsentry_mqtt_connected") == 1
     _publish_samples(tls_broker.port, 5, pki=pki)
     poll_until(lambda: _scored(daemon) == 5)
@@ -212,11 +181,12 @@ def test_tls_with_a_ca_and_client_certificate_connects_and_scores(
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_tls_against_a_broker_the_ca_did_not_sign_is_unready_and_says_why(
-    tls_broker: Mosquitto, pki: Pki, tiny_model: Path, start_daemon: Any,
+    tls_broker: Mosquitto, pki: Pki, tiny_model: Path, start_daemon: InProcessDaemons,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    config = _config(tls_broker, tiny_model, **_daemon_tls(pki, pki.other_ca))
-    daemon = start_daemon(config)
+    config = daemon_config(tls_broker.url, tiny_model, instance="secure",
+                           mqtt=_daemon_tls(pki, pki.other_ca))  # fmt: skip
+    daemon = start_daemon(config, ready_within=None)
     why = poll_until(lambda: _unready_reason(daemon), CONNECT_TIMEOUT_S)
     assert "certificate verify failed" in why, why
     assert _metric(daemon, "rnnsentry_mqtt_connected") == 0
@@ -228,28 +198,28 @@ def test_tls_against_a_broker_the_ca_did_not_sign_is_unready_and_says_why(
 
 
 def test_the_right_password_from_a_file_connects_and_scores(
-    password_broker: Mosquitto, tiny_model: Path, tmp_path: Path, start_daemon: Any
+    password_broker: Mosquitto, tiny_model: Path, tmp_path: Path, start_daemon: InProcessDaemons
 ) -> None:
     secret = tmp_path / "mqtt_password"
     secret.write_text(PASSWORD + "\n")
-    daemon = start_daemon(
-        _config(password_broker, tiny_model, username=USER, password_file=str(secret))
-    )
-    poll_until(lambda: _readyz(daemon)[0] == 200, CONNECT_TIMEOUT_S)
+    config = daemon_config(password_broker.url, tiny_model, instance="secure",
+                           mqtt={"username": USER, "password_file": str(secret)})  # fmt: skip
+    daemon = start_daemon(config, ready_within=None)
+    poll_until(lambda: readyz(daemon)[0] == 200, CONNECT_TIMEOUT_S)
     _publish_samples(password_broker.port, 5, password=PASSWORD)
     poll_until(lambda: _scored(daemon) == 5)
 
 
 def test_a_wrong_password_is_refused_with_a_clear_error(
-    password_broker: Mosquitto, tiny_model: Path, tmp_path: Path, start_daemon: Any,
+    password_broker: Mosquitto, tiny_model: Path, tmp_path: Path, start_daemon: InProcessDaemons,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     caplog.set_level(logging.INFO, logger="detector.mqtt")
     secret = tmp_path / "mqtt_password"
     secret.write_text("not the password\n")
-    daemon = start_daemon(
-        _config(password_broker, tiny_model, username=USER, password_file=str(secret))
-    )
+    config = daemon_config(password_broker.url, tiny_model, instance="secure",
+                           mqtt={"username": USER, "password_file": str(secret)})  # fmt: skip
+    daemon = start_daemon(config, ready_within=None)
 
     why = poll_until(lambda: _unready_reason(daemon), CONNECT_TIMEOUT_S).lower()
     assert why.startswith("not connected to the broker")
