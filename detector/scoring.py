@@ -122,6 +122,10 @@ class ScoringConfig:
     update_every_steps: int = 0  # while active, an "update" event every this many steps (0: off)
     learn_from_anomalies: bool = True  # False: steps at or above clear_threshold do not
     # move the long-run statistics (what "normal" looks like is learnt from normal steps)
+    freeze_during_alert_steps: int = 0  # while an alert is active, the long-run statistics
+    # stop learning for up to this many steps (0: never), so a long anomaly keeps alerting
+    onset_only: bool = False  # after a step beyond ONSET_RED, cap the next score at ONSET_YELLOW:
+    # the score marks where an anomaly starts, not every step of it (HTM's likelihood filter)
 
     def validate(self) -> list[str]:
         problems = []
@@ -155,7 +159,11 @@ SCORER_COLUMNS: Final[dict[str, tuple[type, float]]] = {
     "episodes": (np.int64, 0),
     "above_bits": (np.int64, 0),  # bit i: the step i steps ago was above threshold
     "active_steps": (np.int64, 0),  # steps since the current alert was raised
+    "prev_tail": (np.float64, 1.0),  # the previous step's tail probability (onset_only)
 }
+
+ONSET_RED: Final = 1e-5  # tail probabilities of the onset filter
+ONSET_YELLOW: Final = 1e-3
 
 
 @dataclass
@@ -221,6 +229,9 @@ class Scorer:
         learn = ok
         if not cfg.learn_from_anomalies:
             learn = ok & ((likelihood < cfg.clear_threshold) | (cols["warm"] < cfg.warmup_steps))
+        if cfg.freeze_during_alert_steps:
+            frozen = cols["active"] & (cols["active_steps"] < cfg.freeze_during_alert_steps)
+            learn = learn & ~frozen
         eff = np.minimum(n[learn] + cfg.prior_weight + 1.0, float(cfg.long_window))
         alpha = 1.0 / eff
         delta = short[learn] - lm[learn]
@@ -232,7 +243,13 @@ class Scorer:
 
         eligible = ok & (warm > cfg.warmup_steps)
         likelihood = np.where(eligible, likelihood, 0.0)
-        score = np.where(eligible, log_score(tail), 0.0)
+        if cfg.onset_only:
+            prev = cols["prev_tail"]
+            shown = np.where(prev <= ONSET_RED, np.maximum(tail, ONSET_YELLOW), tail)
+            prev[ok] = tail[ok]
+        else:
+            shown = tail
+        score = np.where(eligible, log_score(shown), 0.0)
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         # k of the last n eligible steps above threshold (k = n = 1: this step alone).
         bits = cols["above_bits"]

@@ -378,3 +378,39 @@ def test_k_and_n_are_validated() -> None:
     assert ScoringConfig(raise_k=4, raise_n=3).validate()
     assert ScoringConfig(raise_k=1, raise_n=63).validate()
     assert not ScoringConfig(raise_k=2, raise_n=4).validate()
+
+
+def test_onset_only_keeps_the_first_high_score_and_caps_the_ones_after_it() -> None:
+    from detector.scoring import ONSET_YELLOW, log_score
+
+    s = OneStream(warmup_steps=0, onset_only=True)
+    s.run([CALM] * 3)
+    first, second, third = (float(s.step(HIGH).score[0]) for _ in range(3))
+    capped = float(log_score(np.array([ONSET_YELLOW]))[0])  # 3/16
+    assert first > 0.5 and second == third == pytest.approx(capped)
+    s.step(CALM)
+    assert float(s.step(HIGH).score[0]) == pytest.approx(first)  # a new onset shows in full
+
+
+def _noisy_then_shifted(freeze_steps: int) -> list[bool]:
+    """Alert state per step for noise, then a long shift of the error level."""
+    cfg = ScoringConfig(warmup_steps=10, short_window=5, long_window=100_000, prior_weight=1.0,
+                        clear_steps=5, freeze_during_alert_steps=freeze_steps)  # fmt: skip
+    scorer = Scorer(cfg, calibration(HALF_LOG_2PI + 0.5, 0.5))
+    cols = fresh_columns(1)
+    rng = np.random.default_rng(0)
+    active = []
+    for t in range(700):
+        z = rng.normal() + (4.0 if t >= 300 else 0.0)
+        out = scorer.step_batch(cols, np.array([[z]]), np.zeros((1, 1)), np.zeros((1, 1)),
+                                np.array([True]))  # fmt: skip
+        active.append(bool(out.active[0]))
+    return active
+
+
+def test_freezing_during_an_alert_keeps_a_long_anomaly_alerting() -> None:
+    adapting = _noisy_then_shifted(freeze_steps=0)
+    frozen = _noisy_then_shifted(freeze_steps=10_000)
+    assert adapting[305] and frozen[305]  # both raise on the shift
+    assert not all(adapting[305:]), "without freezing, the statistics learn the shift"
+    assert all(frozen[305:]), "frozen statistics keep the shift anomalous"
