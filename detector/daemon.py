@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from detector.errors import ConfigError, PayloadError
 from detector.metrics import Metrics, MetricsServer
 from detector.model import LoadedModel
 from detector.mqtt import Inbound, MqttLink
-from detector.payload import parse_message
+from detector.payload import PlainForm, parse_into, parse_message
 from detector.routing import Router
 from detector.snapshot import load_snapshot, save_snapshot
 
@@ -76,8 +77,29 @@ class _Pending:
 
     streams: list[str]
     ts: list[float]
-    values: list[list[float]]
+    values: list[float]  # flat: the model's n_features values per sample, in feature order
     received: list[float]
+
+
+_UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
+_ROUTE_MEMO_MAX = 131_072  # topics remembered (~200 bytes each, 26 MB at most); cleared when full
+_WAIT_SLICE_S = 0.002  # a short batch looks at the queue this often while it waits for more
+
+
+def _drain_into(inbox: queue.Queue[Inbound], batch: list[Inbound], batch_max: int) -> None:
+    """Move what is queued into ``batch``, up to ``batch_max``, under ONE lock: a get()
+    per message costs a lock round trip and a condition-variable notify each."""
+    with inbox.mutex:
+        items = inbox.queue
+        n = min(batch_max - len(batch), len(items))
+        if n <= 0:
+            return
+        if n == len(items):
+            batch.extend(items)
+            items.clear()
+        else:
+            batch.extend([items.popleft() for _ in range(n)])
+        inbox.not_full.notify(n)
 
 
 def _iso(ts: float) -> str:
@@ -231,23 +253,25 @@ class Daemon:
             self._housekeeping()
 
     def _take(self, batch_max: int, wait_s: float, idle_s: float) -> list[Inbound]:
+        """Whatever is queued, up to ``batch_max``; a short batch waits up to ``wait_s``
+        for more. Waits ``idle_s`` for the first message (0: not at all)."""
+        inbox = self.inbox
         try:
-            first = self.inbox.get(timeout=idle_s) if idle_s > 0 else self.inbox.get_nowait()
+            first = inbox.get(timeout=idle_s) if idle_s > 0 else inbox.get_nowait()
         except queue.Empty:
             return []
         batch = [first]
+        _drain_into(inbox, batch, batch_max)
         deadline = time.monotonic() + wait_s
         while len(batch) < batch_max:
-            try:
-                batch.append(self.inbox.get_nowait())
-            except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(self.inbox.get(timeout=left))
-                except queue.Empty:
-                    break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # Sleep, then take what came, rather than wait on the queue: a waiting worker is
+            # woken by every put, and each wake-up is a GIL hand-over that paho's thread,
+            # busy reading, pays for again at each of its system calls.
+            time.sleep(min(left, _WAIT_SLICE_S))
+            _drain_into(inbox, batch, batch_max)
         return batch
 
     def _housekeeping(self) -> None:
@@ -292,61 +316,104 @@ class Daemon:
         log.info("models reloaded: %s", ", ".join(
             f"{e.model.name} ({e.model.meta.fingerprint})" for e in engines))  # fmt: skip
 
+    # The topic -> route memo of the router it was made for (a reload brings a new router).
+    _route_memo: dict[str, tuple[int, str]] | None = None
+    _route_memo_router: Router | None = None
+
+    def _routes(self) -> dict[str, tuple[int, str]]:
+        memo = self._route_memo
+        fresh = self._route_memo_router is self.router
+        if memo is None or not fresh or len(memo) >= _ROUTE_MEMO_MAX:
+            memo = self._route_memo = {}
+            self._route_memo_router = self.router
+        return memo
+
+    def _route(self, topic: str, memo: dict[str, tuple[int, str]]) -> tuple[int, str]:
+        route = self.router.route(topic)
+        memo[topic] = _UNROUTABLE if route is None else route
+        return memo[topic]
+
     def process(self, batch: list[Inbound]) -> None:
-        """Route, parse, step and publish one micro-batch (the worker's whole job)."""
+        """Route, parse, step and publish one micro-batch (the worker's whole job).
+
+        The loop runs once per message, so it stays small: a memoised route, then
+        ``parse_into`` for the plain payload forms; anything else (rejections included)
+        goes through ``parse_message``, which says why.
+        """
         m = self.metrics
         pending: dict[int, _Pending] = {}
         limits = self.config.payload
+        engines = self.engines
+        routes = self._routes()
+        forms = [PlainForm.of(tuple(e.model.meta.features)) for e in engines]
         for topic, payload, received in batch:
-            route = self.router.route(topic)
-            if route is None:
+            route = routes.get(topic) or self._route(topic, routes)
+            target, stream = route
+            if target < 0:
                 m.reject("unknown_route")
                 self._rejection_log.note("unknown_route", repr(topic))
                 continue
-            target, stream = route
-            model = self.engines[target].model
-            try:
-                parsed = parse_message(
-                    payload, model.meta.features, model.feature_index, received, limits
-                )
-            except PayloadError as exc:
-                m.reject(exc.reason)
-                self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
-                continue
-            if parsed.ignored_names:
-                m.ignored_values.inc(parsed.ignored_names)
             p = pending.get(target)
             if p is None:
                 p = pending[target] = _Pending([], [], [], [])
-            for reading in parsed.readings:
+            k = parse_into(payload, forms[target], received, limits, p.ts, p.values)
+            if k == 1:
                 p.streams.append(stream)
-                p.ts.append(reading.ts)
-                p.values.append(reading.values)
                 p.received.append(received)
+            elif k:
+                p.streams.extend([stream] * k)
+                p.received.extend([received] * k)
+            else:
+                self._parse_slowly(topic, payload, received, engines[target].model, stream, p)
         for target, p in pending.items():
-            self._step(self.engines[target], p)
-        m.streams_active.set(sum(len(e.table) for e in self.engines))
+            if p.streams:
+                self._step(engines[target], p)
+        m.streams_active.set(sum(len(e.table) for e in engines))
+
+    def _parse_slowly(
+        self, topic: str, payload: bytes, received: float, model: LoadedModel, stream: str,
+        p: _Pending,
+    ) -> None:  # fmt: skip
+        """The full parser: rejections with their reason, ignored value names, ISO times."""
+        m = self.metrics
+        try:
+            parsed = parse_message(
+                payload, model.meta.features, model.feature_index, received, self.config.payload
+            )
+        except PayloadError as exc:
+            m.reject(exc.reason)
+            self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
+            return
+        if parsed.ignored_names:
+            m.ignored_values.inc(parsed.ignored_names)
+        for reading in parsed.readings:
+            p.streams.append(stream)
+            p.ts.append(reading.ts)
+            p.values.extend(reading.values)
+            p.received.append(received)
 
     def _step(self, engine: Engine, p: _Pending) -> None:
         m = self.metrics
-        result = engine.process(p.streams, np.asarray(p.ts), np.asarray(p.values))
+        n = len(p.streams)
+        x = np.array(p.values, dtype=np.float64).reshape(n, engine.model.meta.n_features)
+        result = engine.process(p.streams, np.array(p.ts, dtype=np.float64), x)
         decided = time.time()
-        for size, seconds in zip(result.call_sizes, result.call_seconds, strict=True):
-            m.batch_size.observe(size)
-            m.inference_seconds.observe(seconds)
+        m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
+        m.inference_seconds.observe_many(np.asarray(result.call_seconds, dtype=np.float64))
         scored = result.status == SCORED
-        m.messages.labels("scored").inc(int(scored.sum()))
-        for code, reason in _STATUS_REASON.items():
-            count = int((result.status == code).sum())
-            if count:
-                m.reject(reason, count)
-                self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
+        n_scored = int(np.count_nonzero(scored))
+        m.messages.labels("scored").inc(n_scored)
+        if n_scored < n:
+            for code, reason in _STATUS_REASON.items():
+                count = int(np.count_nonzero(result.status == code))
+                if count:
+                    m.reject(reason, count)
+                    self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
         if result.gap_resets:
             m.gap_resets.inc(result.gap_resets)
         if result.evicted:
             m.evictions.inc(result.evicted)
-        for received in p.received:
-            m.decision_latency.observe(decided - received)
+        m.decision_latency.observe_many(decided - np.array(p.received, dtype=np.float64))
         for event in result.events:
             self._publish_alert(engine, event, decided)
         if self.config.mqtt.publish_scores:

@@ -194,4 +194,5 @@ class MqttLink:
             self.inbox.put_nowait((topic, bytes(msg.payload), time.time()))
         except queue.Full:
             self._on_drop()  # counted; acknowledged, or the broker would stall the session
-        client.ack(msg.mid, msg.qos)
+        if msg.qos:
+            client.ack(msg.mid, msg.qos)  # QoS 0 has nothing to acknowledge

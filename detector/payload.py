@@ -5,13 +5,19 @@ list in the model's feature order, a bare number (one-feature models), and a
 JSON list of such objects (a batch for one stream, in time order). ``ts`` is
 epoch seconds or milliseconds, or ISO 8601 text; absent means receive time.
 Every failure is a :class:`~detector.errors.PayloadError` with a closed reason.
+:func:`parse_into` is the worker's fast path for the plain forms: it reads a message
+exactly as :func:`parse_message` would, or leaves it to it.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+import operator
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -22,6 +28,7 @@ from detector.errors import PayloadError
 _MS_THRESHOLD: Final = 1e11
 # The model computes in float32: a larger magnitude would become infinity there.
 _FLOAT32_MAX: Final = 3.4028234663852886e38
+_FLOAT64_MAX: Final = sys.float_info.max
 
 
 def parse_timestamp(value: object) -> float:
@@ -142,6 +149,171 @@ def _sample(
     return Reading(ts, out), ignored
 
 
+# One decoder for every message: json.loads(payload, parse_constant=...) builds a new
+# decoder and scanner per call, which costs about as much as decoding a small message.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN: Final[Callable[[str, int], tuple[Any, int]]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_JSON_SPACE: Final = " \t\n\r"
+_NUMBER_TYPES: Final = frozenset((int, float))  # exact types: a bool is not a reading
+
+
+def decode_json(payload: bytes) -> Any:
+    """``json.loads(payload)`` with NaN and Infinity rejected as ``non_finite``; the same
+    errors (``ValueError``, ``RecursionError``) for anything that is not one JSON document.
+
+    >>> decode_json(b'{"ts": 1, "values": [2.5]}')
+    {'ts': 1, 'values': [2.5]}
+    """
+    if payload[:1] in (b"{", b"[") and payload[1:2] != b"\x00":
+        # What json.detect_encoding says of any such start (no BOM, not UTF-16/32); and
+        # no leading space, so the scanner starts at 0 (json.loads: decode -> raw_decode).
+        text = payload.decode("utf-8", "surrogatepass")
+        try:
+            doc, end = _SCAN(text, 0)
+        except StopIteration as exc:
+            raise json.JSONDecodeError("Expecting value", text, exc.value) from None
+        if end != len(text) and text[end:].strip(_JSON_SPACE):
+            raise json.JSONDecodeError("Extra data", text, end)
+        return doc
+    return _DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
+
+
+@dataclass(frozen=True)
+class PlainForm:
+    """What :func:`parse_into` needs to know of a model's features, made once per model."""
+
+    features: tuple[str, ...]
+    pick: Callable[[dict[str, Any]], Any]  # values object -> its values in feature order
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def of(cls, features: tuple[str, ...]) -> PlainForm:
+        if len(features) == 1:
+            name = features[0]
+            return cls(features, lambda values: (values[name],))
+        return cls(features, operator.itemgetter(*features))
+
+
+def _plain_sample(
+    item: Any, form: PlainForm, recv_ts: float | None, ts_out: list[float],
+    values_out: list[float],
+) -> bool:  # fmt: skip
+    """Append one sample in its plain form (numeric ``ts`` or none, every feature once as a
+    number within float32's range, nothing else); False, appending nothing, otherwise."""
+    if type(item) is not dict:
+        return False
+    values = item.get("values")
+    if type(values) is dict:
+        if len(values) != len(form.features):
+            return False  # unknown names (to count) or missing ones (to reject)
+        try:
+            row = form.pick(values)
+        except KeyError:
+            return False
+    elif type(values) is list:
+        if len(values) != len(form.features):
+            return False
+        row = values
+    else:
+        return False
+    # Numbers only (exact types), and finite within float32: huge ints compare exactly.
+    if not _NUMBER_TYPES.issuperset(map(type, row)) or not max(map(abs, row)) <= _FLOAT32_MAX:
+        return False
+    raw_ts = item.get("ts")
+    if raw_ts is None:
+        if recv_ts is None:
+            return False
+        ts = recv_ts
+    elif type(raw_ts) is float or type(raw_ts) is int:
+        if not abs(raw_ts) <= _FLOAT64_MAX:  # inf (from 1e999), an int beyond float's range
+            return False
+        ts = float(raw_ts)
+        if abs(ts) > _MS_THRESHOLD:
+            ts /= 1000.0
+    else:
+        return False  # ISO text and the rest: parse_timestamp
+    ts_out.append(ts)
+    values_out.extend(row)
+    return True
+
+
+def _plain_batch(
+    doc: list[Any], form: PlainForm, ts_out: list[float], values_out: list[float]
+) -> bool:
+    """``_plain_sample`` for every item of a batch at once, when all are alike (every
+    item an object with a numeric ``ts`` and ``values`` of one form): a few C-level passes
+    over the whole batch instead of a Python call per sample. False appends nothing."""
+    n = len(form.features)
+    try:
+        values = [item["values"] for item in doc]
+        stamps = [item["ts"] for item in doc]
+    except (KeyError, TypeError, IndexError):  # an item that is no object, or lacks one
+        return False
+    kinds = set(map(type, values))
+    if kinds == {dict}:
+        if set(map(len, values)) != {n}:
+            return False
+        try:
+            rows: list[Any] = list(map(form.pick, values))
+        except KeyError:
+            return False
+    elif kinds == {list} and set(map(len, values)) == {n}:
+        rows = values
+    else:
+        return False
+    flat = list(itertools.chain.from_iterable(rows))
+    if not _NUMBER_TYPES.issuperset(map(type, flat)) or not max(map(abs, flat)) <= _FLOAT32_MAX:
+        return False
+    if not _NUMBER_TYPES.issuperset(map(type, stamps)) or not (
+        max(map(abs, stamps)) <= _FLOAT64_MAX
+    ):
+        return False
+    ts_out.extend([t / 1000.0 if abs(t) > _MS_THRESHOLD else float(t) for t in stamps])
+    values_out.extend(flat)
+    return True
+
+
+def parse_into(
+    payload: bytes, form: PlainForm, recv_ts: float, limits: PayloadLimits,
+    ts_out: list[float], values_out: list[float],
+) -> int:  # fmt: skip
+    """The hot path: append the samples of a message in a plain form to ``ts_out`` and
+    ``values_out`` (flat, ``len(form.features)`` values a sample, in feature order; ints
+    stay ints, to become float64 in one numpy call) and return how many.
+
+    0 appends nothing and means: let :func:`parse_message` decide. It rejects the message
+    or reads what this path leaves to it (ISO timestamps, value names the model does not
+    know, a bare number). Whatever this path accepts, ``parse_message`` reads the same.
+
+    >>> ts, values, form = [], [], PlainForm.of(("a", "b"))
+    >>> parse_into(b'{"ts": 10, "values": {"b": 2, "a": 1.5}}', form, 99.0, PayloadLimits(),
+    ...            ts, values), ts, values
+    (1, [10.0], [1.5, 2])
+    >>> parse_into(b'{"ts": "2024-01-01T00:00:00Z", "values": [1, 2]}', form, 99.0,
+    ...            PayloadLimits(), ts, values)
+    0
+    """
+    if len(payload) > limits.max_bytes:
+        return 0
+    try:
+        doc = decode_json(payload)
+    except Exception:  # decode errors, NaN constants: parse_message says which
+        return 0
+    if type(doc) is not list:
+        return 1 if _plain_sample(doc, form, recv_ts, ts_out, values_out) else 0
+    if not doc or len(doc) > limits.max_samples:
+        return 0
+    if len(doc) > 1 and _plain_batch(doc, form, ts_out, values_out):
+        return len(doc)
+    stamp = recv_ts if len(doc) == 1 else None
+    n_ts, n_values = len(ts_out), len(values_out)
+    for item in doc:
+        if not _plain_sample(item, form, stamp, ts_out, values_out):
+            del ts_out[n_ts:], values_out[n_values:]
+            return 0
+    return len(doc)
+
+
 def _ts_or(recv_ts: float | None) -> float:
     if recv_ts is None:
         raise PayloadError("schema", "batch samples need a 'ts'")
@@ -165,7 +337,7 @@ def parse_message(
     if len(payload) > limits.max_bytes:
         raise PayloadError("too_large", f"{len(payload)} bytes > {limits.max_bytes}")
     try:
-        doc: Any = json.loads(payload, parse_constant=_reject_constant)
+        doc: Any = decode_json(payload)
     except (ValueError, RecursionError) as exc:  # JSON, UTF-8, over-long integer literals
         raise PayloadError("decode", f"not JSON ({type(exc).__name__})") from None
     if isinstance(doc, list):

@@ -124,7 +124,7 @@ class ScoringConfig:
     # move the long-run statistics (what "normal" looks like is learnt from normal steps)
     freeze_during_alert_steps: int = 0  # while an alert is active, the long-run statistics
     # stop learning for up to this many steps (0: never), so a long anomaly keeps alerting
-    onset_only: bool = False  # after a step beyond ONSET_RED, cap the next score at ONSET_YELLOW:
+    onset_only: bool = True  # after a step beyond ONSET_RED, cap the next score at ONSET_YELLOW:
     # the score marks where an anomaly starts, not every step of it (HTM's likelihood filter)
 
     def validate(self) -> list[str]:

@@ -67,18 +67,19 @@ class StateTable:
 
     def rows_for(self, streams: Sequence[str], now: float) -> np.ndarray:
         """Rows for these streams (new ones created, fresh), all marked seen at ``now``."""
-        rows = np.empty(len(streams), dtype=np.int64)
         index = self.index
-        last_seen = self.last_seen
-        for i, stream in enumerate(streams):
-            row = index.get(stream)
-            if row is None:
-                row = self._new_row(stream, now)
-                last_seen = self.last_seen  # may have grown
-            else:
-                # Marked at once, so an eviction later in this call cannot take it.
-                last_seen[row] = now
-            rows[i] = row
+        rows = np.fromiter((index.get(s, -1) for s in streams), np.int64, len(streams))
+        new = rows < 0
+        if not new.any():
+            self.last_seen[rows] = now
+            return rows
+        # Known streams are marked first, so that making room for new ones cannot evict
+        # a stream of this very call; each new row is marked as it is made.
+        self.last_seen[rows[~new]] = now
+        for i in np.flatnonzero(new).tolist():
+            stream = streams[i]
+            row = index.get(stream)  # an earlier sample of this call may have made it
+            rows[i] = self._new_row(stream, now) if row is None else row
         return rows
 
     def _new_row(self, stream: str, now: float) -> int:
@@ -136,9 +137,10 @@ class StateTable:
 
     def gather(self, rows: np.ndarray, names: Iterable[str] | None = None) -> dict[str, Any]:
         """Copies of the named columns for these rows (stream axis as each column's)."""
+        arrays, columns = self.arrays, self.columns
         return {
-            name: np.take(self.arrays[name], rows, axis=self.columns[name].axis)
-            for name in (names if names is not None else self.columns)
+            name: arrays[name].take(rows, axis=columns[name].axis)
+            for name in (names if names is not None else columns)
         }
 
     def scatter(self, rows: np.ndarray, values: dict[str, Any]) -> None:

@@ -1,0 +1,337 @@
+"""Where a batch's time goes: onnxruntime alone, then the daemon's whole worker path.
+
+1. onnxruntime steps per second against batch size (1 ... 4096) for gru and lstm of hidden
+   size 64 and 8 features, through ``LoadedModel.step`` (one intra-op thread, as the
+   daemon runs; gru also with two).
+2. The daemon's worker on single-sample messages as the queue holds them, no broker:
+   ``process`` per micro-batch of batch.max (512) over 10,000 streams. Timed without a
+   profiler (onnxruntime's share from a timer around ``InferenceSession.run``), then under
+   cProfile, split by the module the time is spent in.
+3. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
+   lists it.
+
+    .venv/bin/python bench/step.py [--streams 10000] [--messages 200000] [--seconds 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import math
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from common import (
+    Load,
+    add_common_arguments,
+    bench_model,
+    inbound_messages,
+    load_note_at_end,
+    machine_line,
+    table,
+    wait_quiet,
+)
+
+from detector.config import build_config
+from detector.daemon import Daemon
+from detector.model import LoadedModel
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def time_steps(model: LoadedModel, batch: int, seconds: float) -> float:
+    """Seconds per call of ``model.step`` at this batch size (best of a few rounds)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, model.meta.n_features)).astype(np.float32)
+    states = [s + 0.1 for s in model.zero_states(batch)]
+    model.step(x, states)
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    while True:
+        calls = 0
+        t0 = time.perf_counter()
+        while calls < 5 or time.perf_counter() - t0 < seconds / 5:
+            model.step(x, states)
+            calls += 1
+        best = min(best, (time.perf_counter() - t0) / calls)
+        if time.perf_counter() > deadline:
+            return best
+
+
+def onnx_table(paths: dict[str, Path], seconds: float) -> None:
+    variants = [("gru", 1), ("lstm", 1), ("gru", 2)]
+    models = {(c, t): LoadedModel.load(paths[c], intra_op_threads=t) for c, t in variants}
+    rows = []
+    for b in BATCHES:
+        row: list[object] = [f"{b:,}"]
+        for key in variants:
+            per_call = time_steps(models[key], b, seconds)
+            row += [f"{per_call * 1e6:,.1f}", f"{per_call / b * 1e6:.3f}", f"{b / per_call:,.0f}"]
+        rows.append(row)
+    heads = ["batch"]
+    for cell, threads in variants:
+        tag = f"{cell}{'' if threads == 1 else f' {threads} thr'}"
+        heads += [f"{tag} µs/call", f"{tag} µs/step", f"**{tag} steps/s**"]
+    print(table(heads, rows))
+
+
+class TimedSession:
+    """An InferenceSession whose ``run`` adds its wall time to ``seconds``."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.seconds = 0.0
+        self.calls = 0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.session.run(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def make_daemon(model: Path, streams: int, batch_max: int = 512) -> Daemon:
+    config, problems = build_config(
+        {
+            "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
+            "metrics": {"enabled": False},
+            "streams": {"max_streams": max(100_000, streams)},
+            "batch": {"queue_size": 1_000_000, "max": batch_max},
+            "scoring": {"warmup_steps": 5},  # so that the injected anomalies raise alerts
+        }
+    )
+    assert not problems, problems
+    daemon = Daemon(config)
+    daemon._install(daemon._load_models())
+    daemon.link = FakeLink()  # type: ignore[assignment]
+    return daemon
+
+
+class FakeLink:
+    """Stands in for MqttLink: alerts are encoded and handed over, never sent."""
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        return True
+
+
+def batches_of(messages: list[Any], size: int) -> list[list[Any]]:
+    return [messages[i : i + size] for i in range(0, len(messages), size)]
+
+
+def drain(daemon: Daemon, batches: list[list[Any]]) -> float:
+    """``process`` every batch, as the worker would, in order; the wall time."""
+    t0 = time.perf_counter()
+    for batch in batches:
+        daemon.process(batch)
+    return time.perf_counter() - t0
+
+
+def module_of(filename: str) -> str:
+    if "prometheus_client" in filename:
+        return "metrics"
+    if "/onnxruntime/" in filename:
+        return "onnxruntime"
+    if "/detector/" in filename:
+        return "detector/" + filename.rsplit("/", 1)[1]
+    return filename.rsplit("/", 1)[-1]
+
+
+def split_profile(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
+    """Seconds entered into each module from outside it (so including what it calls in
+    other modules), and "publish": the ``_publish_*`` calls made by ``_step``."""
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = 0.0
+    entry: dict[str, float] = {}
+    for (filename, _, name), (_, _, tt, _, callers) in raw.items():
+        total += tt
+        mod = module_of(filename)
+        for (cfile, _, cname), caller_stat in callers.items():
+            key = None
+            if module_of(cfile) != mod:
+                key = mod
+            elif mod == "detector/daemon.py" and cname == "_step" and name.startswith("_publish"):
+                key = "publish"
+            if key is not None:
+                entry[key] = entry.get(key, 0.0) + caller_stat[3]
+    return total, entry
+
+
+def worker_profile(model: Path, streams: int, messages: int) -> None:
+    rounds = max(8, messages // streams)
+    load = Load(
+        streams=streams, rounds=rounds, inject=tuple((k, rounds - 1) for k in range(0, streams, 97))
+    )
+    inbound = inbound_messages(load)
+
+    daemon = make_daemon(model, streams)
+    engine = daemon.engines[0]
+    timed = TimedSession(engine.model.session)
+    engine.model.session = timed  # type: ignore[assignment]
+    batches = batches_of(inbound, daemon.config.batch.max)
+    seconds = drain(daemon, batches)
+    scored = (
+        daemon.metrics.registry.get_sample_value("rnnsentry_messages_total", {"outcome": "scored"})
+        or 0
+    )
+    alerts = (
+        daemon.metrics.registry.get_sample_value("rnnsentry_alerts_total", {"event": "raised"}) or 0
+    )
+    per_msg = seconds / len(inbound)
+    ort_share = timed.seconds / seconds
+    print(
+        table(
+            ["measure (no profiler)", "value"],
+            [
+                (
+                    "messages, streams, micro-batches",
+                    f"{len(inbound):,}, {streams:,}, {len(batches):,}",
+                ),
+                ("scored, alerts raised", f"{int(scored):,}, {int(alerts):,}"),
+                (
+                    "worker throughput (`process`)",
+                    f"**{len(inbound) / seconds:,.0f} messages/s**",
+                ),
+                ("worker time per message", f"{per_msg * 1e6:.2f} µs"),
+                (
+                    "onnxruntime per message (session.run)",
+                    f"{timed.seconds / len(inbound) * 1e6:.2f} µs",
+                ),
+                ("**share of a batch's time outside onnxruntime**", f"**{1 - ort_share:.1%}**"),
+            ],
+        )
+    )
+    print()
+
+    daemon = make_daemon(model, streams)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    drain(daemon, batches)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total, entry = split_profile(stats)
+    names = {
+        "detector/daemon.py": "daemon: process / _step (excluding the rows below)",
+        "detector/routing.py": "route topic -> stream",
+        "detector/payload.py": "parse (json + validation)",
+        "detector/engine.py": "engine (rounds, masks, results; excluding the rows below)",
+        "detector/state.py": "state table (rows, gather, scatter)",
+        "detector/scoring.py": "scoring (NLL, likelihood, alert state machine)",
+        "detector/model.py": "model.step (feeds; includes onnxruntime)",
+        "onnxruntime": "onnxruntime session.run",
+        "metrics": "metrics (prometheus_client)",
+        "detector/metrics.py": "metrics (rnnsentry's own)",
+        "publish": "publishing alerts (_publish_*: JSON + hand-over)",
+    }
+    rows = []
+    ours = {k: v for k, v in entry.items() if k in names}
+    # Entered-from-outside times nest (engine includes state, scoring, model, onnxruntime):
+    # report each level's exclusive part.
+    nested = {
+        "detector/engine.py": ["detector/state.py", "detector/scoring.py", "detector/model.py"],
+        "detector/model.py": ["onnxruntime"],
+    }
+    exclusive = dict(ours)
+    for outer, inner in nested.items():
+        if outer in exclusive:
+            exclusive[outer] -= sum(ours.get(i, 0.0) for i in inner)
+    daemon_total = ours.get("detector/daemon.py", total)
+    exclusive["detector/daemon.py"] = daemon_total - sum(
+        v
+        for k, v in ours.items()
+        if k
+        in (
+            "detector/routing.py",
+            "detector/payload.py",
+            "detector/engine.py",
+            "metrics",
+            "detector/metrics.py",
+            "publish",
+        )
+    )
+    for key, label in names.items():
+        if key in exclusive and exclusive[key] > 0:
+            rows.append((label, f"{exclusive[key] / daemon_total:.1%}"))
+    print(table(["worker time under cProfile, by where it is spent", "share"], rows))
+    print("\ntop functions by own time under cProfile (profiling inflates Python calls):\n")
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:14]  # type: ignore[attr-defined]
+    print(
+        table(
+            ["function", "calls", "own s", "share"],
+            [
+                (
+                    f"`{Path(f).name}:{line} {name}`" if f != "~" else f"`{name}`",
+                    f"{nc:,}",
+                    f"{tt:.3f}",
+                    f"{tt / daemon_total:.1%}",
+                )
+                for (f, line, name), (_, nc, tt, _, _) in top
+            ],
+        )
+    )
+
+
+def cuda_part(paths: dict[str, Path], seconds: float) -> None:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        print(
+            f"CUDA: not run. No GPU here: onnxruntime lists {', '.join(available)}; the CUDA"
+            " rows (batch 4,096 and 65,536, CPU against CUDA) run only where it lists"
+            " CUDAExecutionProvider (onnxruntime-gpu on a GPU machine)."
+        )
+        return
+    rows = []
+    for cell in ("gru", "lstm"):
+        cpu = LoadedModel.load(paths[cell], providers=["cpu"])
+        gpu = LoadedModel.load(paths[cell], providers=["cuda"])
+        for b in (4096, 65536):
+            c, g = time_steps(cpu, b, seconds), time_steps(gpu, b, seconds)
+            rows.append(
+                (
+                    cell,
+                    f"{b:,}",
+                    f"{b / c:,.0f}",
+                    f"{b / g:,.0f}",
+                    f"{c / g:.1f}x",
+                    ", ".join(gpu.providers),
+                )
+            )
+    print(table(["cell", "batch", "CPU steps/s", "CUDA steps/s", "CUDA / CPU", "providers"], rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=10_000, help="(%(default)s)")
+    parser.add_argument("--messages", type=int, default=200_000, help="(%(default)s)")
+    parser.add_argument(
+        "--seconds", type=float, default=0.3, help="timing per batch size and model (%(default)s)"
+    )
+    parser.add_argument("--skip-onnx", action="store_true", help="only the worker profile")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    note = wait_quiet(args.wait_quiet_s) if args.wait_quiet_s > 0 else ""
+    paths = {cell: bench_model(cell, 64, 8) for cell in ("gru", "lstm")}
+    began = time.monotonic()
+    print(f"step: {machine_line(note)}\n")
+    if not args.skip_onnx:
+        print("onnxruntime alone, `LoadedModel.step`, hidden 64, 8 features, 1 layer:\n")
+        onnx_table(paths, args.seconds)
+        print()
+    print("the daemon's worker on queued single-sample messages (gru, batch.max 512):\n")
+    worker_profile(paths["gru"], args.streams, args.messages)
+    print()
+    cuda_part(paths, args.seconds)
+    print(f"\nwall time {time.monotonic() - began:.0f} s; " + load_note_at_end())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
