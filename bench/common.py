@@ -272,6 +272,7 @@ class Load:
     per_message: int = 1
     topic: str = "sensors/s{stream}"
     inject: tuple[tuple[int, int], ...] = ()
+    named: bool = True  # "values" as {"name": v, ...}; False: a list in feature order
 
     @property
     def messages(self) -> int:
@@ -286,6 +287,9 @@ def _fragments(load: Load) -> list[list[bytes]]:
     """Per pump, per step: the ``"values"`` object of a normal reading, JSON text."""
     names = feature_names(load.features)
     pool = value_pool(load.features, steps=load.rounds + 600)
+    if not load.named:
+        return [[("[" + ", ".join(f"{v:.5g}" for v in row) + "]").encode() for row in pump]
+                for pump in pool]  # fmt: skip
     return [
         [
             (
@@ -298,6 +302,8 @@ def _fragments(load: Load) -> list[list[bytes]]:
 
 
 def _anomaly(load: Load) -> bytes:
+    if not load.named:
+        return ("[" + ", ".join("1000.0" for _ in range(load.features)) + "]").encode()
     return ("{" + ", ".join(f'"{n}": 1000.0' for n in feature_names(load.features)) + "}").encode()
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -34,6 +35,8 @@ _TRAINING_COMMANDS = {
                  "score replay output against labels (point-wise, event and NAB scores)"),
     "demo": ("training.demo", "add_demo_arguments", "run_demo",
              "train, start a broker and the daemon, replay a fleet with anomalies"),
+    "plot": ("training.plot", "add_plot_arguments", "run_plot",
+             "draw replay output: features, anomaly score and threshold, alerts, labelled windows"),
 }  # fmt: skip
 
 
@@ -55,6 +58,25 @@ def _add_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="SCORES.csv")
     p.add_argument("--timestamp-col", metavar="C", help="timestamp column (default: detected)")
     p.add_argument("--config", metavar="FILE.toml", help="take [scoring] and [streams] from here")
+    p.add_argument(
+        "--plot",
+        metavar="P.png",
+        help="also draw the output (see rnnsentry plot; needs matplotlib)",
+    )
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--windows",
+        metavar="WINDOWS.json",
+        help="with --plot: shade these NAB-style windows (key: the data's stem)",
+    )
+    labels.add_argument(
+        "--labels",
+        metavar="L.csv",
+        help="with --plot: shade the runs of this file's 0/1 label column",
+    )
+    p.add_argument("--key", metavar="K", help="with --windows: the windows key")
+    p.add_argument("--label-col", default="anomaly", metavar="C",
+                   help="with --labels: the label column (%(default)s)")  # fmt: skip
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
@@ -186,6 +208,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config, problems = load_config(args.config, environ={})
     if problems:
         raise ConfigError("; ".join(problems))
+    labelled = args.windows or args.labels or args.key
+    if labelled and not args.plot:
+        raise ConfigError("--windows, --labels and --key go with --plot")
+    if args.plot:
+        from training import plot  # only now: the daemon's commands never load matplotlib
+
+        plot.require_matplotlib("--plot")
+        labels = plot.load_labels(windows=args.windows, key=args.key, labels=args.labels,
+                                  label_col=args.label_col, stem=Path(args.data).stem)  # fmt: skip
     model = LoadedModel.load(args.model)
     result = replay_csv(
         model, args.data, args.out, config.scoring, config.streams, args.timestamp_col
@@ -195,6 +226,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f" {result.raised} alert(s) raised, {int(result.alert.sum())} row(s) in alert,"
         f" {result.skipped} row(s) with missing values skipped"
     )
+    if args.plot:
+        drawn = plot.plot_with_labels(args.out, args.plot, labels, threshold=config.scoring)
+        print(plot.summary(drawn, args.out))
     return 0
 
 

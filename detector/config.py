@@ -71,7 +71,7 @@ class ModelConfig:
 class BatchConfig:
     max: int = 512  # messages per micro-batch
     max_wait_ms: float = 2.0  # how long a non-full batch waits for more
-    queue_size: int = 100_000  # bounded queue between the MQTT thread and the worker
+    queue_size: int = 100_000  # bound on the queue (a backstop: due batches are scored first)
 
 
 @dataclass(frozen=True)

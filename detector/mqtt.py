@@ -1,8 +1,8 @@
 """The MQTT link: paho 2.x on its own thread, feeding a bounded queue.
 
-``on_message`` does the minimum: stamps the receive time and ``put_nowait``s
-(topic, payload, time) into the queue; a full queue drops and counts, never
-blocking paho's thread. Subscriptions are made in ``on_connect`` so reconnects
+``on_message`` stamps the receive time, ``put_nowait``s (topic, payload, time)
+into the queue (a full queue drops and counts) and calls ``on_queued``, with which
+the daemon scores a due batch on this thread before paho reads on. Subscriptions are made in ``on_connect`` so reconnects
 resubscribe; a retained ``online`` status and a retained Last Will ``offline``.
 QoS 1 input is acknowledged once queued; after ``stop_intake`` it is left
 unacknowledged, so the broker keeps it in the persistent session for the next run.
@@ -11,6 +11,7 @@ unacknowledged, so the broker keeps it in the persistent session for the next ru
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import ssl
 import sys
@@ -44,6 +45,7 @@ class MqttLink:
         on_drop: Callable[[], None],
         on_connection: Callable[[bool], None],
         password: str | None = None,
+        on_queued: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.status_topic = status_topic
@@ -51,6 +53,7 @@ class MqttLink:
         self.inbox = inbox
         self._on_drop = on_drop
         self._on_connection = on_connection
+        self._on_queued = on_queued  # after each message queued, with its receive time
         self.connected = threading.Event()
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
@@ -190,9 +193,13 @@ class MqttLink:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
+        received = time.time()
         try:
-            self.inbox.put_nowait((topic, bytes(msg.payload), time.time()))
+            self.inbox.put_nowait((topic, bytes(msg.payload), received))
         except queue.Full:
             self._on_drop()  # counted; acknowledged, or the broker would stall the session
+            received = math.nan
         if msg.qos:
             client.ack(msg.mid, msg.qos)  # QoS 0 has nothing to acknowledge
+        if self._on_queued is not None and received == received:
+            self._on_queued(received)  # e.g. the daemon scores a due batch here

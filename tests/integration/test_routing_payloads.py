@@ -224,7 +224,7 @@ def test_every_payload_form_is_scored_with_the_right_timestamp(
 # --- 3. a full queue drops and counts ---
 
 
-def test_a_full_queue_drops_and_counts_every_message(
+def test_a_flood_is_scored_not_dropped_the_daemon_reads_no_faster_than_it_scores(
     mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
     config = daemon_config(mosquitto.url, tiny_model, instance="routing", scoring=WARMUP,
@@ -247,10 +247,11 @@ def test_a_full_queue_drops_and_counts_every_message(
         got = _outcomes(daemon)
         return got if sum(got.values()) == len(payloads) else None
 
+    # A queue of 2 and batches of 1: paho's thread scores each due batch before it reads
+    # on, so the backlog waits in the socket and the broker's queue, not in a queue of ours.
     outcomes = poll_until(accounted, FLOOD_TIMEOUT_S)
-    assert outcomes["dropped"] > 0, "a queue of 2 behind a worker of batches of 1 never filled"
-    assert outcomes["scored"] > 0 and outcomes["rejected"] == 0
-    # paho's thread never blocked on the full queue: still connected, and ready once drained
+    assert outcomes == {"scored": len(payloads), "rejected": 0, "dropped": 0}
+    # still connected (keep-alive answered while scoring), and ready once drained
     assert _metric(daemon, "rnnsentry_mqtt_connected") == 1
     assert _metric(daemon, "rnnsentry_queue_depth") <= 2
     poll_until(lambda: readyz(daemon)[0] == 200)

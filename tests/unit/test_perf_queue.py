@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -17,8 +18,8 @@ from detector.mqtt import Inbound
 WAIT_S = 5.0  # a generous bound on a busy machine; the tests end long before it
 
 
-def item(i: int) -> Inbound:
-    return (f"sensors/s{i}", b"{}", float(i))
+def item(i: int, received: float | None = None) -> Inbound:
+    return (f"sensors/s{i}", b"{}", float(i) if received is None else received)
 
 
 def test_drain_takes_in_order_up_to_batch_max_and_keeps_the_rest() -> None:
@@ -70,15 +71,62 @@ def test_take_returns_a_full_batch_at_once(daemon: Daemon) -> None:
 
 
 def test_a_short_batch_waits_for_more_and_takes_what_comes(daemon: Daemon) -> None:
-    daemon.inbox.put_nowait(item(0))
-    later = threading.Timer(0.01, lambda: daemon.inbox.put_nowait(item(1)))
+    first, second = item(0, time.time()), item(1, time.time())
+    daemon.inbox.put_nowait(first)
+    later = threading.Timer(0.01, lambda: daemon.inbox.put_nowait(second))
     later.start()
     began = time.monotonic()
     batch = daemon._take(4, 0.05, 0.0)
     waited = time.monotonic() - began
     later.join()
-    assert batch == [item(0), item(1)]
+    assert batch == [first, second]
     assert 0.04 <= waited < WAIT_S
+
+
+def test_a_batch_that_waited_long_enough_is_taken_at_once(daemon: Daemon) -> None:
+    """The wait counts from the oldest message's arrival, not from when the worker looks."""
+    old = item(0, time.time() - 1.0)
+    daemon.inbox.put_nowait(old)
+    began = time.monotonic()
+    assert daemon._take(4, 0.05, 0.0) == [old]
+    assert time.monotonic() - began < 0.04
+
+
+def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -> None:
+    """on_queued (paho's thread, after each message) scores when batch.max are queued or
+    the oldest has waited max_wait; before that it leaves the queue alone."""
+    config, problems = build_config({
+        "models": [{"path": str(tiny_model), "topics": ["sensors/{stream}"]}],
+        "metrics": {"enabled": False},
+        "batch": {"max": 3, "max_wait_ms": 1000.0, "queue_size": 100},
+    })  # fmt: skip
+    assert problems == []
+    daemon = Daemon(config)
+    daemon._install(daemon._load_models())
+    names = daemon.engines[0].model.meta.features
+    now = time.time()
+
+    def message(stream: str, ts: float) -> Inbound:
+        body = {"ts": ts, "values": dict.fromkeys(names, 0.5)}
+        return (f"sensors/{stream}", json.dumps(body).encode(), now)
+
+    def scored() -> float:
+        value = daemon.metrics.registry.get_sample_value(
+            "rnnsentry_messages_total", {"outcome": "scored"}
+        )
+        return value or 0.0
+
+    for k in range(2):
+        daemon.inbox.put_nowait(message("a", 1.0 + k))
+        daemon.on_queued(now)
+    assert daemon.inbox.qsize() == 2 and scored() == 0  # neither full nor old: left queued
+    daemon.inbox.put_nowait(message("a", 3.0))
+    daemon.on_queued(now)
+    assert daemon.inbox.empty() and scored() == 3  # batch.max reached: scored in order
+    daemon.inbox.put_nowait(message("b", 1.0))
+    daemon.on_queued(now + 1.0)  # the next arrival, a max_wait later, finds it due
+    assert daemon.inbox.empty() and scored() == 4
+    assert sorted(daemon.engines[0].table.streams()) == ["a", "b"]
 
 
 def test_an_empty_queue_gives_nothing_after_idle(daemon: Daemon) -> None:
