@@ -21,6 +21,8 @@ from detector.errors import ModelFileError
 METADATA_KEY: Final = "rnnsentry"
 FORMAT_VERSION: Final = 1
 CELLS: Final = ("gru", "lstm", "rnn")
+# The raw scores a calibration can be of (detector.scoring computes each).
+RAW_SCORES: Final = ("student_t", "gaussian_nll")
 INPUT_NAME: Final = "x"
 OUTPUT_NAMES: Final = ("mean", "log_var")
 
@@ -44,10 +46,13 @@ class Normalisation:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The raw score (Gaussian NLL) on held-out normal data, streamed like the daemon.
+    """The raw score on held-out normal data, streamed like the daemon.
 
     ``window_mean``/``window_std`` describe the short-term average of the raw
     score over ``window`` steps: the prior of each stream's anomaly likelihood.
+    ``raw_score`` names the raw score these figures are of, and so the one the daemon
+    computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
+    NLL, the raw score of the first releases.
     """
 
     n: int
@@ -58,6 +63,7 @@ class Calibration:
     window_mean: float
     window_std: float
     threshold: float  # default anomaly-likelihood threshold for this model
+    raw_score: str = "gaussian_nll"
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ def _check_types(meta: ModelMeta) -> None:
         ("calibration.window_mean", _is_num(cal.window_mean)),
         ("calibration.window_std", _is_num(cal.window_std)),
         ("calibration.threshold", _is_num(cal.threshold)),
+        ("calibration.raw_score", isinstance(cal.raw_score, str)),
         ("training", isinstance(meta.training, dict)),
         ("graph_sha256", isinstance(meta.graph_sha256, str)),
     ]  # fmt: skip
@@ -177,6 +184,11 @@ def _check_meta(meta: ModelMeta) -> None:
     cal = meta.calibration
     if not (math.isfinite(cal.window_mean) and cal.window_std > 0 and cal.window >= 1):
         raise ModelFileError("metadata calibration window statistics are invalid")
+    if cal.raw_score not in RAW_SCORES:
+        raise ModelFileError(
+            f"metadata calibration.raw_score {cal.raw_score!r} is not one of"
+            f" {', '.join(RAW_SCORES)}"
+        )
 
 
 # --- reading the file without the `onnx` package (the daemon does not need it) ---

@@ -35,6 +35,32 @@ def gaussian_nll(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
     return out
 
 
+STUDENT_T_DOF: Final = 10.0  # degrees of freedom of the raw score's error model
+
+
+def student_t_score(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
+    """The raw score: sum over features of (nu + 1) / 2 * log(1 + e^2 / nu), e the
+    standardised error and nu = STUDENT_T_DOF.
+
+    It is the negative log-likelihood of the errors under a Student t of the model's
+    location and scale, less the terms that do not depend on the error. Within a few
+    standard deviations it is close to the Gaussian NLL (about e^2 / 2); far out it grows
+    like log e^2, so one wild reading, or a level shift to hundreds of standard deviations,
+    moves a stream's long-run statistics of the score a bounded amount instead of
+    swamping them for thousands of steps.
+
+    >>> round(float(student_t_score(np.ones((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))[0]), 4)
+    1.0484
+    """
+    return _student_t(standardised_errors(z, mean, log_var))
+
+
+def _student_t(e: np.ndarray) -> F64:
+    nu = STUDENT_T_DOF
+    out: F64 = 0.5 * (nu + 1.0) * np.sum(np.log1p(e * e / nu), axis=-1)
+    return out
+
+
 def standardised_errors(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
     """Per-feature (z - mean) / sigma: which sensor is off, and in which direction."""
     out: F64 = (np.asarray(z, np.float64) - mean) * np.exp(-0.5 * np.asarray(log_var, np.float64))
@@ -109,9 +135,9 @@ class ScoringConfig:
     """How raw scores become likelihoods and alerts; one setting serves every stream."""
 
     warmup_steps: int = 30  # steps scored before a stream may alert
-    short_window: int = 10  # steps in the short-term average of the raw score
-    long_window: int = 2000  # steps of memory of the long-run distribution
-    prior_weight: float = 50.0  # the calibration prior counts as this many steps
+    short_window: int = 20  # steps in the short-term average of the raw score
+    long_window: int = 8000  # steps of memory of the long-run distribution
+    prior_weight: float = 8000.0  # the calibration prior counts as this many steps
     threshold: float = 0.9999  # likelihood at which an alert is raised
     raise_k: int = 1  # raise when at least k of the last n eligible steps are above threshold
     raise_n: int = 1
@@ -126,6 +152,8 @@ class ScoringConfig:
     # stop learning for up to this many steps (0: never), so a long anomaly keeps alerting
     onset_only: bool = True  # after a step beyond ONSET_RED, cap the next score at ONSET_YELLOW:
     # the score marks where an anomaly starts, not every step of it (HTM's likelihood filter)
+    onset_hold_steps: int = 100  # with onset_only: also cap the scores of this many steps
+    # after an onset, so one incident shows as one onset, not a burst of them
 
     def validate(self) -> list[str]:
         problems = []
@@ -136,8 +164,9 @@ class ScoringConfig:
                 problems.append(f"{name} must be at least 1")
         if not self.raise_k <= self.raise_n <= 62:
             problems.append("need raise_k <= raise_n <= 62")
-        if self.update_every_steps < 0:
-            problems.append("update_every_steps must not be negative")
+        for name in ("update_every_steps", "onset_hold_steps", "freeze_during_alert_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
         for name in ("warmup_steps", "min_interval_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
@@ -160,6 +189,7 @@ SCORER_COLUMNS: Final[dict[str, tuple[type, float]]] = {
     "above_bits": (np.int64, 0),  # bit i: the step i steps ago was above threshold
     "active_steps": (np.int64, 0),  # steps since the current alert was raised
     "prev_tail": (np.float64, 1.0),  # the previous step's tail probability (onset_only)
+    "since_red": (np.int64, 2**40),  # steps since the last onset shown (onset_hold_steps)
 }
 
 ONSET_RED: Final = 1e-5  # tail probabilities of the onset filter
@@ -192,6 +222,7 @@ class Scorer:
         self.config = config
         self.prior_mean = float(calibration.window_mean)
         self.prior_var = float(calibration.window_std) ** 2
+        self.raw_score = calibration.raw_score  # the score the calibration describes
         self._alpha_short = ewma_alpha(config.short_window)
 
     def step_batch(
@@ -204,8 +235,11 @@ class Scorer:
     ) -> StepScores:
         """Score normalised observations ``z`` [B, F] against the previous predictions."""
         cfg = self.config
-        raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors = standardised_errors(z, mean, log_var)
+        if self.raw_score == "student_t":  # student_t_score, from the errors in hand
+            raw = np.where(has_pred, _student_t(std_errors), np.nan)
+        else:
+            raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors[~has_pred] = np.nan
         ok = has_pred & np.isfinite(raw)
 
@@ -245,7 +279,11 @@ class Scorer:
         likelihood = np.where(eligible, likelihood, 0.0)
         if cfg.onset_only:
             prev = cols["prev_tail"]
-            shown = np.where(prev <= ONSET_RED, np.maximum(tail, ONSET_YELLOW), tail)
+            since = cols["since_red"]
+            held = (prev <= ONSET_RED) | (since < cfg.onset_hold_steps)
+            shown = np.where(held, np.maximum(tail, ONSET_YELLOW), tail)
+            since[ok] += 1
+            since[ok & (tail <= ONSET_RED) & ~held] = 0
             prev[ok] = tail[ok]
         else:
             shown = tail

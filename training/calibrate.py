@@ -2,8 +2,9 @@
 
 The exported step runs in onnxruntime over each held-out stream from a zero state,
 feeding its state back exactly as the daemon does; every step after the burn-in is
-scored with :func:`detector.scoring.gaussian_nll` against the previous prediction,
-and its short-term average with :func:`detector.scoring.short_average`.
+scored with the raw score :data:`RAW_SCORE` (:func:`detector.scoring.student_t_score`)
+against the previous prediction, and its short-term average with
+:func:`detector.scoring.short_average` over the daemon's default short window.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import onnx
 
 from detector.artifact import Calibration, Normalisation
 from detector.errors import DataError
-from detector.scoring import gaussian_nll, short_average
+from detector.scoring import ScoringConfig, short_average, student_t_score
 from training.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
 
 QUANTILES = ("0.5", "0.9", "0.99", "0.999")
-DEFAULT_WINDOW = 10
+DEFAULT_WINDOW = ScoringConfig().short_window
+RAW_SCORE = "student_t"  # what the calibration describes, and so what the daemon computes
 DEFAULT_THRESHOLD = 0.9999
 MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not positive
 
@@ -52,7 +54,7 @@ def stream_scores(
     for b, n in enumerate(lengths):
         raw = np.full(n, np.nan)
         if n > 1:
-            raw[1:] = gaussian_nll(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
+            raw[1:] = student_t_score(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
         scores.append(raw)
     return scores
 
@@ -88,6 +90,7 @@ def summarise(
         window_mean=float(avg_all.mean()),
         window_std=max(float(avg_all.std()), MIN_STD),
         threshold=threshold,
+        raw_score=RAW_SCORE,
     )
 
 

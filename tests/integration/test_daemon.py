@@ -82,7 +82,7 @@ def test_a_spike_raises_an_alert_with_its_payload(
         publisher.send("sensors/pump-1", sample_payload(TINY_FEATURES, row, 1000.0 + t), qos=0)
     alert = listener.json_on("rnnsentry/alerts/pump-1", lambda d: d["event"] == "raised")
     assert alert["stream"] == "pump-1"
-    assert alert["ts"] == 1090.0
+    assert alert["ts"] in (1090.0, 1091.0)  # the spike, or the step after (short average)
     assert alert["likelihood"] >= alert["threshold"]
     assert alert["top_features"][0]["feature"] == "pressure"
     assert alert["fingerprint"] == daemon.engines[0].model.meta.fingerprint

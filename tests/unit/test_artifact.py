@@ -310,3 +310,27 @@ def test_expected_io_for_an_lstm() -> None:
     assert inputs == {"x": ["B", 2], "h": [3, "B", 8], "c": [3, "B", 8]}
     assert list(outputs) == ["mean", "log_var", "h_out", "c_out"]
     assert outputs["c_out"] == [3, "B", 8]
+
+
+# --- which raw score the calibration describes ---
+
+
+def test_a_file_without_raw_score_means_the_gaussian_nll_of_older_files() -> None:
+    _, doc, data = good_file()
+    assert "raw_score" not in doc["calibration"]
+    assert parse_artifact(data).calibration.raw_score == "gaussian_nll"
+
+
+@pytest.mark.parametrize("kind", ["student_t", "gaussian_nll"])
+def test_a_known_raw_score_is_read(kind: str) -> None:
+    model, doc, _ = good_file()
+    doc["calibration"]["raw_score"] = kind
+    assert parse_artifact(file_bytes(model, json.dumps(doc))).calibration.raw_score == kind
+
+
+@pytest.mark.parametrize(("value", "says"), [("cauchy", "is not one of"), (3, "wrong type")])
+def test_an_unknown_raw_score_is_refused_by_name(value: object, says: str) -> None:
+    model, doc, _ = good_file()
+    doc["calibration"]["raw_score"] = value
+    message = rejection(file_bytes(model, json.dumps(doc)))
+    assert "calibration.raw_score" in message and says in message

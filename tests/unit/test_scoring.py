@@ -29,7 +29,9 @@ def phi(u: float) -> float:
     return 0.5 * math.erfc(-u / math.sqrt(2.0))
 
 
-def calibration(window_mean: float, window_std: float) -> Calibration:
+def calibration(
+    window_mean: float, window_std: float, raw_score: str = "gaussian_nll"
+) -> Calibration:
     return Calibration(
         n=1000,
         mean=window_mean,
@@ -39,6 +41,7 @@ def calibration(window_mean: float, window_std: float) -> Calibration:
         window_mean=window_mean,
         window_std=window_std,
         threshold=0.9999,
+        raw_score=raw_score,
     )
 
 
@@ -383,13 +386,36 @@ def test_k_and_n_are_validated() -> None:
 def test_onset_only_keeps_the_first_high_score_and_caps_the_ones_after_it() -> None:
     from detector.scoring import ONSET_YELLOW, log_score
 
-    s = OneStream(warmup_steps=0, onset_only=True)
+    s = OneStream(warmup_steps=0, onset_only=True, onset_hold_steps=0)
     s.run([CALM] * 3)
     first, second, third = (float(s.step(HIGH).score[0]) for _ in range(3))
     capped = float(log_score(np.array([ONSET_YELLOW]))[0])  # 3/16
     assert first > 0.5 and second == third == pytest.approx(capped)
     s.step(CALM)
     assert float(s.step(HIGH).score[0]) == pytest.approx(first)  # a new onset shows in full
+
+
+def test_onset_hold_caps_the_scores_of_the_steps_after_an_onset_then_lets_go() -> None:
+    from detector.scoring import ONSET_YELLOW, log_score
+
+    capped = float(log_score(np.array([ONSET_YELLOW]))[0])
+    s = OneStream(warmup_steps=0, onset_only=True, onset_hold_steps=4)
+    s.run([CALM] * 3)
+    first = float(s.step(HIGH).score[0])
+    # the next 4 steps are held, calm or not: a flapping sensor shows one onset
+    held = [float(s.step(z).score[0]) for z in (CALM, HIGH, CALM, HIGH)]
+    assert first > 0.5 and all(v <= capped + 1e-12 for v in held)
+    assert held[1] == pytest.approx(capped) and held[3] == pytest.approx(capped)
+    s.step(CALM)
+    assert float(s.step(HIGH).score[0]) == pytest.approx(first)  # after the hold: in full
+    # alerts do not depend on the hold: the same steps without onset_only raise the same
+    plain = OneStream(warmup_steps=0, onset_only=False, min_interval_steps=0, clear_steps=1)
+    held_run = OneStream(warmup_steps=0, onset_only=True, onset_hold_steps=4,
+                         min_interval_steps=0, clear_steps=1)  # fmt: skip
+    steps = [CALM] * 3 + [HIGH, CALM, HIGH, CALM, HIGH, CALM, HIGH]
+    assert [bool(r.raised[0]) for r in plain.run(steps)] == [
+        bool(r.raised[0]) for r in held_run.run(steps)
+    ]
 
 
 def _noisy_then_shifted(freeze_steps: int) -> list[bool]:
@@ -414,3 +440,34 @@ def test_freezing_during_an_alert_keeps_a_long_anomaly_alerting() -> None:
     assert adapting[305] and frozen[305]  # both raise on the shift
     assert not all(adapting[305:]), "without freezing, the statistics learn the shift"
     assert all(frozen[305:]), "frozen statistics keep the shift anomalous"
+
+
+def test_student_t_score_is_near_the_gaussian_close_in_and_logarithmic_far_out() -> None:
+    from detector.scoring import STUDENT_T_DOF, student_t_score
+
+    def score(e: float) -> float:
+        return float(student_t_score(np.array([[e]]), np.zeros((1, 1)), np.zeros((1, 1)))[0])
+
+    nu = STUDENT_T_DOF
+    assert score(0.0) == 0.0
+    for e in (0.1, 0.5):  # within a fraction of a standard deviation: about e^2 / 2
+        assert score(e) == pytest.approx(0.5 * e * e, rel=0.1)
+    # far out, each tenfold error adds about (nu + 1) log 100 / 2, not a hundredfold score
+    step = 0.5 * (nu + 1) * math.log(100.0)
+    assert score(1000.0) - score(100.0) == pytest.approx(step, rel=0.01)
+    assert score(100.0) < 0.01 * 0.5 * 100.0**2
+    # it sums over features and uses the predicted scale: e = (z - mean) / sigma
+    both = student_t_score(np.array([[2.0, 6.0]]), np.array([[0.0, 2.0]]),
+                           np.log(np.array([[1.0, 4.0]])))  # fmt: skip
+    assert float(both[0]) == pytest.approx(2 * score(2.0))
+
+
+def test_the_scorer_computes_the_raw_score_its_calibration_names() -> None:
+    from detector.scoring import student_t_score
+
+    z, mean, log_var = np.array([[3.0, -1.0]]), np.zeros((1, 2)), np.zeros((1, 2))
+    for kind, expected in (("student_t", student_t_score(z, mean, log_var)),
+                           ("gaussian_nll", gaussian_nll(z, mean, log_var))):  # fmt: skip
+        scorer = Scorer(ScoringConfig(), calibration(1.0, 1.0, kind))
+        out = scorer.step_batch(fresh_columns(1), z, mean, log_var, np.array([True]))
+        assert float(out.raw[0]) == pytest.approx(float(expected[0]))

@@ -22,7 +22,8 @@ from detector.snapshot import SNAPSHOT_VERSION, load_snapshot, save_snapshot
 
 # Alert quickly on a model that has not seen this random data, so the snapshot
 # carries active alerts, hold counters and episode numbers, not only averages.
-SCORING = ScoringConfig(warmup_steps=3, short_window=3, threshold=0.9, clear_threshold=0.6,
+SCORING = ScoringConfig(warmup_steps=3, short_window=3, long_window=2000, prior_weight=50.0,
+                        threshold=0.9, clear_threshold=0.6,
                         clear_steps=2, min_interval_steps=4)  # fmt: skip
 STREAMS = ["pump-1", "plant/site 7/machine/telemetry", "naïve/温度/🚀", "", 'a\\b"c\n']
 T0 = 1_700_000_000.0
@@ -248,7 +249,17 @@ def member_edit(key: str, value: Any) -> Any:
 
 
 def flip_middle(data: bytes) -> bytes:
-    mid = len(data) // 2
+    """One bit pattern flipped halfway into the largest member's stored bytes (a flip in
+    a zip header field that nothing reads, such as a file time, would change nothing)."""
+    import io
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = max(zf.infolist(), key=lambda i: i.compress_size)
+    start = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[start + 26 : start + 30])
+    mid = start + 30 + name_len + extra_len + info.compress_size // 2
     return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
 
 

@@ -152,7 +152,8 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     cal = meta.calibration
     qs = [cal.quantiles[q] for q in ("0.5", "0.9", "0.99", "0.999")]
     assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
-    assert cal.window == 10 and cal.threshold == 0.9999
+    assert cal.window == ScoringConfig().short_window and cal.threshold == 0.9999
+    assert cal.raw_score == "student_t"
 
 
 def test_metadata_changes_do_not_touch_the_graph_fingerprint(
