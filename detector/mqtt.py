@@ -5,7 +5,8 @@ into the queue (a full queue drops and counts) and calls ``on_queued``, with whi
 the daemon scores a due batch on this thread before paho reads on. Subscriptions
 are made in ``on_connect`` so reconnects resubscribe; a retained ``online`` status
 and a retained Last Will ``offline``. QoS 1 input is acknowledged once queued;
-after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the persistent session for the next run.
+after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the
+persistent session for the next run.
 """
 
 from __future__ import annotations
