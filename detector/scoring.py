@@ -94,6 +94,16 @@ def ewma_alpha(window: int) -> float:
     return 2.0 / (window + 1.0)
 
 
+def _ewma_var_share(window: int) -> float:
+    """Variance of an exponential average of independent unit-variance values.
+
+    >>> _ewma_var_share(1)
+    1.0
+    """
+    a = ewma_alpha(window)
+    return a / (2.0 - a)
+
+
 def short_average(raw: np.ndarray, window: int) -> F64:
     """The trailing exponential moving average the scorer keeps, over a whole series.
 
@@ -221,7 +231,12 @@ class Scorer:
     def __init__(self, config: ScoringConfig, calibration: Calibration) -> None:
         self.config = config
         self.prior_mean = float(calibration.window_mean)
-        self.prior_var = float(calibration.window_std) ** 2
+        # The calibration describes an average over its own window; one over a different
+        # short_window spreads more (shorter) or less (longer): for an exponential average
+        # of independent scores the variance is var * a / (2 - a), a = ewma_alpha(window).
+        self.prior_var = float(calibration.window_std) ** 2 * (
+            _ewma_var_share(config.short_window) / _ewma_var_share(calibration.window)
+        )
         self.raw_score = calibration.raw_score  # the score the calibration describes
         self._alpha_short = ewma_alpha(config.short_window)
 

@@ -59,21 +59,41 @@ def stream_scores(
     return scores
 
 
+def within_std(parts: Sequence[np.ndarray]) -> float:
+    """The spread of values about their own stream's mean, pooled over streams.
+
+    A model may serve many streams whose scores sit at different levels; what the prior
+    has to say is how far a stream's score moves about its own level, and pooling the
+    values of all streams would add the differences between the levels to that.
+
+    >>> within_std([np.array([0.0, 2.0]), np.array([10.0, 12.0])])
+    1.0
+    """
+    sq = sum(float(np.sum((p - p.mean()) ** 2)) for p in parts)
+    return float(np.sqrt(sq / sum(len(p) for p in parts)))
+
+
 def summarise(
     scores: Sequence[np.ndarray],
     burn_in: int,
     window: int = DEFAULT_WINDOW,
     threshold: float = DEFAULT_THRESHOLD,
+    score_from: Sequence[int] | None = None,
 ) -> Calibration:
-    """Pool raw scores and their short averages after ``burn_in`` steps into a Calibration."""
+    """Pool raw scores and their short averages after ``burn_in`` steps into a Calibration.
+
+    ``score_from``: per stream, the first step whose score counts (the held-out part of a
+    stream stepped from its start, so the state there is warm as in the daemon); at least
+    ``burn_in + 1``."""
     raw_parts, avg_parts = [], []
-    for raw in scores:
-        if len(raw) <= burn_in + 1:
+    for i, raw in enumerate(scores):
+        first = burn_in if score_from is None else max(burn_in, score_from[i] - 1)
+        if len(raw) <= first + 1:
             continue
         # The daemon's short average starts at the first scored step, before any warm-up.
         avg = short_average(raw[1:], window)
-        raw_parts.append(raw[1:][burn_in:])
-        avg_parts.append(avg[burn_in:])
+        raw_parts.append(raw[1:][first:])
+        avg_parts.append(avg[first:])
     if not raw_parts:
         raise DataError(f"no held-out stream is longer than the burn-in of {burn_in} steps")
     raw_all = np.concatenate(raw_parts)
@@ -88,7 +108,7 @@ def summarise(
         quantiles={q: float(v) for q, v in zip(QUANTILES, qs, strict=True)},
         window=window,
         window_mean=float(avg_all.mean()),
-        window_std=max(float(avg_all.std()), MIN_STD),
+        window_std=max(within_std(avg_parts), MIN_STD),
         threshold=threshold,
         raw_score=RAW_SCORE,
     )
@@ -104,10 +124,12 @@ def calibrate(
     burn_in: int,
     window: int = DEFAULT_WINDOW,
     threshold: float = DEFAULT_THRESHOLD,
+    score_from: Sequence[int] | None = None,
 ) -> Calibration:
-    """Calibration of the exported step over ``streams`` (raw units, gaps filled)."""
+    """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
+    scored from ``score_from`` on (see :func:`summarise`)."""
     scores = stream_scores(proto, cell, layers, hidden_size, norm, streams)
-    calibration = summarise(scores, burn_in, window, threshold)
+    calibration = summarise(scores, burn_in, window, threshold, score_from)
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",
         calibration.n,

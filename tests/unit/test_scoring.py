@@ -30,14 +30,14 @@ def phi(u: float) -> float:
 
 
 def calibration(
-    window_mean: float, window_std: float, raw_score: str = "gaussian_nll"
+    window_mean: float, window_std: float, raw_score: str = "gaussian_nll", window: int = 10
 ) -> Calibration:
     return Calibration(
         n=1000,
         mean=window_mean,
         std=window_std,
         quantiles={},
-        window=10,
+        window=window,
         window_mean=window_mean,
         window_std=window_std,
         threshold=0.9999,
@@ -217,7 +217,7 @@ class OneStream:
             long_window=10**15,
             **config,  # type: ignore[arg-type]
         )
-        self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0))
+        self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0, window=cfg.short_window))
         self.cols = fresh_columns(1)
 
     def step(self, z: float, has_pred: bool = True) -> StepScores:
@@ -341,7 +341,7 @@ def test_non_finite_observation_leaves_the_stream_unchanged() -> None:
 def test_streams_in_one_batch_keep_their_own_state() -> None:
     scorer = Scorer(
         ScoringConfig(warmup_steps=0, short_window=1, prior_weight=1e12, long_window=10**15),
-        calibration(HALF_LOG_2PI, 1.0),
+        calibration(HALF_LOG_2PI, 1.0, window=1),
     )
     cols = fresh_columns(2)
     zeros = np.zeros((2, 1))
@@ -471,3 +471,18 @@ def test_the_scorer_computes_the_raw_score_its_calibration_names() -> None:
         scorer = Scorer(ScoringConfig(), calibration(1.0, 1.0, kind))
         out = scorer.step_batch(fresh_columns(1), z, mean, log_var, np.array([True]))
         assert float(out.raw[0]) == pytest.approx(float(expected[0]))
+
+
+def test_the_prior_spread_follows_the_short_window_in_use() -> None:
+    """A calibration of 10-step averages, used with another short window: the prior's
+    variance scales like that of an exponential average of independent scores."""
+    cal = calibration(1.0, 0.5)  # window 10
+    same = Scorer(ScoringConfig(short_window=10), cal)
+    assert same.prior_var == pytest.approx(0.25)
+    for window in (1, 20, 50):
+        a_cal, a = ewma_alpha(10), ewma_alpha(window)
+        expected = 0.25 * (a / (2 - a)) / (a_cal / (2 - a_cal))
+        assert Scorer(ScoringConfig(short_window=window), cal).prior_var == pytest.approx(expected)
+    # a longer average of the same scores spreads less, a shorter one more
+    assert Scorer(ScoringConfig(short_window=20), cal).prior_var < 0.25
+    assert Scorer(ScoringConfig(short_window=1), cal).prior_var > 0.25

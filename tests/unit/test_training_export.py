@@ -168,3 +168,12 @@ def test_metadata_changes_do_not_touch_the_graph_fingerprint(
     onnx.save(proto, path)
     assert read_artifact(path)[1].name == "renamed"
     assert asdict(read_artifact(path)[1])["graph_sha256"] == meta.graph_sha256
+
+
+def test_within_std_ignores_the_streams_levels() -> None:
+    from training.calibrate import within_std
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(level, 2.0, 4000) for level in (0.0, 50.0, -20.0)]
+    assert within_std(parts) == pytest.approx(2.0, rel=0.05)
+    assert float(np.concatenate(parts).std()) > 20.0  # pooled: the levels' spread
