@@ -24,15 +24,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.localbroker import LocalBroker, free_port, start_local_broker
+from detector.scoring import FLEET_SCORING
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
 WARMUP_STEPS = 30
-# The scoring defaults were chosen on NAB and SKAB: one model per stream, its calibration
-# that stream's own, anomalies that last. This demo is the other shape: one model for a
-# fleet, so each pump learns its own level of the score soon (a light prior), and short
-# anomalies (spikes, dips), which a short average keeps sharp. See README, "Scoring".
-FLEET_SCORING = {"short_window": 10, "long_window": 2000, "prior_weight": 50.0}
 GRACE_STEPS = 30  # an alert this soon after an anomaly ends still counts as catching it
 
 
@@ -138,6 +134,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-demo-{metrics_port}"},
             "models": [{"path": str(model_path), "topics": ["demo/pumps/{stream}"]}],
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
+            # one model for a fleet, short anomalies: see detector.scoring.FLEET_SCORING
             "scoring": {"warmup_steps": WARMUP_STEPS, **FLEET_SCORING},
         }
     )
