@@ -63,20 +63,25 @@ def _add_replay(p: argparse.ArgumentParser) -> None:
         metavar="P.png",
         help="also draw the output (see rnnsentry plot; needs matplotlib)",
     )
+    add_label_arguments(p, "with --plot: ")
+
+
+def add_label_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
+    """--windows/--key and --labels/--label-col, for ``replay --plot`` and ``plot``."""
     labels = p.add_mutually_exclusive_group()
     labels.add_argument(
         "--windows",
         metavar="WINDOWS.json",
-        help="with --plot: shade these NAB-style windows (key: the data's stem)",
+        help=f"{when}NAB-style JSON of file key -> [start, end] timestamps to shade",
     )
     labels.add_argument(
         "--labels",
         metavar="L.csv",
-        help="with --plot: shade the runs of this file's 0/1 label column",
+        help=f"{when}CSV with a 0/1 label column, same rows (a scores file will do)",
     )
-    p.add_argument("--key", metavar="K", help="with --windows: the windows key")
+    p.add_argument("--key", metavar="K", help=f"{when}windows key (default: the file's stem)")
     p.add_argument("--label-col", default="anomaly", metavar="C",
-                   help="with --labels: the label column (%(default)s)")  # fmt: skip
+                   help=f"{when}label column of --labels (%(default)s)")  # fmt: skip
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from detector.cli import add_label_arguments
 from detector.csvdata import Table, read_csv
 from detector.errors import ConfigError, DataError, RnnsentryError
 from detector.replay import OUTPUT_COLUMNS
@@ -366,27 +367,6 @@ def load_labels(
     if name not in doc:
         raise DataError(f"{windows}: has no key {name!r}")
     return Labels(f"{windows} [{name}]", windows=doc[name])
-
-
-def add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    """--windows/--key and --labels/--label-col (rnnsentry replay has the same flags)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--windows",
-        metavar="WINDOWS.json",
-        help="NAB-style JSON of file key -> [start, end] timestamps to shade",
-    )
-    group.add_argument(
-        "--labels",
-        metavar="L.csv",
-        help="CSV with a 0/1 label column, same rows (the scores file will do)",
-    )
-    parser.add_argument(
-        "--key", metavar="K", help="windows key (default: matched by the scores file's stem)"
-    )
-    parser.add_argument(
-        "--label-col", default="anomaly", metavar="C", help="label column of --labels (%(default)s)"
-    )
 
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
