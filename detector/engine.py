@@ -18,7 +18,13 @@ from typing import Any, Final
 import numpy as np
 
 from detector.model import LoadedModel
-from detector.scoring import SCORER_COLUMNS, Scorer, ScoringConfig, top_features
+from detector.scoring import (
+    SCORER_COLUMNS,
+    SCORER_FEATURE_COLUMNS,
+    Scorer,
+    ScoringConfig,
+    top_features,
+)
 from detector.state import Column, StateTable
 
 # Per-sample outcome codes in BatchResult.status.
@@ -123,6 +129,8 @@ class Engine:
         columns["last_ts"] = Column((), np.float64, math.nan)
         for name, (dtype, fill) in SCORER_COLUMNS.items():
             columns[name] = Column((), dtype, fill)
+        for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items():
+            columns[name] = Column((f,), dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
         # Reset on a gap: the network's memory and the short-term average, not the
         # stream's long-run statistics or its alert episode.

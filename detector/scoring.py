@@ -164,6 +164,9 @@ class ScoringConfig:
     # the score marks where an anomaly starts, not every step of it (HTM's likelihood filter)
     onset_hold_steps: int = 100  # with onset_only: also cap the scores of this many steps
     # after an onset, so one incident shows as one onset, not a burst of them
+    spatial_tolerance: float = 0.05  # a value beyond the stream's range so far by more than
+    # this share of the range shows as an onset in anomaly_score (HTM's spatial check);
+    # negative: off. Alerts do not use it.
 
     def validate(self) -> list[str]:
         problems = []
@@ -202,6 +205,27 @@ SCORER_COLUMNS: Final[dict[str, tuple[type, float]]] = {
     "since_red": (np.int64, 2**40),  # steps since the last onset shown (onset_hold_steps)
 }
 
+# Per-stream, per-feature scorer columns ([streams, features]): name -> (dtype, initial).
+SCORER_FEATURE_COLUMNS: Final[dict[str, tuple[type, float]]] = {
+    "seen_min": (np.float64, math.inf),  # the smallest (normalised) value seen (spatial check)
+    "seen_max": (np.float64, -math.inf),
+}
+
+
+def scorer_columns(b: int, f: int) -> dict[str, np.ndarray]:
+    """Fresh scorer columns for ``b`` streams of ``f`` features, as the state table makes them.
+
+    >>> scorer_columns(2, 3)["seen_min"].shape
+    (2, 3)
+    """
+    cols: dict[str, np.ndarray] = {
+        name: np.full(b, fill, dtype) for name, (dtype, fill) in SCORER_COLUMNS.items()
+    }
+    for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items():
+        cols[name] = np.full((b, f), fill, dtype)
+    return cols
+
+
 # The defaults above were chosen on NAB and SKAB: one model per stream, its calibration that
 # stream's own, anomalies that last. The other common shape is one model for a fleet, whose
 # streams start cold and sit at different levels of the score, with short anomalies (spikes,
@@ -217,6 +241,7 @@ FLEET_SCORING: Final[dict[str, float]] = {
 # onset; the steps after it show no more than ONSET_YELLOW. On NAB, 1e-5 gave 47.4, 1e-6 50.4.
 ONSET_RED: Final = 1e-6
 ONSET_YELLOW: Final = 1e-3
+SPATIAL_TAIL: Final = 1e-8  # what a value beyond anything seen shows (anomaly_score 0.5)
 
 
 @dataclass
@@ -252,6 +277,26 @@ class Scorer:
         )
         self.raw_score = calibration.raw_score  # the score the calibration describes
         self._alpha_short = ewma_alpha(config.short_window)
+
+    def _beyond_seen(
+        self, cols: dict[str, np.ndarray], z: np.ndarray, eligible: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
+        """Streams whose value lies beyond everything they showed before by more than
+        ``spatial_tolerance`` of that range (any feature); then the range takes it in."""
+        tolerance = self.config.spatial_tolerance
+        if tolerance < 0:
+            return _no_spatial(len(eligible))
+        x = np.asarray(z, np.float64)
+        lo, hi = cols["seen_min"], cols["seen_max"]
+        with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf before any value was seen
+            width = hi - lo  # -inf or NaN until a value was seen, 0 after one: cannot flag
+            margin = tolerance * width
+            beyond = (width > 0) & ((x > hi + margin) | (x < lo - margin))
+        finite = np.isfinite(x)
+        np.minimum(lo, np.where(finite, x, np.inf), out=lo)
+        np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
+        out: npt.NDArray[np.bool_] = eligible & beyond.any(axis=-1)
+        return out
 
     def step_batch(
         self,
@@ -305,16 +350,18 @@ class Scorer:
 
         eligible = ok & (warm > cfg.warmup_steps)
         likelihood = np.where(eligible, likelihood, 0.0)
+        spatial = self._beyond_seen(cols, z, eligible)
         if cfg.onset_only:
             prev = cols["prev_tail"]
             since = cols["since_red"]
             held = (prev <= ONSET_RED) | (since < cfg.onset_hold_steps)
             shown = np.where(held, np.maximum(tail, ONSET_YELLOW), tail)
+            shown = np.where(spatial & ~held, np.minimum(shown, SPATIAL_TAIL), shown)
             since[ok] += 1
-            since[ok & (tail <= ONSET_RED) & ~held] = 0
+            since[ok & (shown <= ONSET_RED) & ~held] = 0
             prev[ok] = tail[ok]
         else:
-            shown = tail
+            shown = np.where(spatial, np.minimum(tail, SPATIAL_TAIL), tail)
         score = np.where(eligible, log_score(shown), 0.0)
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         # k of the last n eligible steps above threshold (k = n = 1: this step alone).
@@ -350,6 +397,10 @@ class Scorer:
             active=active.copy(),
             episode=cols["episodes"].copy(),
         )
+
+
+def _no_spatial(n: int) -> npt.NDArray[np.bool_]:
+    return np.zeros(n, np.bool_)
 
 
 def _popcount(bits: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -10,7 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detector.artifact import Calibration
-from detector.scoring import SCORER_COLUMNS, Scorer, ScoringConfig, StepScores
+from detector.scoring import (
+    SCORER_COLUMNS,
+    SCORER_FEATURE_COLUMNS,
+    Scorer,
+    ScoringConfig,
+    StepScores,
+    scorer_columns,
+)
 from detector.state import Column, StateTable
 
 PROPS = settings(
@@ -88,7 +95,7 @@ CALIBRATION = Calibration(
 
 
 def fresh_columns(b: int) -> dict[str, np.ndarray]:
-    return {name: np.full(b, fill, dtype) for name, (dtype, fill) in SCORER_COLUMNS.items()}
+    return scorer_columns(b, F)
 
 
 def step(scorer: Scorer, cols: dict[str, np.ndarray], batch: list[Obs]) -> StepScores:
@@ -149,7 +156,11 @@ def test_interleaving_other_streams_never_changes_a_stream(
     # Streams arrive in batches of varying make-up and order, their columns kept in a
     # StateTable the way the engine keeps them (gather, step, scatter).
     table = StateTable(
-        {name: Column((), dtype, fill) for name, (dtype, fill) in SCORER_COLUMNS.items()},
+        {name: Column((), dtype, fill) for name, (dtype, fill) in SCORER_COLUMNS.items()}
+        | {
+            name: Column((F,), dtype, fill)
+            for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items()
+        },
         max_streams=16,
         initial_capacity=1,
     )

@@ -9,13 +9,13 @@ import pytest
 
 from detector.artifact import Calibration
 from detector.scoring import (
-    SCORER_COLUMNS,
     Scorer,
     ScoringConfig,
     StepScores,
     ewma_alpha,
     gaussian_nll,
     gaussian_tail,
+    scorer_columns,
     short_average,
     standardised_errors,
     top_features,
@@ -45,9 +45,9 @@ def calibration(
     )
 
 
-def fresh_columns(b: int) -> dict[str, np.ndarray]:
+def fresh_columns(b: int, f: int = 1) -> dict[str, np.ndarray]:
     """Per-stream scorer columns as the state table would create them."""
-    return {name: np.full(b, fill, dtype) for name, (dtype, fill) in SCORER_COLUMNS.items()}
+    return scorer_columns(b, f)
 
 
 # --- pure maths ---
@@ -312,7 +312,7 @@ def test_zero_min_interval_allows_raising_right_after_a_clear() -> None:
 
 def test_rows_without_a_prediction_give_nan_raw_and_zero_likelihood() -> None:
     scorer = Scorer(ScoringConfig(warmup_steps=0), calibration(1.0, 0.5))
-    cols = fresh_columns(3)
+    cols = fresh_columns(3, 2)
     z = np.array([[HUGE, 1.0], [HUGE, 1.0], [0.0, 0.0]])
     has_pred = np.array([False, True, False])
     out = scorer.step_batch(cols, z, np.zeros((3, 2)), np.zeros((3, 2)), has_pred)
@@ -469,7 +469,7 @@ def test_the_scorer_computes_the_raw_score_its_calibration_names() -> None:
     for kind, expected in (("student_t", student_t_score(z, mean, log_var)),
                            ("gaussian_nll", gaussian_nll(z, mean, log_var))):  # fmt: skip
         scorer = Scorer(ScoringConfig(), calibration(1.0, 1.0, kind))
-        out = scorer.step_batch(fresh_columns(1), z, mean, log_var, np.array([True]))
+        out = scorer.step_batch(fresh_columns(1, 2), z, mean, log_var, np.array([True]))
         assert float(out.raw[0]) == pytest.approx(float(expected[0]))
 
 
@@ -486,3 +486,30 @@ def test_the_prior_spread_follows_the_short_window_in_use() -> None:
     # a longer average of the same scores spreads less, a shorter one more
     assert Scorer(ScoringConfig(short_window=20), cal).prior_var < 0.25
     assert Scorer(ScoringConfig(short_window=1), cal).prior_var > 0.25
+
+
+def test_a_value_beyond_everything_seen_shows_as_an_onset_in_the_score_only() -> None:
+    """HTM's spatial check: past warm-up, a value outside the stream's range so far by more
+    than spatial_tolerance of it scores as an onset, even when the model predicted it."""
+    from detector.scoring import SPATIAL_TAIL, log_score
+
+    def run(tolerance: float, values: list[float]) -> list[StepScores]:
+        scorer = Scorer(ScoringConfig(warmup_steps=2, spatial_tolerance=tolerance,
+                                      onset_hold_steps=3), calibration(1.0, 0.5))  # fmt: skip
+        cols = fresh_columns(1)
+        # the prediction always equals the value: the raw score alone would never flag it
+        return [scorer.step_batch(cols, np.array([[v]]), np.array([[v]]), np.zeros((1, 1)),
+                                  np.array([True])) for v in values]  # fmt: skip
+
+    seen = [0.0, 1.0, 0.5, 0.2, 0.8]
+    spatial = float(log_score(np.array([SPATIAL_TAIL]))[0])
+    out = run(0.05, [*seen, 1.04, 1.2, 0.5, 0.5, 0.5, 1.5, -0.2])
+    scores = [float(o.score[0]) for o in out]
+    assert max(scores[:6]) < spatial  # in range, or within 5 % of it (1.04)
+    assert scores[6] == pytest.approx(spatial)  # 1.2: beyond 1.0 + 5 % of the range
+    assert max(scores[7:10]) < spatial  # the hold after an onset
+    assert scores[10] == pytest.approx(spatial)  # 1.5: beyond the range, which took in 1.2
+    assert scores[11] < spatial  # held again
+    assert not any(bool(o.raised[0]) for o in out)  # alerts do not use it
+    off = run(-1.0, [*seen, 1.2, 5.0])
+    assert max(float(o.score[0]) for o in off) < spatial
