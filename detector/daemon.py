@@ -262,11 +262,7 @@ class Daemon:
             else:
                 queued = self._await_due(batch_max, wait_s, 0.1, slack_s=wait_s)
             if queued:
-                with self._batch_lock:
-                    if stopping or self._due(time.time()):
-                        batch: list[Inbound] = []
-                        _drain_into(self.inbox, batch, batch_max)
-                        self._score(batch)
+                self._score_queued(None if stopping else time.time())
             elif stopping:
                 return
             self._housekeeping()
@@ -275,10 +271,23 @@ class Daemon:
         """paho's thread, after queueing a message received at ``received``: score a batch
         here and now if one is due (``batch.max`` queued, or the oldest waited long enough)."""
         if self._due(received):
-            with self._batch_lock:
-                batch: list[Inbound] = []
-                _drain_into(self.inbox, batch, self._batch_max)
-                self._score(batch)
+            self._score_queued(received)
+
+    def _score_queued(self, now: float | None) -> None:
+        """Take up to ``batch.max`` queued messages and score them, under the batch lock;
+        with ``now``, only if a batch is still due then (another thread may have taken it)."""
+        with self._batch_lock:
+            if now is not None and not self._due(now):
+                return
+            batch: list[Inbound] = []
+            _drain_into(self.inbox, batch, self._batch_max)
+            if not batch:
+                return
+            try:
+                self.process(batch)
+            except Exception:  # a bug must not kill the daemon's threads: count and go on
+                log.exception("batch of %d messages failed", len(batch))
+                self.metrics.messages.labels("dropped").inc(len(batch))
 
     def _due(self, now: float) -> bool:
         """A batch is due: ``batch.max`` queued, or the oldest queued ``max_wait`` ago."""
@@ -287,15 +296,6 @@ class Daemon:
             return len(queued) >= self._batch_max or now - queued[0][2] >= self._wait_s
         except IndexError:  # nothing queued (another thread took it meanwhile)
             return False
-
-    def _score(self, batch: list[Inbound]) -> None:
-        if not batch:
-            return
-        try:
-            self.process(batch)
-        except Exception:  # a bug must not kill the daemon's threads: count and go on
-            log.exception("batch of %d messages failed", len(batch))
-            self.metrics.messages.labels("dropped").inc(len(batch))
 
     def _await_due(
         self, batch_max: int, wait_s: float, idle_s: float, slack_s: float = 0.0
@@ -320,13 +320,6 @@ class Daemon:
             if delay > 0:
                 time.sleep(delay)
         return True
-
-    def _take(self, batch_max: int, wait_s: float, idle_s: float) -> list[Inbound]:
-        """What the worker takes: the queued messages, up to ``batch_max``, once due."""
-        batch: list[Inbound] = []
-        if self._await_due(batch_max, wait_s, idle_s):
-            _drain_into(self.inbox, batch, batch_max)
-        return batch
 
     def _housekeeping(self) -> None:
         m = self.metrics

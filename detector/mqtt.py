@@ -12,7 +12,6 @@ persistent session for the next run.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import ssl
 import sys
@@ -199,8 +198,10 @@ class MqttLink:
             self.inbox.put_nowait((topic, bytes(msg.payload), received))
         except queue.Full:
             self._on_drop()  # counted; acknowledged, or the broker would stall the session
-            received = math.nan
+            queued = False
+        else:
+            queued = True
         if msg.qos:
             client.ack(msg.mid, msg.qos)  # QoS 0 has nothing to acknowledge
-        if self._on_queued is not None and received == received:
+        if queued and self._on_queued is not None:
             self._on_queued(received)  # e.g. the daemon scores a due batch here

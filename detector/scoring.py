@@ -177,10 +177,8 @@ class ScoringConfig:
                 problems.append(f"{name} must be at least 1")
         if not self.raise_k <= self.raise_n <= 62:
             problems.append("need raise_k <= raise_n <= 62")
-        for name in ("update_every_steps", "onset_hold_steps", "freeze_during_alert_steps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must not be negative")
-        for name in ("warmup_steps", "min_interval_steps"):
+        for name in ("warmup_steps", "min_interval_steps", "update_every_steps",
+                     "onset_hold_steps", "freeze_during_alert_steps"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.prior_weight < 0:
@@ -285,7 +283,7 @@ class Scorer:
         ``spatial_tolerance`` of that range (any feature); then the range takes it in."""
         tolerance = self.config.spatial_tolerance
         if tolerance < 0:
-            return _no_spatial(len(eligible))
+            return np.zeros(len(eligible), np.bool_)
         x = np.asarray(z, np.float64)
         lo, hi = cols["seen_min"], cols["seen_max"]
         with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf before any value was seen
@@ -397,10 +395,6 @@ class Scorer:
             active=active.copy(),
             episode=cols["episodes"].copy(),
         )
-
-
-def _no_spatial(n: int) -> npt.NDArray[np.bool_]:
-    return np.zeros(n, np.bool_)
 
 
 def _popcount(bits: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -42,20 +42,22 @@ def tiny_fleet(n_streams: int = 4, n_steps: int = 600, seed: int = 0, start_step
     )  # fmt: skip
 
 
-def train_tiny_model(out: Path, cell: str = "gru", hidden: int = 8, epochs: int = 3) -> Any:
-    """Train a very small model on normal synthetic pumps; returns its ModelMeta."""
+def train_tiny_model(
+    out: Path, cell: str = "gru", hidden: int = 8, epochs: int = 3, one_feature: bool = False
+) -> Any:
+    """Train a very small model on normal synthetic pumps; returns its ModelMeta.
+    ``one_feature``: on the first sensor only, named ``value`` (a bare number is a payload)."""
     from training import fit_and_export
     from training.train import TrainOptions
 
     fleet = tiny_fleet()
     options = TrainOptions(cell=cell, hidden_size=hidden, epochs=epochs, window=32, stride=32)
+    if one_feature:
+        streams, features = [v[:, :1] for v in fleet.values], ["value"]
+    else:
+        streams, features = list(fleet.values), list(fleet.features)
     return fit_and_export(
-        [fleet.values[i] for i in range(len(fleet.values))],
-        list(fleet.features),
-        out,
-        options,
-        sample_interval_s=fleet.interval_s,
-        quiet=True,
+        streams, features, out, options, sample_interval_s=fleet.interval_s, quiet=True
     )
 
 

@@ -81,14 +81,7 @@ def export_result(
     began = time.perf_counter()
     model, norm = result.model, result.normalisation
     held_out = result.val_streams
-    score_from: list[int] | None = None
-    if len(held_out) == len(result.train_streams) and held_out:
-        # Each stream whole, scored on its held-out tail only: the model's state there is
-        # warm, as it is in the daemon, where a cold start would count its first errors.
-        score_from = [len(t) for t in result.train_streams]
-        calibration_streams = [
-            np.concatenate([t, v]) for t, v in zip(result.train_streams, held_out, strict=True)
-        ]
+    calibration_streams, score_from = held_out, None
     if not any(len(s) > result.options.burn_in + 2 for s in held_out):
         # No usable validation split: calibrate on the last fifth of the training rows.
         if result.options.val_fraction > 0:
@@ -96,7 +89,14 @@ def export_result(
         held_out = [
             s[-max(len(s) // 5, result.options.burn_in + 3) :] for s in result.train_streams
         ]
-        score_from = None
+        calibration_streams = held_out
+    elif len(held_out) == len(result.train_streams):
+        # Each stream whole, scored on its held-out tail only: the model's state there is
+        # warm, as it is in the daemon, where a cold start would count its first errors.
+        score_from = [len(t) for t in result.train_streams]
+        calibration_streams = [
+            np.concatenate([t, v]) for t, v in zip(result.train_streams, held_out, strict=True)
+        ]
     name = name or Path(out_path).stem
     proto = build_step_graph(model, norm, name)
     with torch_threads(result.options.threads):  # torch's side of the parity check
@@ -107,7 +107,7 @@ def export_result(
         model.layers,
         model.hidden_size,
         norm,
-        calibration_streams if score_from is not None else held_out,
+        calibration_streams,
         result.options.burn_in,
         calibration_window,
         threshold,

@@ -49,14 +49,10 @@ def lstm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def one_feature_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model of one feature, ``value``, so a bare number is a valid payload."""
-    from training import fit_and_export
-    from training.train import TrainOptions
+    from tests.support import train_tiny_model
 
-    fleet = tiny_fleet()
     out = tmp_path_factory.mktemp("models") / "one-feature.onnx"
-    options = TrainOptions(cell="gru", hidden_size=4, epochs=2, window=32, stride=32)
-    fit_and_export([v[:, :1] for v in fleet.values], ["value"], out, options,
-                   sample_interval_s=fleet.interval_s, quiet=True)  # fmt: skip
+    train_tiny_model(out, cell="gru", hidden=4, epochs=2, one_feature=True)
     return out
 
 

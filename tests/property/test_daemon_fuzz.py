@@ -19,7 +19,7 @@ from detector.errors import REJECTION_REASONS, PayloadError
 from detector.metrics import OUTCOMES
 from detector.mqtt import Inbound
 from detector.payload import parse_message
-from tests.support import TINY_FEATURES, tiny_fleet
+from tests.support import TINY_FEATURES, train_tiny_model
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
@@ -31,14 +31,8 @@ ENGINE_REASONS = frozenset({"out_of_order", "duplicate", "model_non_finite"})
 
 @pytest.fixture(scope="module")
 def one_feature_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training import fit_and_export
-    from training.train import TrainOptions
-
-    fleet = tiny_fleet()
     out = tmp_path_factory.mktemp("models") / "meter.onnx"
-    options = TrainOptions(cell="rnn", hidden_size=4, epochs=1, window=32, stride=32)
-    fit_and_export([v[:, :1] for v in fleet.values], ["value"], out, options,
-                   sample_interval_s=fleet.interval_s, quiet=True)  # fmt: skip
+    train_tiny_model(out, cell="rnn", hidden=4, epochs=1, one_feature=True)
     return out
 
 

@@ -61,13 +61,22 @@ def daemon(tiny_model: Path) -> Daemon:
     return Daemon(config)
 
 
+def take(daemon: Daemon, batch_max: int, wait_s: float, idle_s: float) -> list[Inbound]:
+    """What the worker takes: the queued messages, up to ``batch_max``, once a batch is due
+    (``Daemon._await_due``, then the drain the worker does under its lock)."""
+    batch: list[Inbound] = []
+    if daemon._await_due(batch_max, wait_s, idle_s):
+        _drain_into(daemon.inbox, batch, batch_max)
+    return batch
+
+
 def test_take_returns_a_full_batch_at_once(daemon: Daemon) -> None:
     for i in range(6):
         daemon.inbox.put_nowait(item(i))
     began = time.monotonic()
-    assert daemon._take(4, 0.05, 0.0) == [item(i) for i in range(4)]
+    assert take(daemon, 4, 0.05, 0.0) == [item(i) for i in range(4)]
     assert time.monotonic() - began < 0.04  # did not wait for more
-    assert daemon._take(4, 0.0, 0.0) == [item(4), item(5)]
+    assert take(daemon, 4, 0.0, 0.0) == [item(4), item(5)]
 
 
 def test_a_short_batch_waits_for_more_and_takes_what_comes(daemon: Daemon) -> None:
@@ -76,7 +85,7 @@ def test_a_short_batch_waits_for_more_and_takes_what_comes(daemon: Daemon) -> No
     later = threading.Timer(0.01, lambda: daemon.inbox.put_nowait(second))
     later.start()
     began = time.monotonic()
-    batch = daemon._take(4, 0.05, 0.0)
+    batch = take(daemon, 4, 0.05, 0.0)
     waited = time.monotonic() - began
     later.join()
     assert batch == [first, second]
@@ -88,7 +97,7 @@ def test_a_batch_that_waited_long_enough_is_taken_at_once(daemon: Daemon) -> Non
     old = item(0, time.time() - 1.0)
     daemon.inbox.put_nowait(old)
     began = time.monotonic()
-    assert daemon._take(4, 0.05, 0.0) == [old]
+    assert take(daemon, 4, 0.05, 0.0) == [old]
     assert time.monotonic() - began < 0.04
 
 
@@ -131,6 +140,6 @@ def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -
 
 def test_an_empty_queue_gives_nothing_after_idle(daemon: Daemon) -> None:
     began = time.monotonic()
-    assert daemon._take(4, 0.05, 0.02) == []
+    assert take(daemon, 4, 0.05, 0.02) == []
     assert 0.015 <= time.monotonic() - began < WAIT_S
-    assert daemon._take(4, 0.05, 0.0) == []
+    assert take(daemon, 4, 0.05, 0.0) == []
