@@ -6,7 +6,7 @@ outputs are scored with ``training.evaluate`` and printed as markdown tables bes
 published figures of ``../shared/datasets/README.md``, with the wall time. Not a test.
 
     .venv/bin/python bench/quality.py [--nab DIR] [--skab DIR] [--jobs 2] [--only nab]
-        [--train-args="--epochs 10 --hidden 16"] [--config scoring.toml] [--per-file]
+        [--train-args="--epochs 10 --hidden 16"] [--config scoring.toml] [--per-file] [--seeds 3]
 
 NAB: train on the probationary rows min(floor(0.15 n), 750) of ``value``, replay the whole
 file, NAB scores of ``anomaly_score`` over the corpus (one threshold per profile, NAB's
@@ -17,6 +17,7 @@ FAR / MAR of ``alert`` on the rows after the first 400, pooled over the files.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -27,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from detector.csvdata import read_csv
 from detector.errors import RnnsentryError
@@ -83,7 +86,7 @@ class Done:
     error: str | None = None
 
 
-def run_job(job: Job, work: Path, args: argparse.Namespace) -> Done:
+def run_job(job: Job, work: Path, args: argparse.Namespace, seed: int) -> Done:
     """Train then replay one file through the command line; the first failure is kept."""
     scores = work / job.protocol / job.key  # e.g. nab/realKnownCause/nyc_taxi.csv
     scores.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def run_job(job: Job, work: Path, args: argparse.Namespace) -> Done:
         "--train-rows",
         str(job.train_rows),
         "--quiet",
+        *(["--seed", str(seed)] if seed else []),
         *shlex.split(args.train_args),
     ]
     replay = ["replay", "--model", str(model), "--data", str(job.data), "--out", str(scores)]
@@ -276,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-file", action="store_true", help="also a table per file")
     parser.add_argument("--keep", metavar="DIR", help="keep models and scores in DIR")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every file with seeds 0..N-1 and print each seed's figures with their"
+        " mean and spread (%(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.config:
         args.config = Path(args.config).resolve()
@@ -296,65 +308,119 @@ def main(argv: list[str] | None = None) -> int:
         f"detection quality: {len(jobs)} files, {args.jobs} at a time, {os.cpu_count()} CPU(s),"
         f" Python {platform.python_version()}; train flags: project defaults"
         f"{' + ' + args.train_args if args.train_args else ''}; scoring:"
-        f" {args.config or 'project defaults'}\n"
+        f" {args.config or 'project defaults'}"
+        + (f"; training seeds 0..{args.seeds - 1}" if args.seeds > 1 else "")
+        + "\n"
     )
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="rnnsentry-quality-") as tmp:
-        work = Path(args.keep or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        order = sorted(jobs, key=lambda j: -j.rows)  # longest first: the pool ends together
-        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-            results = {d.job: d for d in pool.map(lambda j: run_job(j, work, args), order)}
-        run_s = time.perf_counter() - began
-        failed = [d for d in results.values() if d.error]
-        for d in failed:
-            print(f"FAILED {d.job.protocol} {d.job.key}: {d.error}", file=sys.stderr)
-        lines: list[str] = []
-        timing = []
-        for protocol in ("nab", "skab"):
-            done = [results[j] for j in jobs if j.protocol == protocol and not results[j].error]
-            if not done:
-                continue
-            if protocol == "nab":
-                files = []
-                for d in done:
-                    s = read_scores(d.scores)
-                    events = windows_to_events(windows[d.job.key], s.timestamps, str(d.scores))
-                    files.append(Labelled(d.job.key, s.score, s.alert, events, s.timestamps))
-                lines += nab_tables(done, files, evaluate(files), args.per_file)
-            else:
-                files = []
-                for d in done:
-                    s = read_scores(d.scores)
-                    events = label_runs(read_label_column(d.job.data, "anomaly"))
-                    files.append(Labelled(d.job.key, s.score, s.alert, events, s.timestamps))
-                report = evaluate(files, skip_rows=SKAB_TRAIN_ROWS)
-                lines += skab_tables(done, report, args.per_file)
-            lines.append("")
-            timing.append(
-                (
-                    protocol.upper(),
-                    len(done),
-                    sum(d.train_s for d in done),
-                    sum(d.replay_s for d in done),
-                )
-            )
+        for seed in range(max(args.seeds, 1)):
+            work = Path(args.keep or tmp) / (f"seed-{seed}" if args.seeds > 1 else "")
+            rounds.append(run_round(jobs, windows, work, args, seed))
     total_s = time.perf_counter() - began
+    first = rounds[0]
+    lines = list(first.lines)
+    if len(rounds) > 1:
+        lines += seed_table(rounds)
     lines += [
         "## Time",
         "",
         "| part | files | train s (sum) | replay s (sum) |",
         "|---|---|---|---|",
-        *(f"| {name} | {n} | {t:.0f} | {r:.0f} |" for name, n, t, r in timing),
+        *(f"| {name} | {n} | {t:.0f} | {r:.0f} |" for name, n, t, r in first.timing),
         "",
-        f"**wall time {total_s:.0f} s** (train + replay {run_s:.0f} s, {args.jobs} at a time;"
-        f" target for all 46 files: under {TARGET_S:.0f} s)",
+        f"**wall time {first.run_s:.0f} s** for one training seed ({args.jobs} files at a time;"
+        f" target for all 46 files: under {TARGET_S:.0f} s)"
+        + (f"; {len(rounds)} seeds: {total_s:.0f} s" if len(rounds) > 1 else ""),
     ]
+    failed = sum(r.failed for r in rounds)
     if failed:
-        lines.append(
-            f"\n**INCOMPLETE: {len(failed)} file(s) failed (above); the tables leave them out**"
-        )
+        lines.append(f"\n**INCOMPLETE: {failed} run(s) failed (above); the tables leave them out**")
     print("\n".join(lines))
     return 1 if failed else 0
+
+
+@dataclass
+class Round:
+    """One training seed's pass over every file: its tables and headline figures."""
+
+    seed: int
+    lines: list[str]
+    timing: list[tuple[str, int, float, float]]
+    run_s: float
+    failed: int
+    nab: Report | None = None
+    skab: Report | None = None
+
+
+def run_round(
+    jobs: list[Job],
+    windows: dict[str, list[tuple[float, float]]],
+    work: Path,
+    args: argparse.Namespace,
+    seed: int,
+) -> Round:
+    began = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    order = sorted(jobs, key=lambda j: -j.rows)  # longest first: the pool ends together
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        results = {d.job: d for d in pool.map(lambda j: run_job(j, work, args, seed), order)}
+    failed = [d for d in results.values() if d.error]
+    for d in failed:
+        print(f"FAILED seed {seed} {d.job.protocol} {d.job.key}: {d.error}", file=sys.stderr)
+    out = Round(seed, [], [], time.perf_counter() - began, len(failed))
+    for protocol in ("nab", "skab"):
+        done = [results[j] for j in jobs if j.protocol == protocol and not results[j].error]
+        if not done:
+            continue
+        files = []
+        for d in done:
+            s = read_scores(d.scores)
+            if protocol == "nab":
+                events = windows_to_events(windows[d.job.key], s.timestamps, str(d.scores))
+            else:
+                events = label_runs(read_label_column(d.job.data, "anomaly"))
+            files.append(Labelled(d.job.key, s.score, s.alert, events, s.timestamps))
+        if protocol == "nab":
+            out.nab = evaluate(files)
+            out.lines += nab_tables(done, files, out.nab, args.per_file)
+        else:
+            out.skab = evaluate(files, skip_rows=SKAB_TRAIN_ROWS)
+            out.lines += skab_tables(done, out.skab, args.per_file)
+        out.lines.append("")
+        train_s, replay_s = sum(d.train_s for d in done), sum(d.replay_s for d in done)
+        out.timing.append((protocol.upper(), len(done), train_s, replay_s))
+    return out
+
+
+def seed_table(rounds: list[Round]) -> list[str]:
+    """Every seed's headline figures, then their mean and standard deviation: how much of a
+    difference between two runs is the luck of the initial weights."""
+    rows = []
+    for r in rounds:
+        nab = [r.nab.nab[p].normalised for p in PROFILES] if r.nab else [math.nan] * 3
+        skab = r.skab.point if r.skab else None
+        figures = [math.nan] * 3 if skab is None else [skab.f1, 100 * skab.far, 100 * skab.mar]
+        rows.append([*nab, *figures])
+    table = np.array(rows, dtype=np.float64)
+    spec = (".1f", ".1f", ".1f", ".3f", ".1f", ".1f")
+    out = [
+        f"## {len(rounds)} training seeds (`--seeds`; the tables above are seed 0's)",
+        "",
+        "| seed | NAB standard | low FP | low FN | SKAB F1 | FAR % | MAR % |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r.seed} | " + " | ".join(fmt(v, f) for v, f in zip(row, spec, strict=True)) + " |"
+            for r, row in zip(rounds, table, strict=True)
+        ),
+    ]
+    mean, sd = table.mean(axis=0), table.std(axis=0, ddof=1)
+    cells = [
+        f"**{fmt(m, f)} ± {fmt(d, f)}**" if m == m else "-"
+        for m, d, f in zip(mean, sd, spec, strict=True)
+    ]
+    out.append("| **mean ± sd** | " + " | ".join(cells) + " |")
+    return [*out, ""]
 
 
 if __name__ == "__main__":
