@@ -34,18 +34,16 @@ import numpy as np
 from detector.csvdata import read_csv
 from detector.errors import RnnsentryError
 from training.evaluate import (
-    PROFILES,
     Labelled,
     Report,
     evaluate,
     label_runs,
-    nab_file_score,
-    nab_probation_rows,
     read_label_column,
     read_scores,
     read_windows,
     windows_to_events,
 )
+from training.nab import PROFILES, nab_file_score, nab_probation_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SKAB_TRAIN_ROWS = 400

@@ -33,7 +33,6 @@ from detector.errors import ConfigError, DataError, RnnsentryError
 from detector.replay import OUTPUT_COLUMNS
 from detector.scoring import ScoringConfig, log_score
 from training.evaluate import (
-    Event,
     event_delays,
     label_runs,
     match_key,
@@ -41,6 +40,7 @@ from training.evaluate import (
     read_windows,
     windows_to_events,
 )
+from training.nab import Event
 
 MAX_FEATURES: Final = 8  # feature panels drawn when none are named
 DPI: Final = 100

@@ -22,23 +22,25 @@ import pytest
 
 from detector.errors import DataError
 from training.evaluate import (
-    PROFILES,
     Labelled,
     evaluate,
     event_delays,
     event_metrics,
     label_runs,
     match_key,
-    nab_corpus,
-    nab_file_score,
-    nab_probation_rows,
     pointwise,
     read_label_column,
     read_scores,
     read_windows,
+    windows_to_events,
+)
+from training.nab import (
+    PROFILES,
+    nab_corpus,
+    nab_file_score,
+    nab_probation_rows,
     scaled_sigmoid,
     window_position,
-    windows_to_events,
 )
 
 STANDARD, LOW_FP, LOW_FN = (PROFILES[n] for n in PROFILES)
