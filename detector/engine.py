@@ -132,10 +132,10 @@ class Engine:
         for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items():
             columns[name] = Column((f,), dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
-        # Reset on a gap: the network's memory and the short-term average, not the
+        # Reset on a gap: the network's memory and the two averages of the score, not the
         # stream's long-run statistics or its alert episode.
-        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg", "warm",
-                           "above_bits"]  # fmt: skip
+        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg",
+                           "alert_avg", "warm", "above_bits"]  # fmt: skip
         self._step_cols = [*meta.state_names, "mean", "log_var", "has_pred"]
 
     def process(

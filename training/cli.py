@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # TrainOptions' defaults, repeated here so that --help needs no torch; a test keeps them equal.
 DEFAULTS: dict[str, Any] = {
-    "cell": "gru",
+    "cell": "lstm",
     "layers": 1,
     "hidden_size": 32,
     "dropout": 0.0,

@@ -10,7 +10,9 @@ The alert state machine raises on the *likelihood* (``likelihood >= threshold``,
 last n steps), while the file holds the log-scaled ``anomaly_score``; the lines drawn are
 those likelihoods put on the score's axis with :func:`detector.scoring.log_score`. With
 ``onset_only`` the score is capped after an onset, so a long anomaly shows a spike then a
-plateau below the line while its alert stays active.
+plateau below the line while its alert stays active; and with ``alert_window`` the alert
+watches a longer average than the score does, so the lines show its levels, while the
+shaded periods and markers show when it acted.
 
 Labels come from the readers of :mod:`training.evaluate` (NAB windows JSON, a SKAB 0/1
 column). matplotlib is imported only when drawing, with its Agg backend (no pyplot).
@@ -76,7 +78,7 @@ def alert_lines(rule: ScoringConfig | float | None = None) -> tuple[Threshold, .
     first, then (for a ScoringConfig) the clear threshold. A number is drawn as it is.
 
     >>> [round(t.score, 4) for t in alert_lines(ScoringConfig())]
-    [0.25, 0.125]
+    [0.375, 0.125]
     >>> alert_lines(0.4)[0].label
     'threshold 0.4'
     """

@@ -51,7 +51,7 @@ class TrainingError(RnnsentryError):
 class TrainOptions:
     """Every training option; the defaults train 100k steps x 8 features in well under 2 min."""
 
-    cell: str = "gru"  # gru | lstm | rnn (tanh)
+    cell: str = "lstm"  # lstm | gru | rnn (tanh)
     layers: int = 1
     hidden_size: int = 32
     dropout: float = 0.0  # between stacked layers only

@@ -60,7 +60,7 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     _, model = trained
     done = rnnsentry("inspect", str(model))
     assert done.returncode == 0, done.stderr
-    assert "gru" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
+    assert "lstm" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
 
 
 def test_replay_writes_one_row_per_input_row(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,12 +212,10 @@ class OneStream:
     """Steps one stream through a Scorer, one observation at a time."""
 
     def __init__(self, **config: float) -> None:
-        cfg = ScoringConfig(
-            short_window=1,
-            prior_weight=1e12,
-            long_window=10**15,
-            **config,  # type: ignore[arg-type]
-        )
+        # Per-step likelihoods: the alert rule watches the one-step short average.
+        base: dict[str, float] = {"short_window": 1, "alert_window": 0, "threshold": 0.9999,
+                                  "prior_weight": 1e12, "long_window": 10**15}  # fmt: skip
+        cfg = ScoringConfig(**(base | config))  # type: ignore[arg-type]
         self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0, window=cfg.short_window))
         self.cols = fresh_columns(1)
 
@@ -340,9 +339,10 @@ def test_non_finite_observation_leaves_the_stream_unchanged() -> None:
 
 def test_streams_in_one_batch_keep_their_own_state() -> None:
     scorer = Scorer(
-        ScoringConfig(warmup_steps=0, short_window=1, prior_weight=1e12, long_window=10**15),
+        ScoringConfig(warmup_steps=0, short_window=1, alert_window=0, threshold=0.9999,
+                      prior_weight=1e12, long_window=10**15),
         calibration(HALF_LOG_2PI, 1.0, window=1),
-    )
+    )  # fmt: skip
     cols = fresh_columns(2)
     zeros = np.zeros((2, 1))
     ones = np.ones(2, np.bool_)
@@ -513,3 +513,36 @@ def test_a_value_beyond_everything_seen_shows_as_an_onset_in_the_score_only() ->
     assert not any(bool(o.raised[0]) for o in out)  # alerts do not use it
     off = run(-1.0, [*seen, 1.2, 5.0])
     assert max(float(o.score[0]) for o in off) < spatial
+
+
+def test_the_alert_watches_its_own_longer_average_and_the_score_the_short_one() -> None:
+    """One wild step: anomaly_score marks the onset from the short average, while the
+    alert's 50-step average moves by 2/51 of it (1.6 of its spreads) and stays calm; a
+    lasting shift alerts."""
+    cal = calibration(HALF_LOG_2PI, 1.0, window=1)
+    cfg = ScoringConfig(warmup_steps=0, short_window=1, alert_window=50, prior_weight=1e12,
+                        long_window=10**15)  # fmt: skip
+    s = Scorer(cfg, cal)
+    # The alert average's prior spread follows its window: var * share(50) / share(1).
+    assert s.alert_prior_var == pytest.approx(ewma_alpha(50) / (2 - ewma_alpha(50)))
+    cols = fresh_columns(1)
+    zeros = np.zeros((1, 1))
+    ok = np.array([True])
+    calm = [s.step_batch(cols, np.array([[0.0]]), zeros, zeros, ok) for _ in range(5)]
+    spike = s.step_batch(cols, np.array([[4.0]]), zeros, zeros, ok)
+    assert all(float(o.likelihood[0]) < 0.99 for o in calm)
+    assert float(spike.score[0]) >= 6 / 16  # the short average's tail: an onset
+    assert float(spike.likelihood[0]) < cfg.threshold and not spike.raised[0]
+    # The alert average: its first value is the first raw score, then an EWMA of 50 steps.
+    raw = HALF_LOG_2PI + np.array([0.0] * 5 + [8.0])
+    assert float(cols["alert_avg"][0]) == pytest.approx(short_average(raw, 50)[-1])
+    assert float(cols["short_avg"][0]) == pytest.approx(raw[-1])
+    shifted = [s.step_batch(cols, np.array([[4.0]]), zeros, zeros, ok) for _ in range(40)]
+    assert any(o.raised[0] for o in shifted)
+    # With alert_window 0 the same spike raises at once: the alert watches the short average.
+    s0 = Scorer(replace(cfg, alert_window=0), cal)
+    cols0 = fresh_columns(1)
+    for _ in range(5):
+        s0.step_batch(cols0, np.array([[0.0]]), zeros, zeros, ok)
+    assert s0.step_batch(cols0, np.array([[4.0]]), zeros, zeros, ok).raised[0]
+    assert np.isnan(cols0["alert_avg"][0])  # not kept when unused
