@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args.streams, args.steps // args.streams, features=feature_names(args.features), seed=0
     )
     generated_s = time.perf_counter() - began
-    options = TrainOptions(cell="gru", threads=args.threads)  # otherwise the defaults
+    options = TrainOptions(cell="gru", threads=args.threads)  # the README's GRU; else defaults
     with tempfile.TemporaryDirectory(prefix="rnnsentry-bench-") as work:
         began = time.perf_counter()
         meta = fit_and_export(

@@ -289,8 +289,10 @@ class Scorer:
         self.prior_var = self._prior_var(calibration, config.short_window)
         self.raw_score = calibration.raw_score  # the score the calibration describes
         self._alpha_short = ewma_alpha(config.short_window)
-        self._alpha_alert = ewma_alpha(config.alert_window or 1)
-        self.alert_prior_var = self._prior_var(calibration, config.alert_window or 1)
+        # The alert's own average, when alert_window > 0 (else the alert uses the short one).
+        window = config.alert_window
+        self._alpha_alert = ewma_alpha(window) if window else math.nan
+        self.alert_prior_var = self._prior_var(calibration, window) if window else math.nan
 
     @staticmethod
     def _prior_var(calibration: Calibration, window: int) -> float:
@@ -303,7 +305,7 @@ class Scorer:
         cols: dict[str, np.ndarray],
         raw: F64,
         ok: npt.NDArray[np.bool_],
-        alpha_short: float,
+        alpha: float,
         prior_var: float,
     ) -> tuple[F64, F64]:
         """Advance one exponential average of the raw score; return its Gaussian tail
@@ -316,7 +318,7 @@ class Scorer:
         first = ok & np.isnan(avg)
         avg[first] = raw[first]
         upd = ok & ~first
-        avg[upd] += alpha_short * (raw[upd] - avg[upd])
+        avg[upd] += alpha * (raw[upd] - avg[upd])
         # Long-run mean and variance of the average, with the calibration as a prior.
         fresh = ok & np.isnan(lm)
         lm[fresh] = self.prior_mean
