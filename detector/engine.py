@@ -198,8 +198,11 @@ class Engine:
 
         cols = table.gather(rows)
         model = self.model
+        z_train = model.normalise(x)
+        z = self.scorer.model_inputs(cols, z_train)  # over the stream's own input spread
+        fed = x if z is z_train else model.denormalise(z)
         t0 = time.perf_counter()
-        out = model.step(x, [cols[s] for s in model.meta.state_names])
+        out = model.step(fed, [cols[s] for s in model.meta.state_names])
         result.call_seconds.append(time.perf_counter() - t0)
         result.call_sizes.append(len(rows))
 
@@ -209,7 +212,8 @@ class Engine:
         if not finite.all():
             # A network that produced NaN leaves the stream's previous state in place.
             result.status[idx[~finite]] = MODEL_NON_FINITE
-            idx, rows, x, ts = idx[finite], rows[finite], x[finite], ts[finite]
+            idx, rows, ts = idx[finite], rows[finite], ts[finite]
+            z, z_train = z[finite], z_train[finite]
             streams = [streams[j] for j in np.flatnonzero(finite)]
             cols = {k: v[:, finite] if table.columns[k].axis == 1 else v[finite]
                     for k, v in cols.items()}  # fmt: skip
@@ -218,8 +222,9 @@ class Engine:
             if len(rows) == 0:
                 return
 
-        z = model.normalise(x)
-        scores = self.scorer.step_batch(cols, z, cols["mean"], cols["log_var"], cols["has_pred"])
+        scores = self.scorer.step_batch(
+            cols, z, cols["mean"], cols["log_var"], cols["has_pred"], z_train
+        )
         for name, state in zip(model.meta.state_names, out.states, strict=True):
             cols[name] = state
         cols["mean"], cols["log_var"] = out.mean, out.log_var

@@ -103,6 +103,11 @@ class LoadedModel:
         out: np.ndarray = (x - self.centre) * self.inv_scale
         return out
 
+    def denormalise(self, z: np.ndarray) -> np.ndarray:
+        """The model's normalised units -> raw units (normalise's inverse)."""
+        out: np.ndarray = np.asarray(z, np.float64) / self.inv_scale + self.centre
+        return out
+
     def step(self, x: np.ndarray, states: list[np.ndarray]) -> StepOutput:
         """One recurrent step of B streams: ``x`` [B, F] raw units, states [L, B, H]."""
         with np.errstate(over="ignore"):  # out-of-range values become inf: model_non_finite

@@ -16,6 +16,8 @@ from detector.scoring import (
     ewma_alpha,
     gaussian_nll,
     gaussian_tail,
+    huber_consistency,
+    learn_input_var,
     scorer_columns,
     short_average,
     standardised_errors,
@@ -151,6 +153,58 @@ def test_short_average_is_what_the_scorer_keeps() -> None:
     np.testing.assert_allclose(kept, short_average(np.array(raws), 4), rtol=1e-12)
 
 
+def test_huber_consistency_matches_a_numerical_integral() -> None:
+    u = np.linspace(-12.0, 12.0, 240_001)
+    density = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    for clip in (0.5, 1.5, 3.0):
+        integral = float(np.sum(np.minimum(u * u, clip * clip) * density) * (u[1] - u[0]))
+        assert huber_consistency(clip) == pytest.approx(integral, abs=1e-6)
+
+
+def test_the_input_spread_moves_a_bounded_step_and_skips_missing_values() -> None:
+    var = np.array([[1.0, 4.0, 2.0]])
+    # a spike of 100 spreads counts as 1.5 of them (clip), then over the consistency factor
+    learn_input_var(var, np.array([[100.0, 0.0, math.nan]]), 0.1, 1.5)
+    k = huber_consistency(1.5)
+    assert var[0, 0] == pytest.approx(1.0 + 0.1 * (2.25 / k - 1.0))  # 1.189
+    assert var[0, 1] == pytest.approx(4.0 * 0.9)  # a value at the centre: shrinks by alpha
+    assert var[0, 2] == 2.0  # NaN: unchanged
+
+
+def test_the_input_spread_settles_on_the_variance_of_gaussian_values() -> None:
+    """Consistent: for N(0, s^2) values the clipped, rescaled mean square tends to s^2, for
+    a stream that varies more (s = 3) or less (s = 0.5) than in training."""
+    rng = np.random.default_rng(4)
+    for s in (3.0, 0.5):
+        var = np.ones((1, 1))
+        for z in rng.normal(0.0, s, 30_000):
+            learn_input_var(var, np.array([[z]]), ewma_alpha(2000), 1.5)
+        assert var[0, 0] == pytest.approx(s * s, rel=0.1)
+
+
+def test_the_model_inputs_are_the_values_over_the_stream_spread() -> None:
+    cols = fresh_columns(2, 2)
+    cols["input_var"][:] = [[4.0, 1.0], [0.25, 9.0]]
+    z = np.array([[2.0, -1.0], [1.0, 3.0]])
+    on = Scorer(ScoringConfig(), calibration(1.0, 1.0))
+    np.testing.assert_allclose(on.model_inputs(cols, z), [[1.0, -1.0], [2.0, 1.0]])
+    off = Scorer(ScoringConfig(input_scale_window=0), calibration(1.0, 1.0))
+    assert off.model_inputs(cols, z) is z
+
+
+def test_the_scorer_learns_the_spread_from_the_training_units() -> None:
+    """step_batch moves input_var from z_train (not from the rescaled z), and the range
+    check looks at z_train too."""
+    scorer = Scorer(ScoringConfig(input_scale_window=1, input_scale_clip=100.0),
+                    calibration(1.0, 1.0))  # fmt: skip
+    cols = fresh_columns(1)
+    scorer.step_batch(cols, np.array([[0.5]]), np.zeros((1, 1)), np.zeros((1, 1)),
+                      np.array([True]), np.array([[3.0]]))  # fmt: skip
+    # window 1: alpha 1, so the spread is the last value squared over the factor (~1 here)
+    assert cols["input_var"][0, 0] == pytest.approx(9.0 / huber_consistency(100.0))
+    assert cols["seen_max"][0, 0] == 3.0
+
+
 def test_top_features_orders_by_magnitude_nan_last() -> None:
     row = np.array([0.5, -4.0, 2.0, np.nan, -2.0, 3.0])
     assert top_features(row, 3) == [1, 5, 2]
@@ -179,6 +233,8 @@ def test_default_scoring_config_is_valid() -> None:
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"min_interval_steps": -1}, "min_interval_steps"),
         ({"prior_weight": -0.5}, "prior_weight"),
+        ({"input_scale_window": -1}, "input_scale_window"),
+        ({"input_scale_clip": 0.0}, "input_scale_clip"),
     ],
 )
 def test_scoring_config_problems_name_the_field(changes: dict[str, float], word: str) -> None:

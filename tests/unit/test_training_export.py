@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,42 @@ def test_normalisation_is_inside_the_graph(streams: list[np.ndarray]) -> None:
     assert np.abs(h - t_h.numpy()).max() < 1e-5
 
 
+def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: Path) -> None:
+    """The engine's order, done by hand: the value in training units, over the spread so far,
+    is what the model steps with and what the previous prediction is scored against; then
+    the spread learns from the value. A stream three times as busy as training scores lower
+    with the spread (the model sees values in its range) than without."""
+    from detector.scoring import ewma_alpha, learn_input_var, student_t_score
+
+    model = LoadedModel.load(tiny_model)
+    cfg = ScoringConfig(input_scale_window=20)
+
+    def by_hand(values: np.ndarray) -> tuple[list[float], np.ndarray]:
+        var = np.ones((1, model.meta.n_features))
+        states = model.zero_states(1)
+        prediction = None
+        raw = []
+        for x in values:
+            z_train = model.normalise(x[None])
+            z = z_train / np.sqrt(var)
+            scored = math.nan if prediction is None else student_t_score(z, *prediction)[0]
+            raw.append(float(scored))
+            out = model.step(model.denormalise(z), states)
+            states, prediction = out.states, (out.mean, out.log_var)
+            learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window), cfg.input_scale_clip)
+        return raw, var
+
+    values = generate_fleet(1, 300, features=model.meta.features, seed=5).values[0]
+    busy = model.centre + 3.0 * (values - model.centre)
+    replayed = replay_table(model, busy, None, cfg)
+    raw, var = by_hand(busy)
+    np.testing.assert_allclose(replayed.raw, raw, rtol=1e-6, atol=1e-9)
+    # the spread found the busier stream: nine times the variance, once its start is forgotten
+    np.testing.assert_allclose(var, 9.0 * by_hand(values)[1], rtol=1e-6)
+    fixed = replay_table(model, busy, None, ScoringConfig(input_scale_window=0))
+    assert np.nanmean(replayed.raw[100:]) < np.nanmean(fixed.raw[100:])
+
+
 def test_without_a_validation_split_it_calibrates_on_the_training_tail(
     tmp_path: Path, streams: list[np.ndarray]
 ) -> None:
@@ -134,7 +171,8 @@ def test_without_a_validation_split_it_calibrates_on_the_training_tail(
 
 
 def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: Path) -> None:
-    """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows."""
+    """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows,
+    the model fed in its training units: a stream's own input spread starts there."""
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
@@ -146,7 +184,7 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
         meta.normalisation,
         [values],
     )[0]
-    replayed = replay_table(model, values, None, ScoringConfig())
+    replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
     cal = meta.calibration
