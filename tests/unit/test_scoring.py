@@ -171,6 +171,21 @@ def test_the_input_spread_moves_a_bounded_step_and_skips_missing_values() -> Non
     assert var[0, 2] == 2.0  # NaN: unchanged
 
 
+def test_a_stream_parked_at_its_centre_keeps_a_floor_under_its_spread() -> None:
+    """Months at the training centre would shrink the spread towards 0 and make the next small
+    move enormous to the model; it stops at INPUT_VAR_FLOOR (a tenth of training's spread)."""
+    from detector.scoring import INPUT_VAR_FLOOR
+
+    var = np.ones((1, 1))
+    for _ in range(2000):
+        learn_input_var(var, np.zeros((1, 1)), 0.01, 1.5)  # 0.99 ** 2000 ~ 2e-9 unfloored
+    assert var[0, 0] == INPUT_VAR_FLOOR
+    scorer = Scorer(ScoringConfig(), calibration(1.0, 1.0))
+    cols = fresh_columns(1)
+    cols["input_var"][:] = var
+    assert scorer.model_inputs(cols, np.array([[0.5]]))[0, 0] == pytest.approx(5.0)
+
+
 def test_the_input_spread_settles_on_the_variance_of_gaussian_values() -> None:
     """Consistent: for N(0, s^2) values the clipped, rescaled mean square tends to s^2, for
     a stream that varies more (s = 3) or less (s = 0.5) than in training."""
