@@ -215,3 +215,26 @@ def test_within_std_ignores_the_streams_levels() -> None:
     parts = [rng.normal(level, 2.0, 4000) for level in (0.0, 50.0, -20.0)]
     assert within_std(parts) == pytest.approx(2.0, rel=0.05)
     assert float(np.concatenate(parts).std()) > 20.0  # pooled: the levels' spread
+
+
+def test_the_average_spread_is_measured_but_never_below_independent_steps() -> None:
+    from training.calibrate import summarise
+
+    rng = np.random.default_rng(5)
+    window = 20
+    a = 2.0 / (window + 1.0)
+    # Independent scores: the measured spread of their average is about the floor itself.
+    white = [np.r_[np.nan, rng.normal(3.0, 1.0, 20000)]]
+    floor = np.sqrt(a / (2.0 - a))
+    cal = summarise(white, burn_in=0, window=window)
+    assert cal.window_std == pytest.approx(floor, rel=0.05)
+    # Scores that follow one another (a slow random wave): the average spreads more than
+    # the floor and keeps its measured spread.
+    t = np.arange(20000)
+    slow = [np.r_[np.nan, 3.0 + np.sin(t / 50.0) + 0.1 * rng.normal(size=t.size)]]
+    cal = summarise(slow, burn_in=0, window=window)
+    assert cal.window_std > 2.5 * floor
+    # A short, flat held-out tail whose average happens to barely move: the floor holds it up.
+    flat = [np.r_[np.nan, np.tile([2.0, 4.0], 40)]]
+    cal = summarise(flat, burn_in=0, window=window)
+    assert cal.window_std == pytest.approx(floor, rel=1e-6)
