@@ -483,7 +483,10 @@ class Daemon:
             "anomaly_score": round(event.score, 6),
             "raw_score": event.raw_score,
             "threshold": self.config.scoring.threshold,
-            "top_features": [{"feature": f, "std_error": round(e, 4)} for f, e in event.top],
+            "top_features": [
+                {"feature": f, "std_error": round(e, 4), "share": round(share, 4)}
+                for f, e, share in event.top
+            ],
             "model": model.name,
             "fingerprint": model.meta.fingerprint,
             "instance": self.instance,

@@ -63,7 +63,8 @@ class AlertEvent:
     likelihood: float
     score: float  # log-scaled, see detector.scoring.log_score
     raw_score: float
-    top: list[tuple[str, float]]  # (feature, standardised error), largest first
+    top: list[tuple[str, float, float]]  # (feature, standardised error at this sample, share
+    # of the alert's average), the largest shares first
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Engine:
         # Reset on a gap: the network's memory and the two averages of the score, not the
         # stream's long-run statistics or its alert episode.
         self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg",
-                           "alert_avg", "warm", "above_bits"]  # fmt: skip
+                           "alert_avg", "alert_parts", "warm", "above_bits"]  # fmt: skip
         self._step_cols = [*meta.state_names, "mean", "log_var", "has_pred"]
 
     def process(
@@ -244,8 +245,12 @@ class Engine:
         self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any
     ) -> AlertEvent:
         features = self.model.meta.features
-        errors = scores.std_errors[k]
-        top = [(features[i], float(errors[i])) for i in top_features(errors, self.scoring.top_k)]
+        errors, parts = scores.std_errors[k], scores.contributions[k]
+        shares = parts / np.sum(parts) if np.sum(parts) > 0 else np.zeros_like(parts)
+        top = [
+            (features[i], float(errors[i]), float(shares[i]))
+            for i in top_features(parts, self.scoring.top_k)
+        ]
         i = int(idx[k])
         return AlertEvent(
             index=i,

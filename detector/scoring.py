@@ -57,8 +57,29 @@ def student_t_score(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64
 
 
 def _student_t(e: np.ndarray) -> F64:
+    out: F64 = np.sum(_student_t_parts(e), axis=-1)
+    return out
+
+
+def _student_t_parts(e: np.ndarray) -> F64:
     nu = STUDENT_T_DOF
-    out: F64 = 0.5 * (nu + 1.0) * np.sum(np.log1p(e * e / nu), axis=-1)
+    out: F64 = 0.5 * (nu + 1.0) * np.log1p(e * e / nu)
+    return out
+
+
+def error_parts(std_errors: np.ndarray, raw_score: str) -> F64:
+    """Each feature's part of the surprise in the raw score, [..., F]: the Student-t terms
+    (they sum to the raw score), or e^2 / 2 for the Gaussian NLL (its terms less the constant
+    and the predicted variance's, which say nothing about the observation). Both grow with
+    |e|, so at one step the largest part is the largest error.
+
+    >>> error_parts(np.array([[0.0, 2.0]]), "gaussian_nll").tolist()
+    [[0.0, 2.0]]
+    """
+    e = np.asarray(std_errors, np.float64)
+    if raw_score == "student_t":
+        return _student_t_parts(e)
+    out: F64 = 0.5 * e * e
     return out
 
 
@@ -260,6 +281,8 @@ SCORER_FEATURE_COLUMNS: Final[dict[str, tuple[type, float]]] = {
     "seen_min": (np.float64, math.inf),  # the smallest (normalised) value seen (spatial check)
     "seen_max": (np.float64, -math.inf),
     "input_var": (np.float64, 1.0),  # the stream's input spread, squared, in training units
+    "alert_parts": (np.float64, math.nan),  # each feature's part (error_parts) averaged like
+    # the alert's average: what an alert names as the features that raised it
 }
 
 
@@ -309,6 +332,7 @@ class StepScores:
     likelihood: F64  # anomaly likelihood in [0, 1]; 0 during warm-up
     score: F64  # log_score of the tail: the same ordering, resolved near 1; 0 during warm-up
     std_errors: F64  # [B, F] standardised errors (NaN where no prediction)
+    contributions: F64  # [B, F] each feature's part of the alert's average (NaN: none yet)
     raised: npt.NDArray[np.bool_]
     cleared: npt.NDArray[np.bool_]
     updated: npt.NDArray[np.bool_]  # periodic "still active" events (update_every_steps)
@@ -400,6 +424,22 @@ class Scorer:
         lm[learn] += alpha * d
         lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)
 
+    def _average_parts(self, parts_avg: F64, std_errors: F64, ok: npt.NDArray[np.bool_]) -> F64:
+        """Advance each feature's part of the raw score (error_parts) in an exponential
+        average like the alert's own (alert_window, else short_window), in place; return a
+        copy. A spike raises the alert a few steps after it, when another sensor may have
+        the largest error; the averaged parts still name the spiking one."""
+        cfg = self.config
+        alpha = self._alpha_alert if cfg.alert_window else self._alpha_short
+        parts = error_parts(std_errors, self.raw_score)
+        first = ok & np.isnan(parts_avg).any(axis=-1)
+        parts_avg[first] = parts[first]
+        upd = ok & ~first
+        parts_avg[upd] += alpha * (parts[upd] - parts_avg[upd])
+        out: F64 = parts_avg.copy()
+        out[~ok] = np.nan
+        return out
+
     def _beyond_seen(
         self, cols: dict[str, np.ndarray], z: np.ndarray, eligible: npt.NDArray[np.bool_]
     ) -> npt.NDArray[np.bool_]:
@@ -441,6 +481,7 @@ class Scorer:
             raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors[~has_pred] = np.nan
         ok = has_pred & np.isfinite(raw)
+        contributions = self._average_parts(cols["alert_parts"], std_errors, ok)
 
         n = cols["n_scored"]
         # The short average's tail makes anomaly_score; the alert rule watches its own
@@ -516,6 +557,7 @@ class Scorer:
             updated=updated,
             active=active.copy(),
             episode=cols["episodes"].copy(),
+            contributions=contributions,
         )
 
 
@@ -534,7 +576,8 @@ def _popcount(bits: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 
 
 def top_features(std_errors_row: np.ndarray, k: int) -> list[int]:
-    """Indices of the k features with the largest |standardised error|, largest first.
+    """Indices of the k features with the largest magnitude (|standardised error|, or a
+    contribution), largest first.
 
     >>> top_features(np.array([0.5, -4.0, 2.0]), 2)
     [1, 2]

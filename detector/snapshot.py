@@ -237,10 +237,11 @@ def _mismatch(entry: _Saved, engine: Engine) -> str:
     fingerprint = engine.model.meta.fingerprint
     if entry.fingerprint != fingerprint:
         return f"model fingerprint {fingerprint} differs from the snapshot's {entry.fingerprint}"
+    # Columns on one side only are a newer or older scorer's (see _restore); a column on
+    # both sides must agree.
     layout = _layout(engine.table.columns)
-    if entry.layout != layout:
-        diff = sorted(k for k in entry.layout.keys() | layout.keys()
-                      if entry.layout.get(k) != layout.get(k))  # fmt: skip
+    diff = sorted(k for k in entry.layout.keys() & layout.keys() if entry.layout[k] != layout[k])
+    if diff:
         return f"state columns differ from the snapshot's: {diff}"
     if len(engine.table):
         return f"its state table already holds {len(engine.table)} streams"
@@ -248,7 +249,15 @@ def _mismatch(entry: _Saved, engine: Engine) -> str:
 
 
 def _restore(entry: _Saved, engine: Engine, now: float) -> int:
+    """Put the saved streams into the engine's table. A column this version keeps and the
+    snapshot lacks (an upgrade) starts at its initial value, as for a new stream; a saved
+    column this version does not keep is dropped."""
     table = engine.table
+    new = sorted(table.columns.keys() - entry.values.keys())
+    old = sorted(entry.values.keys() - table.columns.keys())
+    if new or old:
+        log.info("model %s: state columns %s start afresh, saved columns %s are dropped",
+                 entry.name, new or "none", old or "none")  # fmt: skip
     cfg = engine.stream_config
     with np.errstate(invalid="ignore"):
         live = np.flatnonzero(entry.last_seen >= now - cfg.idle_ttl_s)
@@ -264,6 +273,7 @@ def _restore(entry: _Saved, engine: Engine, now: float) -> int:
     table.scatter(rows, {
         name: np.take(values, keep, axis=table.columns[name].axis)
         for name, values in entry.values.items()
+        if name in table.columns
     })  # fmt: skip
     table.last_seen[rows] = entry.last_seen[keep]
     return len(keep)

@@ -84,7 +84,12 @@ def test_a_spike_raises_an_alert_with_its_payload(
     assert alert["stream"] == "pump-1"
     assert alert["ts"] in (1090.0, 1091.0)  # the spike, or the step after (short average)
     assert alert["likelihood"] >= alert["threshold"]
-    assert alert["top_features"][0]["feature"] == "pressure"
+    top = alert["top_features"]
+    assert top[0]["feature"] == "pressure"
+    # Shares of the alert's average: the spiking sensor's is most of it, largest first.
+    shares = [f["share"] for f in top]
+    assert shares == sorted(shares, reverse=True) and 0.5 < shares[0] <= 1.0
+    assert sum(shares) <= 1.0 + 1e-3
     assert alert["fingerprint"] == daemon.engines[0].model.meta.fingerprint
     assert alert["alert_id"] == "pump-1#1"
 

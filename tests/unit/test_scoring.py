@@ -617,3 +617,35 @@ def test_the_alert_watches_its_own_longer_average_and_the_score_the_short_one() 
         s0.step_batch(cols0, np.array([[0.0]]), zeros, zeros, ok)
     assert s0.step_batch(cols0, np.array([[4.0]]), zeros, zeros, ok).raised[0]
     assert np.isnan(cols0["alert_avg"][0])  # not kept when unused
+
+
+def test_an_alert_names_the_features_of_its_own_average_not_of_the_raising_step() -> None:
+    """The Student-t parts averaged like the alert sum to the alert's average. A spike on
+    feature 0 raises the alert a few steps later, when feature 1 has the larger error of that
+    step (two high steps raise): the averaged parts still put feature 0 first."""
+    from detector.scoring import error_parts
+
+    cal = calibration(1.0, 0.3, "student_t", window=1)
+    cfg = ScoringConfig(warmup_steps=0, short_window=1, alert_window=5, prior_weight=1e12,
+                        long_window=10**15, threshold=0.999999, raise_k=2,
+                        raise_n=2)  # fmt: skip
+    s = Scorer(cfg, cal)
+    cols = fresh_columns(1, 2)
+    zeros = np.zeros((1, 2))
+    ok = np.array([True])
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        out = s.step_batch(cols, rng.normal(0.0, 0.5, (1, 2)), zeros, zeros, ok)
+        np.testing.assert_allclose(out.contributions.sum(axis=1), cols["alert_avg"])
+    steps = [np.array([[40.0, 0.0]]), np.array([[0.0, 2.5]]), np.array([[0.0, 2.5]])]
+    outs = [s.step_batch(cols, x, zeros, zeros, ok) for x in steps]
+    raised = [i for i, o in enumerate(outs) if o.raised[0]]
+    assert raised and raised[0] > 0, "the spike alone should not raise at once"
+    at = outs[raised[0]]
+    assert top_features(at.std_errors[0], 1) == [1]  # the step's own largest error
+    assert top_features(at.contributions[0], 2) == [0, 1]  # the alert's average's
+    np.testing.assert_allclose(outs[-1].contributions.sum(axis=1), cols["alert_avg"])
+    # The Gaussian NLL's parts are the squared errors' halves; parts grow with |e|.
+    np.testing.assert_allclose(error_parts(np.array([[3.0, -1.0]]), "gaussian_nll"), [[4.5, 0.5]])
+    t = error_parts(np.array([[0.0, 1.0, -2.0, 4.0]]), "student_t")[0]
+    assert t[0] == 0.0 and t[1] < t[2] < t[3]

@@ -166,13 +166,43 @@ def test_a_changed_column_layout_is_not_restored(
     live = engine(model)
     run(live, batches(model, ["p1"], 3, 0, seed=8))
     save_snapshot(tmp_path / "s.npz", [live])
-    # A later version of the scorer that keeps one more per-stream column.
-    monkeypatch.setitem(detector.scoring.SCORER_COLUMNS, "spare", (np.float64, 0.0))
+    # A later version of the scorer that keeps one of its columns in another type.
+    monkeypatch.setitem(detector.scoring.SCORER_COLUMNS, "episodes", (np.float64, 0.0))
     newer = engine(model)
     with caplog.at_level(logging.WARNING, logger="detector.snapshot"):
         assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 0}
     assert len(newer.table) == 0
-    assert "pump" in caplog.text and "spare" in caplog.text
+    assert "pump" in caplog.text and "episodes" in caplog.text
+
+
+def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    live = engine(model)
+    run(live, batches(model, ["p1", "p2"], 6, 0, seed=8))
+    save_snapshot(tmp_path / "s.npz", [live])
+    # An upgrade whose scorer keeps one more per-stream column: the streams keep their
+    # network state and statistics, and the new column starts at its initial value.
+    monkeypatch.setitem(detector.scoring.SCORER_COLUMNS, "spare", (np.float64, 7.5))
+    newer = engine(model)
+    with caplog.at_level(logging.INFO, logger="detector.snapshot"):
+        assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 2}
+    assert "spare" in caplog.text
+    rows = newer.table.rows_for(["p1", "p2"], T0)
+    assert newer.table.arrays["spare"][rows].tolist() == [7.5, 7.5]
+    old_rows = live.table.rows_for(["p1", "p2"], T0)
+    for name in live.table.columns:
+        np.testing.assert_array_equal(
+            np.take(newer.table.arrays[name], rows, axis=newer.table.columns[name].axis),
+            np.take(live.table.arrays[name], old_rows, axis=live.table.columns[name].axis),
+        )
+    # And back: the older version drops the column it does not know.
+    save_snapshot(tmp_path / "s2.npz", [newer])
+    monkeypatch.delitem(detector.scoring.SCORER_COLUMNS, "spare")
+    older = engine(model)
+    assert load_snapshot(tmp_path / "s2.npz", [older], now=T0) == {"pump": 2}
+    assert "spare" not in older.table.columns
 
 
 def test_an_engine_that_already_has_streams_is_left_alone(model: LoadedModel,
