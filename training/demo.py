@@ -224,7 +224,11 @@ def _drain(alerts: queue.Queue[dict[str, Any]], interval: float, t0: float) -> l
         except queue.Empty:
             return out
         step = round((doc["ts"] - t0) / interval)
-        top = ", ".join(f"{f['feature']} {f['std_error']:+.1f}σ" for f in doc["top_features"][:2])
+        # The sensors that make up the alert's average (their share of it), and their error now.
+        top = ", ".join(
+            f"{f['feature']} {100 * f['share']:.0f} % ({f['std_error']:+.1f}σ)"
+            for f in doc["top_features"][:2]
+        )
         item = _Seen(doc["stream"], doc["event"], doc["ts"], step, doc["likelihood"], top)
         out.append(item)
         _say(

@@ -78,7 +78,7 @@ def alert_lines(rule: ScoringConfig | float | None = None) -> tuple[Threshold, .
     first, then (for a ScoringConfig) the clear threshold. A number is drawn as it is.
 
     >>> [round(t.score, 4) for t in alert_lines(ScoringConfig())]
-    [0.375, 0.125]
+    [0.5, 0.125]
     >>> alert_lines(0.4)[0].label
     'threshold 0.4'
     """
@@ -89,14 +89,14 @@ def alert_lines(rule: ScoringConfig | float | None = None) -> tuple[Threshold, .
     raise_score, clear_score = (
         float(s) for s in log_score(np.array([1.0 - rule.threshold, 1.0 - rule.clear_threshold]))
     )
-    rule_text = f"likelihood \u2265 {rule.threshold:g}"
+    rule_text = f"likelihood \u2265 {rule.threshold:.12g}"
     if rule.raise_n > 1:
         rule_text += f" in {rule.raise_k} of {rule.raise_n} steps"
     return (
         Threshold(raise_score, f"raise: {rule_text} (score {raise_score:.3g})"),
         Threshold(
             clear_score,
-            f"clear: likelihood < {rule.clear_threshold:g} for {rule.clear_steps} steps"
+            f"clear: likelihood < {rule.clear_threshold:.12g} for {rule.clear_steps} steps"
             f" (score {clear_score:.3g})",
         ),
     )

@@ -78,9 +78,9 @@ def test_draws_features_score_alerts_and_windows(scores: Path, tmp_path: Path) -
     assert result.features == ("flow", "pressure") and result.omitted == ()  # no label column
     assert result.alerts == ALERTS and result.raised == (22, 50)
     assert result.windows == (WINDOW,) and result.windows_alerted == 1
-    # The raise rule of the defaults, likelihood >= 0.9999, is a tail of 1e-4: 4/16 = 0.25.
-    assert [round(t.score, 9) for t in result.thresholds] == [0.375, 0.125]
-    assert "0.9999" in result.thresholds[0].label
+    # The raise rule of the defaults, likelihood >= 0.99999999, is a tail of 1e-8: 8/16 = 0.5.
+    assert [round(t.score, 9) for t in result.thresholds] == [0.5, 0.125]
+    assert "0.99999999" in result.thresholds[0].label
 
 
 def test_row_axis_many_features_and_a_number_threshold(tmp_path: Path) -> None:
@@ -124,7 +124,7 @@ def test_command_line_writes_the_png(scores: Path, tmp_path: Path, capsys) -> No
     assert png_size(out) == (1200, 150 + 130 + 260)
     assert line.count("\n") == 1 and f"-> {out}" in line
     assert "features pressure (+1 not drawn)" in line and "2 alert(s) raised" in line
-    assert "1 labelled window(s), 1 alerted" in line and "anomaly_score 0.375" in line
+    assert "1 labelled window(s), 1 alerted" in line and "anomaly_score 0.5" in line
 
 
 def test_config_thresholds_are_the_alert_rule_on_the_score_axis(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_config_thresholds_are_the_alert_rule_on_the_score_axis(tmp_path: Path) 
     assert not problems
     raise_line, clear_line = alert_lines(config.scoring)
     assert raise_line.score == pytest.approx(3 / 16) and clear_line.score == pytest.approx(1 / 16)
-    assert "0.999 in 2 of 3 steps" in raise_line.label and "0.9 for 5 steps" in clear_line.label
+    assert "0.999 in 2 of 3 steps" in raise_line.label and "0.9 for 20 steps" in clear_line.label
 
 
 @pytest.mark.parametrize(
