@@ -246,7 +246,8 @@ class Engine:
     ) -> AlertEvent:
         features = self.model.meta.features
         errors, parts = scores.std_errors[k], scores.contributions[k]
-        shares = parts / np.sum(parts) if np.sum(parts) > 0 else np.zeros_like(parts)
+        total = float(np.sum(parts))
+        shares = parts / total if total > 0 else np.zeros_like(parts)
         top = [
             (features[i], float(errors[i]), float(shares[i]))
             for i in top_features(parts, self.scoring.top_k)

@@ -53,11 +53,7 @@ def student_t_score(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64
     >>> round(float(student_t_score(np.ones((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))[0]), 4)
     1.0484
     """
-    return _student_t(standardised_errors(z, mean, log_var))
-
-
-def _student_t(e: np.ndarray) -> F64:
-    out: F64 = np.sum(_student_t_parts(e), axis=-1)
+    out: F64 = np.sum(_student_t_parts(standardised_errors(z, mean, log_var)), axis=-1)
     return out
 
 
@@ -116,10 +112,10 @@ def ewma_alpha(window: int) -> float:
     return 2.0 / (window + 1.0)
 
 
-def _ewma_var_share(window: int) -> float:
+def ewma_var_share(window: int) -> float:
     """Variance of an exponential average of independent unit-variance values.
 
-    >>> _ewma_var_share(1)
+    >>> ewma_var_share(1)
     1.0
     """
     a = ewma_alpha(window)
@@ -377,7 +373,7 @@ class Scorer:
 
     @staticmethod
     def _prior_var(calibration: Calibration, window: int) -> float:
-        share = _ewma_var_share(window) / _ewma_var_share(calibration.window)
+        share = ewma_var_share(window) / ewma_var_share(calibration.window)
         return float(calibration.window_std) ** 2 * share
 
     def _average_tail(
@@ -396,10 +392,7 @@ class Scorer:
         step teaches them can depend on its likelihood.
         """
         avg, lm, lv = (cols[name] for name in names)
-        first = ok & np.isnan(avg)
-        avg[first] = raw[first]
-        upd = ok & ~first
-        avg[upd] += alpha * (raw[upd] - avg[upd])
+        _advance_average(avg, raw, ok, alpha)
         # Long-run mean and variance of the average, with the calibration as a prior.
         fresh = ok & np.isnan(lm)
         lm[fresh] = self.prior_mean
@@ -426,18 +419,13 @@ class Scorer:
         lm[learn] += alpha * d
         lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)
 
-    def _average_parts(self, parts_avg: F64, std_errors: F64, ok: npt.NDArray[np.bool_]) -> F64:
+    def _average_parts(self, parts_avg: F64, parts: F64, ok: npt.NDArray[np.bool_]) -> F64:
         """Advance each feature's part of the raw score (error_parts) in an exponential
         average like the alert's own (alert_window, else short_window), in place; return a
         copy. A spike raises the alert a few steps after it, when another sensor may have
         the largest error; the averaged parts still name the spiking one."""
-        cfg = self.config
-        alpha = self._alpha_alert if cfg.alert_window else self._alpha_short
-        parts = error_parts(std_errors, self.raw_score)
-        first = ok & np.isnan(parts_avg).any(axis=-1)
-        parts_avg[first] = parts[first]
-        upd = ok & ~first
-        parts_avg[upd] += alpha * (parts[upd] - parts_avg[upd])
+        alpha = self._alpha_alert if self.config.alert_window else self._alpha_short
+        _advance_average(parts_avg, parts, ok, alpha)
         out: F64 = parts_avg.copy()
         out[~ok] = np.nan
         return out
@@ -477,13 +465,14 @@ class Scorer:
         cfg = self.config
         seen = z if z_train is None else z_train
         std_errors = standardised_errors(z, mean, log_var)
-        if self.raw_score == "student_t":  # student_t_score, from the errors in hand
-            raw = np.where(has_pred, _student_t(std_errors), np.nan)
+        parts = error_parts(std_errors, self.raw_score)
+        if self.raw_score == "student_t":  # student_t_score: the sum of its parts in hand
+            raw = np.where(has_pred, np.sum(parts, axis=-1), np.nan)
         else:
             raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors[~has_pred] = np.nan
         ok = has_pred & np.isfinite(raw)
-        contributions = self._average_parts(cols["alert_parts"], std_errors, ok)
+        contributions = self._average_parts(cols["alert_parts"], parts, ok)
 
         n = cols["n_scored"]
         # The short average's tail makes anomaly_score; the alert rule watches its own
@@ -561,6 +550,23 @@ class Scorer:
             episode=cols["episodes"].copy(),
             contributions=contributions,
         )
+
+
+def _advance_average(avg: F64, x: F64, ok: npt.NDArray[np.bool_], alpha: float) -> None:
+    """One step of exponential averages, in place: for the streams in ``ok``, the first value
+    starts the average (NaN: none yet), later ones move it ``alpha`` of the way. ``avg`` and
+    ``x`` are [B] or [B, F] (a row of F averages that start together).
+
+    >>> avg = np.array([np.nan, 2.0])
+    >>> _advance_average(avg, np.array([4.0, 4.0]), np.ones(2, np.bool_), 0.5)
+    >>> avg.tolist()
+    [4.0, 3.0]
+    """
+    empty = np.isnan(avg) if avg.ndim == 1 else np.isnan(avg).any(axis=-1)
+    first = ok & empty
+    avg[first] = x[first]
+    upd = ok & ~first
+    avg[upd] += alpha * (x[upd] - avg[upd])
 
 
 def _popcount(bits: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:

@@ -10,6 +10,7 @@ against the previous prediction, and its short-term average with
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ import onnx
 
 from detector.artifact import Calibration, Normalisation
 from detector.errors import DataError
-from detector.scoring import ScoringConfig, ewma_alpha, short_average, student_t_score
+from detector.scoring import ScoringConfig, ewma_var_share, short_average, student_t_score
 from training.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ def average_std(
     >>> round(average_std([np.array([0.0, 2.0] * 50)], [np.full(100, 1.0)], 3), 3)
     0.577
     """
-    a = ewma_alpha(window)
-    independent = within_std(raw_parts) * float(np.sqrt(a / (2.0 - a)))
+    independent = within_std(raw_parts) * math.sqrt(ewma_var_share(window))
     return max(within_std(avg_parts), independent)
 
 
