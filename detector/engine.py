@@ -18,13 +18,7 @@ from typing import Any, Final
 import numpy as np
 
 from detector.model import LoadedModel
-from detector.scoring import (
-    SCORER_COLUMNS,
-    SCORER_FEATURE_COLUMNS,
-    Scorer,
-    ScoringConfig,
-    top_features,
-)
+from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, top_features
 from detector.state import Column, StateTable
 
 # Per-sample outcome codes in BatchResult.status.
@@ -128,10 +122,8 @@ class Engine:
         columns["log_var"] = Column((f,), np.float32, 0.0)
         columns["has_pred"] = Column((), np.bool_, False)
         columns["last_ts"] = Column((), np.float64, math.nan)
-        for name, (dtype, fill) in SCORER_COLUMNS.items():
-            columns[name] = Column((), dtype, fill)
-        for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items():
-            columns[name] = Column((f,), dtype, fill)
+        for name, (shape, dtype, fill) in scorer_column_specs(f).items():
+            columns[name] = Column(shape, dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
         # Reset on a gap: the network's memory and the two averages of the score, not the
         # stream's long-run statistics or its alert episode.
@@ -224,7 +216,7 @@ class Engine:
                 return
 
         scores = self.scorer.step_batch(
-            cols, z, cols["mean"], cols["log_var"], cols["has_pred"], z_train
+            cols, z, cols["mean"], cols["log_var"], cols["has_pred"], z_train, ts
         )
         for name, state in zip(model.meta.state_names, out.states, strict=True):
             cols[name] = state

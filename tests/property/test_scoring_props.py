@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 
 from detector.artifact import Calibration
 from detector.scoring import (
-    SCORER_COLUMNS,
-    SCORER_FEATURE_COLUMNS,
     Scorer,
     ScoringConfig,
     StepScores,
+    scorer_column_specs,
     scorer_columns,
 )
 from detector.state import Column, StateTable
@@ -42,6 +41,7 @@ class Out:
 
     raw: float
     likelihood: float
+    score: float
     std_errors: tuple[float, ...]
     raised: bool
     cleared: bool
@@ -52,7 +52,8 @@ class Out:
         def same(v: float) -> object:
             return "nan" if math.isnan(v) else v
 
-        return (same(self.raw), self.likelihood, tuple(same(v) for v in self.std_errors),
+        return (same(self.raw), self.likelihood, self.score,
+                tuple(same(v) for v in self.std_errors),
                 self.raised, self.cleared, self.active, self.episode)  # fmt: skip
 
 
@@ -60,6 +61,7 @@ def pick(scores: StepScores, k: int) -> Out:
     return Out(
         raw=float(scores.raw[k]),
         likelihood=float(scores.likelihood[k]),
+        score=float(scores.score[k]),
         std_errors=tuple(float(v) for v in scores.std_errors[k]),
         raised=bool(scores.raised[k]),
         cleared=bool(scores.cleared[k]),
@@ -87,6 +89,9 @@ configs = st.builds(
     clear_threshold=st.sampled_from([0.5, 0.8, 0.9]),
     clear_steps=st.integers(1, 3),
     min_interval_steps=st.integers(0, 6),
+    onset_hold_steps=st.integers(0, 3),
+    routine_period_s=st.sampled_from([0.0, 3.0, 5.0]),  # times below are step numbers
+    routine_tolerance_s=st.sampled_from([0.0, 1.0]),
 )
 CALIBRATION = Calibration(
     n=1000, mean=2.0, std=1.0, quantiles={}, window=10, window_mean=2.0, window_std=0.5,
@@ -98,13 +103,16 @@ def fresh_columns(b: int) -> dict[str, np.ndarray]:
     return scorer_columns(b, F)
 
 
-def step(scorer: Scorer, cols: dict[str, np.ndarray], batch: list[Obs]) -> StepScores:
+def step(
+    scorer: Scorer, cols: dict[str, np.ndarray], batch: list[Obs], ts: list[float]
+) -> StepScores:
     return scorer.step_batch(
         cols,
         np.array([o.z for o in batch], dtype=np.float64).reshape(len(batch), F),
         np.array([o.mean for o in batch], dtype=np.float64).reshape(len(batch), F),
         np.array([o.log_var for o in batch], dtype=np.float64).reshape(len(batch), F),
         np.array([o.has_pred for o in batch], dtype=np.bool_),
+        ts=np.array(ts, dtype=np.float64),
     )
 
 
@@ -112,7 +120,7 @@ def alone(config: ScoringConfig, sequence: list[Obs]) -> list[Out]:
     """The reference: one stream, stepped one observation at a time, nobody else around."""
     scorer = Scorer(config, CALIBRATION)
     cols = fresh_columns(1)
-    return [pick(step(scorer, cols, [obs]), 0) for obs in sequence]
+    return [pick(step(scorer, cols, [obs], [float(t)]), 0) for t, obs in enumerate(sequence)]
 
 
 def assert_same(got: list[Out], expected: list[Out], stream: int) -> None:
@@ -137,7 +145,7 @@ def test_batched_steps_agree_with_one_at_a_time(
     cols = fresh_columns(b)
     got: list[list[Out]] = [[] for _ in range(b)]
     for t in range(len(sequences[0])):
-        scores = step(scorer, cols, [seq[t] for seq in sequences])
+        scores = step(scorer, cols, [seq[t] for seq in sequences], [float(t)] * b)
         for k in range(b):
             got[k].append(pick(scores, k))
     for k, seq in enumerate(sequences):
@@ -156,11 +164,10 @@ def test_interleaving_other_streams_never_changes_a_stream(
     # Streams arrive in batches of varying make-up and order, their columns kept in a
     # StateTable the way the engine keeps them (gather, step, scatter).
     table = StateTable(
-        {name: Column((), dtype, fill) for name, (dtype, fill) in SCORER_COLUMNS.items()}
-        | {
-            name: Column((F,), dtype, fill)
-            for name, (dtype, fill) in SCORER_FEATURE_COLUMNS.items()
-        },
+        {
+            name: Column(shape, dtype, fill)
+            for name, (shape, dtype, fill) in scorer_column_specs(F).items()
+        },  # fmt: skip
         max_streams=16,
         initial_capacity=1,
     )
@@ -179,7 +186,10 @@ def test_interleaving_other_streams_never_changes_a_stream(
         clock += 1.0
         rows = table.rows_for([ids[k] for k in members], now=clock)
         cols = table.gather(rows)
-        scores = step(scorer, cols, [sequences[k][position[k]] for k in members])
+        scores = step(
+            scorer, cols, [sequences[k][position[k]] for k in members],
+            [float(position[k]) for k in members],
+        )  # fmt: skip
         table.scatter(rows, cols)
         for j, k in enumerate(members):
             got[k].append(pick(scores, j))

@@ -250,6 +250,9 @@ def test_default_scoring_config_is_valid() -> None:
         ({"prior_weight": -0.5}, "prior_weight"),
         ({"input_scale_window": -1}, "input_scale_window"),
         ({"input_scale_clip": 0.0}, "input_scale_clip"),
+        ({"routine_period_s": -1.0}, "routine_period_s"),
+        ({"routine_period_s": math.inf}, "routine_period_s"),
+        ({"routine_tolerance_s": math.nan}, "routine_tolerance_s"),
     ],
 )
 def test_scoring_config_problems_name_the_field(changes: dict[str, float], word: str) -> None:
@@ -290,10 +293,10 @@ class OneStream:
         self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0, window=cfg.short_window))
         self.cols = fresh_columns(1)
 
-    def step(self, z: float, has_pred: bool = True) -> StepScores:
+    def step(self, z: float, has_pred: bool = True, ts: float | None = None) -> StepScores:
         return self.scorer.step_batch(
             self.cols, np.array([[z]]), np.zeros((1, 1)), np.zeros((1, 1)),
-            np.array([has_pred]),
+            np.array([has_pred]), ts=None if ts is None else np.array([ts]),
         )  # fmt: skip
 
     def run(self, zs: list[float]) -> list[StepScores]:
@@ -487,6 +490,75 @@ def test_onset_hold_caps_the_scores_of_the_steps_after_an_onset_then_lets_go() -
     assert [bool(r.raised[0]) for r in plain.run(steps)] == [
         bool(r.raised[0]) for r in held_run.run(steps)
     ]
+
+
+DAY = 86400.0
+
+
+def onset_scores(stream: OneStream, times: list[float], calm_steps: int = 3) -> list[float]:
+    """anomaly_score of a HIGH step at each time, after calm steps just before it."""
+    out = []
+    for t in times:
+        for k in range(calm_steps, 0, -1):
+            stream.step(CALM, ts=t - k)
+        out.append(float(stream.step(HIGH, ts=t).score[0]))
+    return out
+
+
+def test_an_onset_a_day_after_another_is_the_streams_routine() -> None:
+    from detector.scoring import ONSET_YELLOW, log_score
+
+    capped = float(log_score(np.array([ONSET_YELLOW]))[0])
+    s = OneStream(warmup_steps=0, onset_hold_steps=0)
+    t0 = 1_700_000_000.0
+    # day 0 at 02:00; day 1 at 02:50 (within the hour: routine) and at 09:00 (not);
+    # day 2 at 02:55 (a day after day 1's routine onset, which is remembered too) and at
+    # 09:00 + 1 h 1 s (just outside the hour)
+    got = onset_scores(s, [t0, t0 + DAY + 3000, t0 + DAY + 25200, t0 + 2 * DAY + 3300,
+                           t0 + 2 * DAY + 25200 + 3601])  # fmt: skip
+    full = pytest.approx(got[0])
+    assert got[0] > 0.5
+    assert got == [full, pytest.approx(capped), full, pytest.approx(capped), full]
+    # the alert rule does not use it: the same steps raise the same alerts without it
+    steps = [CALM, HIGH, CALM, CALM, HIGH, CALM]
+    times = [t0 - 1, t0, t0 + 1, t0 + DAY - 1, t0 + DAY, t0 + DAY + 1]
+    with_routine = OneStream(warmup_steps=0, onset_hold_steps=0, min_interval_steps=0,
+                             clear_steps=1)  # fmt: skip
+    without = OneStream(warmup_steps=0, onset_hold_steps=0, min_interval_steps=0,
+                        clear_steps=1, routine_period_s=0.0)  # fmt: skip
+    a = [bool(with_routine.step(z, ts=t).raised[0]) for z, t in zip(steps, times, strict=True)]
+    b = [bool(without.step(z, ts=t).raised[0]) for z, t in zip(steps, times, strict=True)]
+    assert a == b and sum(a) == 2
+
+
+def test_the_routine_check_is_off_without_times_or_a_period() -> None:
+    t0 = 1_700_000_000.0
+    times = [t0, t0 + DAY]
+    off = onset_scores(OneStream(warmup_steps=0, onset_hold_steps=0, routine_period_s=0.0), times)
+    full = pytest.approx(off[0])
+    assert off[0] > 0.5 and off[1] == full
+    s = OneStream(warmup_steps=0, onset_hold_steps=0)
+    s.run([CALM] * 3)
+    untimed = [float(s.step(HIGH).score[0])]
+    s.run([CALM] * 3)
+    untimed.append(float(s.step(HIGH).score[0]))
+    assert untimed == [full, full]
+    # a sample without a time is scored, neither checked nor remembered
+    s = OneStream(warmup_steps=0, onset_hold_steps=0)
+    assert onset_scores(s, [math.nan, t0 + DAY]) == [full, full]
+
+
+def test_a_stream_remembers_its_last_few_onsets_only() -> None:
+    from detector.scoring import ONSET_MEMORY
+
+    s = OneStream(warmup_steps=0, onset_hold_steps=0)
+    t0 = 1_700_000_000.0
+    # ONSET_MEMORY onsets after the one at t0 push it out: a day later is a new onset
+    later = [t0 + 7200.0 * (k + 1) for k in range(ONSET_MEMORY)]
+    got = onset_scores(s, [t0, *later, t0 + DAY])
+    assert got[0] > 0.5 and got[-1] == pytest.approx(got[0])
+    kept = OneStream(warmup_steps=0, onset_hold_steps=0)
+    assert onset_scores(kept, [t0, *later[:-1], t0 + DAY])[-1] < 0.2
 
 
 def _noisy_then_shifted(freeze_steps: int) -> list[bool]:
