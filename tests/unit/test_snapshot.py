@@ -205,6 +205,29 @@ def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
     assert "spare" not in older.table.columns
 
 
+def test_a_snapshot_from_before_the_routine_check_restores(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Snapshots written before the scorer kept its streams' recent onset times (a column
+    # with a trailing axis of its own) restore; the onset times start empty.
+    saved = dict(detector.scoring.SCORER_RECENT_COLUMNS)
+    monkeypatch.delitem(detector.scoring.SCORER_RECENT_COLUMNS, "onset_ts")
+    without = dataclasses.replace(SCORING, routine_period_s=0.0)  # never reads the column
+    older = Engine(model, without, StreamConfig(max_streams=64, idle_ttl_s=math.inf))
+    run(older, batches(model, ["p1", "p2"], 6, 0, seed=8))
+    save_snapshot(tmp_path / "s.npz", [older])
+    monkeypatch.setitem(detector.scoring.SCORER_RECENT_COLUMNS, "onset_ts", saved["onset_ts"])
+    newer = engine(model)
+    assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 2}
+    rows = newer.table.rows_for(["p1", "p2"], T0)
+    assert newer.table.arrays["onset_ts"][rows].shape == (2, detector.scoring.ONSET_MEMORY)
+    assert np.isnan(newer.table.arrays["onset_ts"][rows]).all()
+    old_rows = older.table.rows_for(["p1", "p2"], T0)
+    np.testing.assert_array_equal(
+        newer.table.arrays["long_var"][rows], older.table.arrays["long_var"][old_rows]
+    )
+
+
 def test_an_engine_that_already_has_streams_is_left_alone(model: LoadedModel,
                                                           tmp_path: Path) -> None:  # fmt: skip
     live = engine(model)
