@@ -392,6 +392,7 @@ class Scorer:
         window = config.alert_window
         self._alpha_alert = ewma_alpha(window) if window else math.nan
         self.alert_prior_var = self._prior_var(calibration, window) if window else math.nan
+        self._alpha_parts = self._alpha_alert if window else self._alpha_short  # alert_parts
         window = config.input_scale_window
         self._alpha_input = ewma_alpha(window) if window else math.nan
 
@@ -458,8 +459,7 @@ class Scorer:
         average like the alert's own (alert_window, else short_window), in place; return a
         copy. A spike raises the alert a few steps after it, when another sensor may have
         the largest error; the averaged parts still name the spiking one."""
-        alpha = self._alpha_alert if self.config.alert_window else self._alpha_short
-        _advance_average(parts_avg, parts, ok, alpha)
+        _advance_average(parts_avg, parts, ok, self._alpha_parts)
         out: F64 = parts_avg.copy()
         out[~ok] = np.nan
         return out
@@ -490,6 +490,8 @@ class Scorer:
         """Onsets that come one routine_period_s after a remembered onset of their stream,
         within routine_tolerance_s; every onset is then remembered (newest first, the
         oldest of ONSET_MEMORY forgotten), so a routine stays recognised day after day."""
+        if not onset.any():  # the usual step: nothing to check or remember
+            return onset
         cfg = self.config
         t = np.asarray(ts, np.float64)
         with np.errstate(invalid="ignore"):  # NaN: no onset remembered there yet
