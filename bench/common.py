@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from detector.localbroker import Mosquitto, free_port
-from detector.scoring import FLEET_SCORING
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(tempfile.gettempdir()) / "rnnsentry-bench-models"
@@ -474,8 +473,6 @@ def daemon_config(
         "batch": {"max": batch_max, "queue_size": max(100_000, batch_max)},
         "streams": {"max_streams": max_streams},
         "metrics": {"port": free_port(), "host": "127.0.0.1"},
-        # one model for a fleet of streams: the demo's scoring profile (README)
-        "scoring": dict(FLEET_SCORING),
     }
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)

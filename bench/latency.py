@@ -50,7 +50,6 @@ from common import (
 from detector.config import build_config
 from detector.daemon import Daemon, _Pending
 from detector.engine import Engine
-from detector.scoring import FLEET_SCORING
 
 WARMUP_STEPS = 10  # so that 10,000 streams reach alerting age in a short run
 
@@ -75,9 +74,7 @@ def make_daemon(
             "mqtt": {"broker": url},
             "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
             "metrics": {"enabled": False},
-            # One model for a fleet of short-lived streams: the demo's scoring profile
-            # (README, "How a sample is scored"), so that streams settle within the run.
-            "scoring": {"warmup_steps": WARMUP_STEPS, **FLEET_SCORING},
+            "scoring": {"warmup_steps": WARMUP_STEPS},
             "streams": {"max_streams": max(100_000, streams)},
             "batch": {"max_wait_ms": max_wait_ms},
         }

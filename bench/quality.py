@@ -7,17 +7,34 @@ published figures of ``../shared/datasets/README.md``, with the wall time. Not a
 
     .venv/bin/python bench/quality.py [--nab DIR] [--skab DIR] [--jobs 2] [--only nab]
         [--train-args="--epochs 10 --hidden 16"] [--config scoring.toml] [--per-file] [--seeds 3]
+        [--keep DIR] [--models DIR] [--variants variants.toml]
 
 NAB: train on the probationary rows min(floor(0.15 n), 750) of ``value``, replay the whole
 file, NAB scores of ``anomaly_score`` over the corpus (one threshold per profile, NAB's
 probation). SKAB (valve1): train on the first 400 rows of the eight sensors, replay, F1 /
 FAR / MAR of ``alert`` on the rows after the first 400, pooled over the files.
+
+``--models DIR`` replays the models an earlier ``--keep DIR`` kept instead of training them.
+``--variants FILE`` judges scoring settings leave-one-out on those models, never training:
+every model is replayed in-process (``--jobs`` worker processes) under the baseline (project
+defaults or ``--config``) and under each ``[variants.NAME]``, e.g.
+
+    [variants.no_spatial]
+    group = "spatial check"  # one setting's variants; each fold picks one of a group
+    scoring = { spatial_tolerance = -1.0 }  # over the baseline's [scoring]; also streams = {}
+
+Each fold holds one NAB category out and picks, per group, the candidate (the baseline is
+one) with the best mean over seeds of: NAB standard on the two other categories (one
+threshold optimised over both) + 100 SKAB F1 - 100 max(0, SKAB FAR - 0.10). The held-out
+category is scored at those two categories' threshold. A group is kept only if every fold
+that picked a variant gains on its held-out category in the mean over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -25,16 +42,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from detector.config import build_config, merge, read_toml
 from detector.csvdata import read_csv
-from detector.errors import RnnsentryError
+from detector.engine import StreamConfig
+from detector.errors import ConfigError, RnnsentryError
+from detector.model import LoadedModel
+from detector.replay import replay_table
+from detector.scoring import ScoringConfig
 from training.evaluate import (
     Labelled,
+    PointMetrics,
     Report,
     evaluate,
     label_runs,
@@ -43,7 +67,7 @@ from training.evaluate import (
     read_windows,
     windows_to_events,
 )
-from training.nab import PROFILES, nab_file_score, nab_probation_rows
+from training.nab import PROFILES, NabResult, nab_corpus, nab_file_score, nab_probation_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SKAB_TRAIN_ROWS = 400
@@ -85,10 +109,14 @@ class Done:
 
 
 def run_job(job: Job, work: Path, args: argparse.Namespace, seed: int) -> Done:
-    """Train then replay one file through the command line; the first failure is kept."""
+    """Train then replay one file through the command line; the first failure is kept. With
+    ``--models``, a model kept there is replayed and nothing is trained."""
     scores = work / job.protocol / job.key  # e.g. nab/realKnownCause/nyc_taxi.csv
     scores.parent.mkdir(parents=True, exist_ok=True)
-    model = scores.with_suffix(".onnx")
+    model = model_file(work, job)
+    kept = model_file(seed_dir(args.models, seed, args.seeds), job) if args.models else None
+    if kept is not None and kept.exists():
+        model = kept
     columns = ["--columns", job.columns] if job.columns else []
     train = [
         "train",
@@ -106,8 +134,8 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, seed: int) -> Done:
     replay = ["replay", "--model", str(model), "--data", str(job.data), "--out", str(scores)]
     if args.config:
         replay += ["--config", str(args.config)]
-    times = []
-    for argv in (train, replay):
+    steps, times = ([replay], [0.0]) if model == kept else ([train, replay], [])
+    for argv in steps:
         began = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "detector", *argv],
@@ -121,6 +149,17 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, seed: int) -> Done:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             return Done(job, scores, times[0], sum(times[1:]), f"{argv[0]}: {last}")
     return Done(job, scores, times[0], times[1])
+
+
+def seed_dir(root: Path, seed: int, seeds: int) -> Path:
+    """Where ``--keep DIR`` put one seed's files: DIR/seed-N with several seeds, DIR with one
+    (where a single seed's DIR/seed-0 exists, that)."""
+    nested = root / f"seed-{seed}"
+    return nested if seeds > 1 or nested.is_dir() else root
+
+
+def model_file(root: Path, job: Job) -> Path:
+    return (root / job.protocol / job.key).with_suffix(".onnx")  # nab/<category>/<file>.onnx
 
 
 # Subprocesses get the project's defaults: no RNNSENTRY_* setting of the caller's shell.
@@ -279,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-file", action="store_true", help="also a table per file")
     parser.add_argument("--keep", metavar="DIR", help="keep models and scores in DIR")
     parser.add_argument(
+        "--models",
+        metavar="DIR",
+        help="reuse the models an earlier --keep DIR kept (seed-N/ per seed with --seeds > 1):"
+        " a file whose model is there is not trained",
+    )
+    parser.add_argument(
+        "--variants",
+        metavar="FILE.toml",
+        help="leave-one-out instead: re-score the --models of every seed in-process under each"
+        " [variants.NAME] (group, scoring, streams) and the baseline, and judge each group",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -289,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config:
         args.config = Path(args.config).resolve()
+    if args.models:
+        args.models = Path(args.models).resolve()
     began = time.perf_counter()
     try:
         jobs: list[Job] = []
@@ -301,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     except RnnsentryError as exc:
         print(f"quality: {exc}", file=sys.stderr)
         return 2
+    if args.variants:
+        return run_loo(args, jobs, windows)
 
     print(
         f"detection quality: {len(jobs)} files, {args.jobs} at a time, {os.cpu_count()} CPU(s),"
@@ -308,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' + ' + args.train_args if args.train_args else ''}; scoring:"
         f" {args.config or 'project defaults'}"
         + (f"; training seeds 0..{args.seeds - 1}" if args.seeds > 1 else "")
+        + (f"; models kept in {args.models} reused" if args.models else "")
         + "\n"
     )
     rounds = []
@@ -419,6 +475,452 @@ def seed_table(rounds: list[Round]) -> list[str]:
     ]
     out.append("| **mean ± sd** | " + " | ".join(cells) + " |")
     return [*out, ""]
+
+
+# ---------------------------------------------------------------------------------------
+# Leave-one-out: kept models re-scored in a pool of worker processes under scoring variants.
+
+BASELINE = "baseline"
+SKAB_FAR_LIMIT = 0.10  # the objective pays 100 a unit of SKAB false-alarm rate beyond this
+VARIANT_KEYS = ("group", "scoring", "streams")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``[variants.NAME]`` of a ``--variants`` file: settings over the baseline's."""
+
+    name: str
+    group: str  # the variants of one setting share a group; a fold picks one of a group
+    overrides: dict[str, dict[str, Any]]  # "scoring" / "streams" -> key -> value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one replay is configured with: the baseline's or a variant's."""
+
+    name: str
+    scoring: ScoringConfig
+    streams: StreamConfig
+
+
+def read_variants(path: Path) -> list[Variant]:
+    """The variants of a TOML file; every problem in one ConfigError."""
+    doc = read_toml(path)
+    problems = [f"{k}: unknown key (write [variants.NAME])" for k in doc if k != "variants"]
+    tables = doc.get("variants", {})
+    if not isinstance(tables, dict):
+        tables, problems = {}, [*problems, "variants: expected tables [variants.NAME]"]
+    out = []
+    for name, body in tables.items():
+        where = f"variants.{name}"
+        if not isinstance(body, dict):
+            problems.append(f"{where}: expected a table")
+            continue
+        problems += [f"{where}.{k}: unknown key" for k in body if k not in VARIANT_KEYS]
+        sections = {k: body[k] for k in ("scoring", "streams") if k in body}
+        problems += [f"{where}.{k}: expected a table" for k, v in sections.items()
+                     if not isinstance(v, dict)]  # fmt: skip
+        if not isinstance(body.get("group", ""), str):
+            problems.append(f"{where}.group: expected a string")
+        if name == BASELINE:
+            problems.append(f"{where}: {BASELINE!r} names the project's settings")
+        out.append(Variant(name, str(body.get("group", name)), sections))
+    if not tables:
+        problems.append("no [variants.NAME] table")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return out
+
+
+def build_settings(name: str, base: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """``overrides`` over the baseline's document (a --config file's), built and checked as
+    ``replay --config`` builds it, so a variant names any field the configuration has."""
+    config, problems = build_config(merge(base, overrides))
+    if problems:
+        raise ConfigError(f"{name}: " + "; ".join(problems))
+    return Settings(name, config.scoring, config.streams)
+
+
+@dataclass(frozen=True)
+class Rescored:
+    """One kept model replayed under several settings: (anomaly_score, alert) per setting."""
+
+    job: Job
+    seed: int
+    timestamps: np.ndarray | None
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]
+    replay_s: dict[str, float]
+    error: str | None = None
+
+
+def as_written(score: np.ndarray) -> np.ndarray:
+    """``anomaly_score`` as ``replay --out`` writes it (six decimals) and the bench reads it.
+
+    >>> as_written(np.array([0.12345678, 0.5])).tolist()
+    [0.123457, 0.5]
+    """
+    return np.array([float(f"{x:.6f}") for x in score])
+
+
+def replay_settings(job: Job, seed: int, model_path: Path, settings: list[Settings]) -> Rescored:
+    """Replay one kept model under each of ``settings``; runs in a worker process."""
+    scores, times = {}, {}
+    try:
+        model = LoadedModel.load(model_path)
+        table = read_csv(job.data, columns=model.meta.features)
+        for s in settings:
+            began = time.perf_counter()
+            r = replay_table(model, table.values, table.timestamps, s.scoring, s.streams)
+            times[s.name] = time.perf_counter() - began
+            scores[s.name] = (as_written(r.score), np.asarray(r.alert, np.bool_))
+    except RnnsentryError as exc:
+        return Rescored(job, seed, None, {}, {}, f"{model_path}: {exc}")
+    return Rescored(job, seed, table.timestamps, scores, times)
+
+
+@dataclass
+class Rescoring:
+    """Every kept model re-scored under every settings, labelled for evaluation."""
+
+    files: dict[tuple[str, int], dict[str, list[Labelled]]]  # (settings, seed) -> protocol ->
+    # files in job order
+    replay_s: dict[str, float]  # settings -> replay seconds, summed over files and seeds
+    wall_s: float
+    models: dict[int, Path]  # seed -> the folder its models were read from
+
+
+def rescore(
+    jobs: list[Job],
+    models: Path,
+    seeds: list[int],
+    settings: list[Settings],
+    windows: dict[str, list[tuple[float, float]]],
+    workers: int = 2,
+) -> Rescoring:
+    """Replay the models kept under ``models`` (``--keep``'s layout) for ``seeds``, each file
+    under every ``settings``, in ``workers`` processes (longest files first); never trains.
+    A missing model or a failed replay raises RnnsentryError."""
+    began = time.perf_counter()
+    roots = {seed: seed_dir(models, seed, len(seeds)) for seed in seeds}
+    tasks = [(job, seed, model_file(roots[seed], job)) for seed in seeds for job in jobs]
+    missing = [str(path) for _, _, path in tasks if not path.exists()]
+    if missing:
+        raise RnnsentryError(f"{len(missing)} model(s) missing, first {missing[0]}")
+    tasks.sort(key=lambda t: -t[0].rows)
+    done: list[Rescored] = []
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process holding onnxruntime
+    with ProcessPoolExecutor(max_workers=max(workers, 1), mp_context=spawn) as pool:
+        futures = [pool.submit(replay_settings, j, s, p, settings) for j, s, p in tasks]
+        for future in as_completed(futures):
+            done.append(future.result())
+            if len(done) % max(len(tasks) // 10, 1) == 0:
+                print(f"  re-scored {len(done)}/{len(tasks)} files", file=sys.stderr)
+    failed = [r.error for r in done if r.error]
+    if failed:
+        raise RnnsentryError(f"{len(failed)} replay(s) failed, first {failed[0]}")
+    events: dict[str, tuple[tuple[int, int], ...]] = {}
+    by_task = {(r.job, r.seed): r for r in done}
+    files: dict[tuple[str, int], dict[str, list[Labelled]]] = {}
+    for seed in seeds:
+        for job in jobs:
+            r = by_task[job, seed]
+            if job.key not in events:
+                events[job.key] = (
+                    windows_to_events(windows[job.key], r.timestamps, str(job.data))
+                    if job.protocol == "nab"
+                    else label_runs(read_label_column(job.data, "anomaly"))
+                )
+            for s in settings:
+                score, alert = r.scores[s.name]
+                labelled = Labelled(job.key, score, alert, events[job.key], r.timestamps)
+                files.setdefault((s.name, seed), {}).setdefault(job.protocol, []).append(labelled)
+    replay_s = {s.name: sum(r.replay_s[s.name] for r in done) for s in settings}
+    return Rescoring(files, replay_s, time.perf_counter() - began, roots)
+
+
+def check_kept_csv(rescoring: Rescoring, seed: int) -> str:
+    """A line: do the in-process baseline scores equal the CSVs the --keep run wrote?"""
+    compared, differ = 0, []
+    for protocol, files in rescoring.files[BASELINE, seed].items():
+        for f in files:
+            path = rescoring.models[seed] / protocol / f.name
+            if not path.exists():
+                continue
+            kept = read_scores(path)
+            compared += 1
+            if not (
+                np.array_equal(kept.score, f.score, equal_nan=True)
+                and np.array_equal(kept.alert, f.alert)
+            ):
+                differ.append(f"{protocol}/{f.name}")
+    where = f"seed {seed} in {rescoring.models[seed]}"
+    if not compared:
+        return f"check: no kept CSV to compare the in-process baseline with ({where})"
+    if not differ:
+        return (
+            f"check: the in-process baseline equals the kept CSVs' anomaly_score and alert on"
+            f" {compared}/{compared} files ({where})"
+        )
+    return (
+        f"**WARNING: the in-process baseline differs from the kept CSVs on {len(differ)}/"
+        f"{compared} files ({where}; first {differ[0]}): CSVs written with other settings or"
+        " another detector version?**"
+    )
+
+
+def nab_subset(files: list[Labelled]) -> NabResult:
+    """NAB standard profile over ``files``, one threshold optimised over them all."""
+    corpus = [(f.score, f.events, nab_probation_rows(len(f.score))) for f in files]
+    return nab_corpus(corpus, PROFILES["standard"])
+
+
+def nab_at(files: list[Labelled], threshold: float) -> float:
+    """NAB standard profile over ``files`` at a given threshold, normalised like a corpus."""
+    standard = PROFILES["standard"]
+    windows = sum(len(f.events) for f in files)
+    raw = sum(
+        nab_file_score(f.score, f.events, threshold, standard, nab_probation_rows(len(f.score))).raw
+        for f in files
+    )
+    return 100 * (raw + windows * standard.a_fn) / (windows * (standard.a_tp + standard.a_fn))
+
+
+def category(f: Labelled) -> str:
+    return f.name.split("/")[0]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One settings on one seed's models. Per NAB category c (also the fold holding c out):
+    ``own``: c at its own optimised threshold; ``corpus``: c at the threshold of all the
+    categories; ``pair``: the other categories, one threshold optimised over them; ``held``:
+    c at ``pair``'s threshold, which c took no part in choosing."""
+
+    total: float  # NAB standard over every category
+    own: dict[str, float]
+    corpus: dict[str, float]
+    pair: dict[str, float]
+    held: dict[str, float]
+    skab: PointMetrics | None
+
+    def objective(self, fold: str) -> float:
+        """What a fold chooses on: ``pair`` + 100 SKAB F1 - 100 max(0, FAR - 0.10)."""
+        if self.skab is None:
+            return self.pair[fold]
+        f1 = 0.0 if math.isnan(self.skab.f1) else self.skab.f1
+        far = 0.0 if math.isnan(self.skab.far) else self.skab.far
+        return self.pair[fold] + 100 * f1 - 100 * max(0.0, far - SKAB_FAR_LIMIT)
+
+
+def figures(files: dict[str, list[Labelled]]) -> Figures:
+    nab, skab = files.get("nab", []), files.get("skab", [])
+    cats = sorted({category(f) for f in nab})
+    total = nab_subset(nab) if nab else None
+    own, corpus, pair, held = {}, {}, {}, {}
+    for c in cats:
+        mine = [f for f in nab if category(f) == c]
+        rest = nab_subset([f for f in nab if category(f) != c])
+        own[c] = nab_subset(mine).normalised
+        corpus[c] = nab_at(mine, total.threshold) if total else math.nan
+        pair[c], held[c] = rest.normalised, nab_at(mine, rest.threshold)
+    point = evaluate(skab, skip_rows=SKAB_TRAIN_ROWS).point if skab else None
+    return Figures(total.normalised if total else math.nan, own, corpus, pair, held, point)
+
+
+def mean_sd(values: Any, spec: str = ".1f") -> str:
+    """Mean ± sample standard deviation over seeds ("-" for NaN).
+
+    >>> mean_sd([1.0, 2.0, 3.0]), mean_sd([0.5], "+.2f")
+    ('2.0 ± 1.0', '+0.50')
+    """
+    a = np.asarray(values, dtype=np.float64)
+    if not a.size or np.isnan(a).any():
+        return "-"
+    m = format(a.mean(), spec)
+    return m if a.size < 2 else f"{m} ± {format(a.std(ddof=1), spec.lstrip('+'))}"
+
+
+def gains(values: Any) -> str:
+    """Seeds with a gain, of all: "4/5"."""
+    a = np.asarray(values, dtype=np.float64)
+    return "-" if np.isnan(a).any() else f"{int((a > 0).sum())}/{a.size}"
+
+
+def loo_group(
+    group: str, candidates: list[str], figs: dict[str, list[Figures]], folds: list[str]
+) -> list[str]:
+    """One group's leave-one-out: per fold the pick, its gains, then the verdict."""
+
+    def per_seed(name: str, of: Any) -> np.ndarray:
+        return np.array([of(f) for f in figs[name]], dtype=np.float64)
+
+    out = [
+        f"### {group}: candidates {', '.join(candidates)}",
+        "",
+        "Chosen-on objective per fold, mean ± sd over seeds; the pick in bold.",
+        "",
+        "| held out | " + " | ".join(f"objective: {n}" for n in candidates) + " |",
+        "|---|" + "---|" * len(candidates),
+    ]
+    picks = {}
+    for c in folds:
+        objective = {n: per_seed(n, lambda f, c=c: f.objective(c)) for n in candidates}
+        picks[c] = max(candidates, key=lambda n: (objective[n].mean(), n == BASELINE))
+        out.append(
+            f"| {c} | "
+            + " | ".join(
+                f"**{mean_sd(objective[n])}**" if n == picks[c] else mean_sd(objective[n])
+                for n in candidates
+            )
+            + " |"
+        )
+    out += [
+        "",
+        "| held out | picked | chosen-on objective gain | held-out NAB: baseline | picked |"
+        " gain | seeds gaining | at its own threshold: gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    held_gain = {}
+    for c in folds:
+        n = picks[c]
+        base = per_seed(BASELINE, lambda f, c=c: f.held[c])
+        if n == BASELINE:
+            out.append(f"| {c} | {BASELINE} | - | {mean_sd(base)} | - | - | - | - |")
+            continue
+        objective = per_seed(n, lambda f, c=c: f.objective(c)) - per_seed(
+            BASELINE, lambda f, c=c: f.objective(c)
+        )
+        picked = per_seed(n, lambda f, c=c: f.held[c])
+        own = per_seed(n, lambda f, c=c: f.own[c]) - per_seed(BASELINE, lambda f, c=c: f.own[c])
+        held_gain[c] = picked - base
+        out.append(
+            f"| {c} | {n} | {mean_sd(objective, '+.1f')} | {mean_sd(base)} | {mean_sd(picked)} |"
+            f" {mean_sd(held_gain[c], '+.1f')} | {gains(held_gain[c])} | {mean_sd(own, '+.1f')} |"
+        )
+    lost = [c for c, g in held_gain.items() if not g.mean() > 0]
+    if not held_gain:
+        verdict = "**not kept**: the baseline has the best chosen-on objective in every fold"
+    elif lost:
+        verdict = "**not kept**: no held-out gain when holding out " + ", ".join(
+            f"{c} ({picks[c]}, {mean_sd(held_gain[c], '+.1f')})" for c in lost
+        )
+    else:
+        verdict = "**kept**: a held-out gain in every fold that picked a variant: " + ", ".join(
+            f"{c} ({picks[c]}, {mean_sd(held_gain[c], '+.1f')})" for c in held_gain
+        )
+    return [*out, "", f"{group}: {verdict}", ""]
+
+
+def loo_tables(
+    figs: dict[str, list[Figures]], variants: list[Variant], seeds: list[int]
+) -> list[str]:
+    """The leave-one-out report: how it chooses, each group's folds and verdict, every
+    variant's figures (its costs too), and the baseline's per category."""
+    base = figs[BASELINE]
+    folds = sorted(base[0].own)
+    have_skab = base[0].skab is not None
+    skab = " + 100 x SKAB F1 - 100 x max(0, SKAB FAR - 0.10)" if have_skab else ""
+    out = [
+        f"## Leave-one-out over {len(seeds)} training seed(s): {len(variants)} variant(s) in"
+        f" {len({v.group for v in variants})} group(s)",
+        "",
+        f"Each fold holds one NAB category out. A group's candidates (the baseline among them)"
+        f" are ranked by the chosen-on objective, NAB standard on the other categories (one"
+        f" threshold optimised over them){skab}, mean over seeds; the pick is then scored on"
+        f" the held-out category at the chosen-on categories' threshold (and, for reference,"
+        f" at its own optimised threshold). NAB scores are normalised per subset. Gains are"
+        f" against the baseline, seed by seed: mean ± sd.",
+        "",
+    ]
+    if len(folds) < 2:
+        out += ["(leave-one-out needs at least two NAB categories; see the variant table)", ""]
+    else:
+        for group in dict.fromkeys(v.group for v in variants):
+            candidates = [BASELINE, *(v.name for v in variants if v.group == group)]
+            out += loo_group(group, candidates, figs, folds)
+    return out + variant_table(figs, variants, folds) + baseline_table(figs[BASELINE], folds)
+
+
+def variant_table(
+    figs: dict[str, list[Figures]], variants: list[Variant], folds: list[str]
+) -> list[str]:
+    base = np.array([f.total for f in figs[BASELINE]])
+    head = ["variant", "group", *folds, "NAB all", "gain", "seeds gaining", "SKAB F1", "FAR %"]
+    out = [
+        "### Every variant (NAB standard, categories at the all-category threshold)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, group in [(BASELINE, "-"), *((v.name, v.group) for v in variants)]:
+        f = figs[name]
+        total = np.array([x.total for x in f])
+        skab = [x.skab for x in f if x.skab is not None]
+        cells = "".join(f" {mean_sd([x.corpus[c] for x in f])} |" for c in folds)
+        out.append(
+            f"| {name} | {group} |{cells} {mean_sd(total)} |"
+            f" {'-' if name == BASELINE else mean_sd(total - base, '+.1f')} |"
+            f" {'-' if name == BASELINE else gains(total - base)} |"
+            f" {mean_sd([p.f1 for p in skab], '.3f') if skab else '-'} |"
+            f" {mean_sd([100 * p.far for p in skab]) if skab else '-'} |"
+        )
+    return [*out, ""]
+
+
+def baseline_table(base: list[Figures], folds: list[str]) -> list[str]:
+    out = ["### Baseline (mean ± sd over seeds)", ""]
+    if folds:
+        out += [
+            "| NAB category (standard) | at the all-category threshold | at its own threshold |"
+            " held out: at the other categories' threshold | the other categories, their"
+            " threshold |",
+            "|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {c} | {mean_sd([f.corpus[c] for f in base])} | {mean_sd([f.own[c] for f in base])}"
+            f" | {mean_sd([f.held[c] for f in base])} | {mean_sd([f.pair[c] for f in base])} |"
+            for c in folds
+        ]
+        out += [f"| **all** | **{mean_sd([f.total for f in base])}** | | | |", ""]
+    skab = [f.skab for f in base if f.skab is not None]
+    if skab:
+        out.append(
+            f"SKAB valve1 (alert, rows after the first {SKAB_TRAIN_ROWS}): F1"
+            f" {mean_sd([p.f1 for p in skab], '.3f')}, FAR {mean_sd([100 * p.far for p in skab])}"
+            f" %, precision {mean_sd([p.precision for p in skab], '.3f')}, recall"
+            f" {mean_sd([p.recall for p in skab], '.3f')}"
+        )
+    return [*out, ""]
+
+
+def run_loo(args: argparse.Namespace, jobs: list[Job], windows: Any) -> int:
+    """``--variants``: re-score the models of ``--models`` and print the leave-one-out."""
+    seeds = list(range(max(args.seeds, 1)))
+    try:
+        if not args.models:
+            raise ConfigError("--variants re-scores kept models: give --models DIR")
+        variants = read_variants(Path(args.variants))
+        base = read_toml(args.config) if args.config else {}
+        settings = [build_settings(BASELINE, base, {})]
+        settings += [build_settings(v.name, base, v.overrides) for v in variants]
+        print(
+            f"leave-one-out: {len(jobs)} files x {len(seeds)} seed(s) x {len(settings)} settings"
+            f" (baseline: {args.config or 'project defaults'}; variants: {args.variants}),"
+            f" models from {args.models}, {args.jobs} process(es), {os.cpu_count()} CPU(s)\n"
+        )
+        rescoring = rescore(jobs, args.models, seeds, settings, windows, args.jobs)
+    except RnnsentryError as exc:
+        print(f"quality: {exc}", file=sys.stderr)
+        return 2
+    figs = {s.name: [figures(rescoring.files[s.name, seed]) for seed in seeds] for s in settings}
+    lines = [check_kept_csv(rescoring, seeds[0]), "", *loo_tables(figs, variants, seeds)]
+    per = rescoring.replay_s[BASELINE] / len(seeds)
+    lines.append(
+        f"**re-scored in {rescoring.wall_s:.0f} s wall** ({args.jobs} process(es)); one settings"
+        f" over the {len(jobs)} files of one seed: {per:.0f} s of replay (the sum over files)"
+    )
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":

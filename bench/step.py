@@ -40,7 +40,6 @@ from common import (
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.model import LoadedModel
-from detector.scoring import FLEET_SCORING
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -107,9 +106,8 @@ def make_daemon(model: Path, streams: int, batch_max: int = 512) -> Daemon:
             "metrics": {"enabled": False},
             "streams": {"max_streams": max(100_000, streams)},
             "batch": {"queue_size": 1_000_000, "max": batch_max},
-            # so that the injected anomalies raise alerts: a short warm-up, and the scoring
-            # profile of one model for a fleet (README, "How a sample is scored")
-            "scoring": {"warmup_steps": 5, **FLEET_SCORING},
+            # a short warm-up, so that the injected anomalies may raise alerts
+            "scoring": {"warmup_steps": 5},
         }
     )
     assert not problems, problems

@@ -18,10 +18,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector import __version__
 from detector.errors import ConfigError, RnnsentryError
+
+if TYPE_CHECKING:
+    from detector.scoring import ScoringConfig
 
 log = logging.getLogger("rnnsentry")
 
@@ -86,6 +89,12 @@ def add_label_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="show the alert thresholds of this file's [scoring], as run applies them"
+        " (default: the defaults)",
+    )
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
 
@@ -237,11 +246,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def alert_rule_text(scoring: ScoringConfig) -> str:
+    r"""The alert rule the daemon applies, in words, from its thresholds.
+
+    >>> from detector.scoring import ScoringConfig
+    >>> rule = ScoringConfig(threshold=0.99999999, clear_threshold=0.99, clear_steps=20)
+    >>> print(alert_rule_text(rule).replace("; ", "\n"))
+    raise at likelihood >= 0.99999999 (tail 1e-08, alert_score 0.5) of the alert's average
+    clear below 0.99 for 20 steps
+    """
+    import numpy as np
+
+    from detector.scoring import log_score
+
+    tail = 1.0 - scoring.threshold
+    alert_score = float(log_score(np.array([tail]))[0])
+    return (
+        f"raise at likelihood >= {scoring.threshold:.12g} (tail {tail:.3g}, alert_score"
+        f" {alert_score:.3g}) of the alert's average; clear below"
+        f" {scoring.clear_threshold:.12g} for {scoring.clear_steps} steps"
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from detector.config import load_config
     from detector.model import LoadedModel
 
+    config, problems = load_config(args.config)  # file, then environment, as run reads it
+    if problems:
+        raise ConfigError("; ".join(problems))
+    scoring = config.scoring
+    source = f"[scoring] of {args.config}" if args.config else "the defaults"
     model = LoadedModel.load(args.model)
     meta = model.meta
     if args.json:
@@ -250,6 +287,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         doc["graph"] = {
             "inputs": {i.name: i.shape for i in model.session.get_inputs()},
             "outputs": {o.name: o.shape for o in model.session.get_outputs()},
+        }
+        doc["alerts"] = {  # what the daemon applies; calibration.threshold it does not
+            "threshold": scoring.threshold,
+            "clear_threshold": scoring.clear_threshold,
+            "clear_steps": scoring.clear_steps,
+            "source": source,
         }
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
@@ -263,9 +306,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("sample interval", f"{meta.sample_interval_s} s" if meta.sample_interval_s else "-"),
         ("parity (max abs diff)", f"{meta.parity_max_abs_diff:.2e}"
          if meta.parity_max_abs_diff is not None else "-"),
+        ("alerts", f"{alert_rule_text(scoring)} ({source})"),
         ("calibration", f"raw score mean {cal.mean:.3f} sd {cal.std:.3f} over {cal.n} steps;"
-         f" p99 {cal.quantiles.get('0.99', float('nan')):.3f}"),
-        ("default threshold", f"{cal.threshold}"),
+         f" p99 {cal.quantiles.get('0.99', float('nan')):.3f}; {cal.window}-step average"
+         f" mean {cal.window_mean:.3f} sd {cal.window_std:.3f}"),
+        ("calibration suggestion", f"likelihood {cal.threshold:.12g}, stored at training;"
+         " not applied (alerts use the rule above)"),
     ]  # fmt: skip
     for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
         if key in meta.training:

@@ -125,10 +125,10 @@ class Engine:
         for name, (shape, dtype, fill) in scorer_column_specs(f).items():
             columns[name] = Column(shape, dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
-        # Reset on a gap: the network's memory and the two averages of the score, not the
-        # stream's long-run statistics or its alert episode.
-        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred", "short_avg",
-                           "alert_avg", "alert_parts", "warm", "above_bits"]  # fmt: skip
+        # Reset on a gap: the network's memory and the scorer's averages, not the stream's
+        # long-run statistics or its alert episode.
+        self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred",
+                           *self.scorer.gap_reset]  # fmt: skip
         self._step_cols = [*meta.state_names, "mean", "log_var", "has_pred"]
 
     def process(
@@ -216,7 +216,7 @@ class Engine:
                 return
 
         scores = self.scorer.step_batch(
-            cols, z, cols["mean"], cols["log_var"], cols["has_pred"], z_train, ts
+            cols, z, cols["mean"], cols["log_var"], cols["has_pred"], z_train
         )
         for name, state in zip(model.meta.state_names, out.states, strict=True):
             cols[name] = state

@@ -3,8 +3,9 @@
 Each row becomes one sample of one stream, stepped by the same :class:`Engine`
 the daemon uses; the output CSV holds the input columns then ``raw_score``,
 ``anomaly_score`` (the log-scaled likelihood in [0, 1], 0 in warm-up; see
-:func:`detector.scoring.log_score`), ``alert`` (0/1, active at this
-row) and ``top_feature``. Rows with a missing value are not stepped.
+:func:`detector.scoring.log_score`), ``alert`` (0/1, active at this row),
+``top_feature`` and ``alert_score`` (the likelihood the alert rule compares with its
+thresholds, log-scaled the same way). Rows with a missing value are not stepped.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from detector.csvdata import read_csv
 from detector.engine import SCORED, Engine, StreamConfig
 from detector.errors import DataError
 from detector.model import LoadedModel
-from detector.scoring import ScoringConfig, top_features
+from detector.scoring import ScoringConfig, log_score, top_features
 
-OUTPUT_COLUMNS = ("raw_score", "anomaly_score", "alert", "top_feature")
+OUTPUT_COLUMNS = ("raw_score", "anomaly_score", "alert", "top_feature", "alert_score")
 
 
 @dataclass
 class ReplayResult:
     raw: np.ndarray
-    likelihood: np.ndarray
+    likelihood: np.ndarray  # what the alert rule compares with its thresholds
     score: np.ndarray  # the anomaly_score column
     alert: np.ndarray  # bool per row
     top_feature: list[str]
@@ -36,6 +37,12 @@ class ReplayResult:
     values: np.ndarray
     raised: int
     skipped: int
+
+    @property
+    def alert_score(self) -> np.ndarray:
+        """The alert_score column: the alert's likelihood on the anomaly_score axis, where a
+        likelihood threshold ``p`` lies at ``log_score(1 - p)``."""
+        return log_score(1.0 - self.likelihood)
 
 
 def replay_table(
@@ -94,6 +101,7 @@ def replay_csv(
         with open(out, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow([*table.header, *OUTPUT_COLUMNS])
+            alert_score = result.alert_score
             for i, row in enumerate(table.rows):
                 raw = result.raw[i]
                 writer.writerow([
@@ -102,6 +110,7 @@ def replay_csv(
                     f"{result.score[i]:.6f}",
                     int(result.alert[i]),
                     result.top_feature[i],
+                    f"{alert_score[i]:.6f}",
                 ])  # fmt: skip
     except OSError as exc:
         raise DataError(f"cannot write {out}: {exc.strerror}") from None

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import queue
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,12 +25,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.localbroker import LocalBroker, free_port, start_local_broker
-from detector.scoring import FLEET_SCORING
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
-WARMUP_STEPS = 30
-GRACE_STEPS = 30  # an alert this soon after an anomaly ends still counts as catching it
+WARMUP_STEPS = 30  # the scorer's warm-up, set so the first anomaly comes after it
+GRACE_STEPS = 30  # an alert raised this soon after an anomaly ends is late, not a false one
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,8 +134,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-demo-{metrics_port}"},
             "models": [{"path": str(model_path), "topics": ["demo/pumps/{stream}"]}],
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
-            # one model for a fleet, short anomalies: see detector.scoring.FLEET_SCORING
-            "scoring": {"warmup_steps": WARMUP_STEPS, **FLEET_SCORING},
+            "scoring": {"warmup_steps": WARMUP_STEPS},  # otherwise the defaults
         }
     )
     if problems:
@@ -237,33 +236,78 @@ def _drain(alerts: queue.Queue[dict[str, Any]], interval: float, t0: float) -> l
         )
 
 
+@dataclass(frozen=True)
+class _Verdict:
+    """What the alerts did about one injected anomaly (steps [start, end), end exclusive)."""
+
+    stream: str
+    kind: str
+    start: int
+    end: int
+    verdict: str  # "caught", "late" or "MISSED"
+    steps: int | None  # caught: steps from its start to the raise; late: after its last step
+
+
+def judge(anomalies: list[Any], raised: list[_Seen]) -> tuple[list[_Verdict], int]:
+    """Per anomaly, the first alert raised on its stream inside it (caught), else the first
+    raised within GRACE_STEPS after its last step (late), else MISSED; and the false alerts:
+    raises inside no anomaly nor its grace. An alert raised before an anomaly starts, even
+    one still active through it, does not catch it.
+
+    >>> from types import SimpleNamespace as A
+    >>> seen = [_Seen("pump-01", "raised", 0.0, s, 1.0, "") for s in (5, 12, 24, 90)]
+    >>> verdicts, false = judge([A(stream=0, kind="spike", start=10, end=13),
+    ...                          A(stream=0, kind="drift", start=20, end=22)], seen)
+    >>> [(v.verdict, v.steps) for v in verdicts], false
+    ([('caught', 2), ('late', 3)], 2)
+    """
+    verdicts: list[_Verdict] = []
+    matched: set[int] = set()  # generate_fleet's min_gap (GRACE_STEPS) keeps graces disjoint
+    for a in anomalies:
+        stream = f"pump-{a.stream + 1:02d}"
+        last = a.end - 1
+        mine = [(i, s.step) for i, s in enumerate(raised) if s.stream == stream]
+        inside = [(i, step) for i, step in mine if a.start <= step <= last]
+        after = [(i, step) for i, step in mine if last < step <= last + GRACE_STEPS]
+        matched.update(i for i, _ in inside + after)
+        if inside:
+            verdict, steps = "caught", inside[0][1] - a.start
+        elif after:
+            verdict, steps = "late", after[0][1] - last
+        else:
+            verdict, steps = "MISSED", None
+        verdicts.append(_Verdict(stream, a.kind, a.start, a.end, verdict, steps))
+    return verdicts, len(raised) - len(matched)
+
+
 def _summary(
     live: Any, seen: list[_Seen], scored: float, rejected: float, port: int, elapsed: float
 ) -> None:
     raised = [s for s in seen if s.event == "raised"]
-    matched: set[int] = set()
-    rows = []
-    for a in live.anomalies:
-        stream = f"pump-{a.stream + 1:02d}"
-        hits = [
-            i
-            for i, s in enumerate(raised)
-            if s.stream == stream and a.start <= s.step <= a.end + GRACE_STEPS
-        ]
-        matched.update(hits)
-        delay = f"{raised[hits[0]].step - a.start} steps" if hits else "-"
-        rows.append((stream, a.kind, a.start, a.end, "detected" if hits else "MISSED", delay))
-    detected = sum(1 for r in rows if r[4] == "detected")
-    false_alerts = len(raised) - len(matched)
+    verdicts, false_alerts = judge(live.anomalies, raised)
+    interval = live.interval_s
     _say("")
-    _say("[demo] injected anomalies:")
-    for stream, kind, start, end, verdict, delay in rows:
-        _say(f"  {stream}  {kind:18s} steps {start:4d}-{end:<4d}  {verdict:8s}  delay {delay}")
+    _say("[demo] injected anomalies (caught: an alert raised inside it, delay from its start):")
+    for v in verdicts:
+        when = "" if v.steps is None else f"{v.steps} steps ({v.steps * interval:.1f} s)"
+        if v.verdict == "caught":
+            when = f"delay {when}"
+        elif v.verdict == "late":
+            when = f"raised {when} after its end"
+        _say(
+            f"  {v.stream}  {v.kind:18s} steps {v.start:4d}-{v.end - 1:<4d}  {v.verdict:6s}  {when}"
+        )
+    counts = {name: sum(v.verdict == name for v in verdicts) for name in ("caught", "late")}
+    delays = [v.steps for v in verdicts if v.verdict == "caught" and v.steps is not None]
+    median = f" (median delay {statistics.median(delays):g} steps)" if delays else ""
     _say("")
     _say("[demo] summary")
-    _say(f"  anomalies injected   {len(rows)}")
-    _say(f"  detected             {detected}")
-    _say(f"  missed               {len(rows) - detected}")
+    _say(f"  anomalies injected   {len(verdicts)}")
+    _say(f"  caught               {counts['caught']}{median}")
+    _say(
+        f"  late                 {counts['late']} (raised within {GRACE_STEPS} steps after the end)"
+    )
+    _say(f"  missed               {len(verdicts) - counts['caught'] - counts['late']}")
     _say(f"  false alerts         {false_alerts}")
     _say(f"  messages scored      {scored:.0f} (rejected {rejected:.0f})")
     _say(f"  metrics were at      http://127.0.0.1:{port}/metrics")

@@ -2,10 +2,11 @@
 
 :func:`evaluate` takes :class:`Labelled` files (``anomaly_score`` and ``alert`` per row, and
 labelled events as inclusive row ranges) and returns a :class:`Report`: point-wise metrics
-and event recall/delay of ``alert``, and NAB scores of ``anomaly_score`` (three profiles,
-one threshold per profile optimised over the corpus: :mod:`training.nab`). Readers build
-events from NAB window JSON or a SKAB 0/1 column. ``rnnsentry evaluate`` is the command
-line; bad input: DataError.
+of ``alert``; per event, whether an alert was raised inside it (caught, with the delay from
+its first row), only after it ended (late) or not at all (missed), over all events and per
+event class; and NAB scores of ``anomaly_score`` (three profiles, one threshold per profile
+optimised over the corpus: :mod:`training.nab`). Readers build events from NAB window JSON
+or a SKAB 0/1 column. ``rnnsentry evaluate`` is the command line; bad input: DataError.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,43 +81,102 @@ def label_runs(labels: np.ndarray) -> tuple[Event, ...]:
 
 
 @dataclass(frozen=True)
-class EventMetrics:
-    """Labelled events caught by ``alert``, and the delay to the first alert row inside each."""
+class EventOutcome:
+    """What the alert did about one labelled event: ``caught`` (an alert raised at one of
+    its rows), ``late`` (raised after its last row, within the grace) or ``missed``."""
 
-    events: int
-    detected: int
-    recall: float
-    mean_delay_steps: float  # over detected events; NaN when none
-    mean_delay_s: float  # NaN without timestamps
+    verdict: str
+    row: int | None  # the raise that decided it; None when missed
+    steps: int | None  # caught: rows from the event's first row; late: rows after its last
+    seconds: float  # the same in seconds; NaN without timestamps or when missed
 
 
-def event_delays(
-    pred: np.ndarray, events: tuple[Event, ...], timestamps: np.ndarray | None = None
-) -> list[tuple[int, float] | None]:
-    """Per event: (steps, seconds) from its first row to its first predicted row, or None.
+def raise_rows(alert: np.ndarray) -> np.ndarray:
+    """The rows where ``alert`` goes from 0 to 1 (row 0 when it starts active).
 
-    >>> event_delays(np.array([0, 0, 1, 0, 0]), ((1, 3), (4, 4)))
-    [(1, nan), None]
+    >>> raise_rows(np.array([1, 1, 0, 1, 0, 1])).tolist()
+    [0, 3, 5]
     """
-    p = np.asarray(pred).astype(bool)
-    out: list[tuple[int, float] | None] = []
-    for first, last in events:
-        hits = np.flatnonzero(p[first : last + 1])
-        if not len(hits):
-            out.append(None)
+    a = np.concatenate(([False], np.asarray(alert).astype(bool)))
+    return np.flatnonzero(a[1:] & ~a[:-1])
+
+
+def event_outcomes(
+    alert: np.ndarray,
+    events: tuple[Event, ...],
+    timestamps: np.ndarray | None = None,
+    grace_rows: int | None = None,
+) -> list[EventOutcome]:
+    """Per event, whether an alert was raised inside it, and when.
+
+    An alert already active at the event's first row, raised before it, does not catch it:
+    only a raise at a row in [first, last] does. A raise after the last row, before the
+    next event and at most ``grace_rows`` rows on (None: as many rows as the event lasts),
+    makes it late; otherwise it is missed.
+
+    >>> [o.verdict for o in event_outcomes(np.array([1, 1, 0, 0, 0, 1]), ((1, 2), (3, 4)))]
+    ['missed', 'late']
+    """
+    raises = raise_rows(alert)
+    out: list[EventOutcome] = []
+    for i, (first, last) in enumerate(events):
+        grace = last - first + 1 if grace_rows is None else grace_rows
+        stop = min(last + grace, events[i + 1][0] - 1 if i + 1 < len(events) else len(alert) - 1)
+        inside = raises[(raises >= first) & (raises <= last)]
+        after = raises[(raises > last) & (raises <= stop)]
+        if len(inside):
+            row, since, verdict = int(inside[0]), first, "caught"
+        elif len(after):
+            row, since, verdict = int(after[0]), last, "late"
+        else:
+            out.append(EventOutcome("missed", None, None, math.nan))
             continue
-        row = first + int(hits[0])
-        seconds = math.nan if timestamps is None else float(timestamps[row] - timestamps[first])
-        out.append((row - first, seconds))
+        seconds = math.nan if timestamps is None else float(timestamps[row] - timestamps[since])
+        out.append(EventOutcome(verdict, row, row - since, seconds))
     return out
 
 
-def event_metrics(delays: list[tuple[int, float] | None]) -> EventMetrics:
-    found = [d for d in delays if d is not None]
+def _stat(fn: Any, values: list[float]) -> float:
+    return float(fn(values)) if values else math.nan
+
+
+@dataclass(frozen=True)
+class EventMetrics:
+    """Labelled events caught (an alert raised inside), late and missed, and the delay from
+    each caught event's first row to its raise."""
+
+    events: int
+    caught: int
+    late: int
+    missed: int
+    recall: float  # caught / events
+    median_delay_steps: float  # over caught events; NaN when none
+    mean_delay_steps: float
+    median_delay_s: float  # NaN without timestamps
+    mean_delay_s: float
+
+    @property
+    def detected(self) -> int:
+        """The caught events (the name bench/quality.py reads)."""
+        return self.caught
+
+
+def event_metrics(outcomes: list[EventOutcome]) -> EventMetrics:
+    """Counts and delays over ``outcomes``.
+
+    >>> m = event_metrics([EventOutcome("caught", 3, 2, 20.0), EventOutcome("late", 9, 1, 10.0)])
+    >>> m.caught, m.late, m.missed, m.recall, m.mean_delay_steps, m.median_delay_s
+    (1, 1, 0, 0.5, 2.0, 20.0)
+    """
+    caught = [o for o in outcomes if o.verdict == "caught"]
+    late = sum(o.verdict == "late" for o in outcomes)
+    steps = [float(o.steps) for o in caught if o.steps is not None]
+    seconds = [o.seconds for o in caught if not math.isnan(o.seconds)]
     return EventMetrics(
-        len(delays), len(found), _ratio(len(found), len(delays)),
-        float(np.mean([d[0] for d in found])) if found else math.nan,
-        float(np.mean([d[1] for d in found])) if found else math.nan,
+        len(outcomes), len(caught), late, len(outcomes) - len(caught) - late,
+        _ratio(len(caught), len(outcomes)),
+        _stat(np.median, steps), _stat(np.mean, steps),
+        _stat(np.median, seconds), _stat(np.mean, seconds),
     )  # fmt: skip
 
 
@@ -133,11 +193,16 @@ class Labelled:
     alert: np.ndarray  # 0/1 per row
     events: tuple[Event, ...]
     timestamps: np.ndarray | None = None
+    classes: tuple[str, ...] | None = None  # each event's class, where known
 
     def __post_init__(self) -> None:
         n = len(self.score)
         if len(self.alert) != n or (self.timestamps is not None and len(self.timestamps) != n):
             raise DataError(f"{self.name}: score, alert and timestamps differ in length")
+        if self.classes is not None and len(self.classes) != len(self.events):
+            raise DataError(
+                f"{self.name}: {len(self.events)} events but {len(self.classes)} classes"
+            )
         for (_, b), (c, _) in zip(self.events, self.events[1:], strict=False):
             if c <= b:
                 raise DataError(f"{self.name}: labelled windows overlap or are out of order")
@@ -159,6 +224,7 @@ class Report:
     point: PointMetrics
     event: EventMetrics
     nab: dict[str, NabResult]
+    event_by_class: dict[str, EventMetrics] = field(default_factory=dict)  # where known
 
 
 def evaluate(
@@ -166,22 +232,30 @@ def evaluate(
     skip_rows: int = 0,
     nab_probation: int | None = None,
     perfect: str = "windows",
+    grace_rows: int | None = None,
 ) -> Report:
     """Pool point-wise and event metrics over ``files`` (from row ``skip_rows`` on; an event
     starting earlier is clipped to it) and score the corpus with every NAB profile.
 
     ``nab_probation``: rows whose detections NAB ignores; None: NAB's rule per file.
+    ``grace_rows``: how long after an event a raise counts as late (:func:`event_outcomes`).
     """
     if not files:
         raise DataError("no files to evaluate")
     counts = np.zeros(4, np.int64)
-    delays: list[tuple[int, float] | None] = []
+    outcomes: list[EventOutcome] = []
+    by_class: dict[str, list[EventOutcome]] = {}
     for f in files:
         y, p = f.labels()[skip_rows:], np.asarray(f.alert).astype(bool)[skip_rows:]
         m = pointwise(p, y)
         counts += (m.tp, m.fp, m.fn, m.tn)
-        events = tuple((max(a, skip_rows), b) for a, b in f.events if b >= skip_rows)
-        delays += event_delays(f.alert, events, f.timestamps)
+        kept = [i for i, (_, b) in enumerate(f.events) if b >= skip_rows]
+        events = tuple((max(f.events[i][0], skip_rows), f.events[i][1]) for i in kept)
+        found = event_outcomes(f.alert, events, f.timestamps, grace_rows)
+        outcomes += found
+        if f.classes is not None:
+            for i, outcome in zip(kept, found, strict=True):
+                by_class.setdefault(f.classes[i], []).append(outcome)
     corpus = [
         (f.score, f.events, nab_probation_rows(len(f.score)) if nab_probation is None
          else nab_probation)
@@ -191,7 +265,8 @@ def evaluate(
     rows = sum(len(f.score) for f in files)
     return Report(
         len(files), rows, sum(max(len(f.score) - skip_rows, 0) for f in files),
-        PointMetrics.from_counts(*(int(c) for c in counts)), event_metrics(delays), nab,
+        PointMetrics.from_counts(*(int(c) for c in counts)), event_metrics(outcomes), nab,
+        {name: event_metrics(found) for name, found in sorted(by_class.items())},
     )  # fmt: skip
 
 
@@ -345,7 +420,26 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="ignore detections in the first N rows for the NAB score"
         " (default: NAB's min(floor(0.15 rows), 750))",
     )
+    parser.add_argument(
+        "--grace-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="an alert raised at most N rows after an event ends (and before the next)"
+        " counts as late, not caught (default: as many rows as the event lasts)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def key_class(key: str, events: int) -> tuple[str, ...] | None:
+    """The class of a windows key's events: the key's folder (NAB's ``realKnownCause``...),
+    None for a key without one.
+
+    >>> key_class("realKnownCause/nyc_taxi.csv", 2), key_class("nyc_taxi.csv", 2)
+    (('realKnownCause', 'realKnownCause'), None)
+    """
+    folder = Path(key).parent.as_posix()
+    return None if folder == "." else (folder,) * events
 
 
 def load_labelled(args: argparse.Namespace) -> list[Labelled]:
@@ -366,19 +460,28 @@ def load_labelled(args: argparse.Namespace) -> list[Labelled]:
             y = read_label_column(args.labels[i], args.label_col)
             if len(y) != len(s.score):
                 raise DataError(f"{path} has {len(s.score)} rows but {args.labels[i]} {len(y)}")
-            events = label_runs(y)
+            events, classes = label_runs(y), None
         else:
             key = args.key[i] if args.key else match_key(Path(path).stem, list(windows),
                                                           args.key_prefix)  # fmt: skip
             if key not in windows:
                 raise DataError(f"{args.windows}: has no key {key!r}")
             events = windows_to_events(windows[key], s.timestamps, path)
-        files.append(Labelled(str(path), s.score, s.alert, events, s.timestamps))
+            classes = key_class(key, len(events))
+        files.append(Labelled(str(path), s.score, s.alert, events, s.timestamps, classes))
     return files
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _event_row(name: str, e: EventMetrics) -> str:
+    return (
+        f"| {name} | {e.events} | {e.caught} | {e.late} | {e.missed} | {_fmt(e.recall)}"
+        f" | {_fmt(e.median_delay_steps, '.1f')} / {_fmt(e.mean_delay_steps, '.1f')}"
+        f" | {_fmt(e.median_delay_s, '.0f')} / {_fmt(e.mean_delay_s, '.0f')} |"
+    )
 
 
 def report_markdown(report: Report) -> str:
@@ -388,11 +491,19 @@ def report_markdown(report: Report) -> str:
         f"{report.files} file(s), {report.rows} rows ({report.rows_evaluated} evaluated),"
         f" {e.events} labelled event(s)",
         "",
-        "| alert | precision | recall | F1 | FAR | MAR | event recall | delay steps | delay s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| alert | precision | recall | F1 | FAR | MAR |",
+        "|---|---|---|---|---|---|",
         f"| point-wise | {_fmt(p.precision)} | {_fmt(p.recall)} | {_fmt(p.f1)} | {_fmt(p.far)}"
-        f" | {_fmt(p.mar)} | {e.detected}/{e.events} ({_fmt(e.recall)}) |"
-        f" {_fmt(e.mean_delay_steps, '.1f')} | {_fmt(e.mean_delay_s, '.0f')} |",
+        f" | {_fmt(p.mar)} |",
+        "",
+        "Events: caught = an alert raised inside the event; late = raised after it ended;"
+        " delay from the event's first row to the raise, over caught events.",
+        "",
+        "| events | labelled | caught | late | missed | recall | delay steps (median / mean)"
+        " | delay s (median / mean) |",
+        "|---|---|---|---|---|---|---|---|",
+        _event_row("all", e),
+        *(_event_row(name, m) for name, m in report.event_by_class.items()),
         "",
         "| NAB profile | score | threshold | raw | TP | FP | FN |",
         "|---|---|---|---|---|---|---|",
@@ -412,9 +523,12 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    if args.skip_rows < 0 or (args.nab_probation is not None and args.nab_probation < 0):
-        raise DataError("--skip-rows and --nab-probation must not be negative")
-    report = evaluate(load_labelled(args), args.skip_rows, args.nab_probation)
+    given = [v for v in (args.skip_rows, args.nab_probation, args.grace_rows) if v is not None]
+    if min(given) < 0:
+        raise DataError("--skip-rows, --nab-probation and --grace-rows must not be negative")
+    report = evaluate(
+        load_labelled(args), args.skip_rows, args.nab_probation, grace_rows=args.grace_rows
+    )
     if args.json:
         print(json.dumps(_json_safe(asdict(report)), indent=2))
     else:

@@ -1,18 +1,19 @@
 """A picture of what the detector saw: ``rnnsentry plot`` and ``rnnsentry replay --plot``.
 
 :func:`plot_scores` draws a ``rnnsentry replay`` output as one PNG: a panel per input feature
-(at most :data:`MAX_FEATURES` by default) with the labelled windows shaded, and below them
-the ``anomaly_score`` with the alert rule's thresholds, the alert periods shaded and a marker
-where each alert is raised. The time axis is the timestamp column when there is one, else
-the row number. It returns a :class:`PlotResult` naming the spans it drew.
+(at most :data:`MAX_FEATURES` by default) with the labelled windows shaded, a panel of the
+``anomaly_score``, and below them the ``alert_score`` with the alert rule's raise and clear
+lines, the alert periods shaded and a marker where each alert is raised. The time axis is
+the timestamp column when there is one, else the row number. It returns a
+:class:`PlotResult` naming the spans it drew.
 
-The alert state machine raises on the *likelihood* (``likelihood >= threshold``, k of the
-last n steps), while the file holds the log-scaled ``anomaly_score``; the lines drawn are
-those likelihoods put on the score's axis with :func:`detector.scoring.log_score`. With
-``onset_only`` the score is capped after an onset, so a long anomaly shows a spike then a
-plateau below the line while its alert stays active; and with ``alert_window`` the alert
-watches a longer average than the score does, so the lines show its levels, while the
-shaded periods and markers show when it acted.
+The alert rule compares the *likelihood* of its own average with its thresholds (raise at
+``likelihood >= threshold``, clear after ``clear_steps`` steps below ``clear_threshold``);
+``alert_score`` is that likelihood put on the [0, 1] axis of
+:func:`detector.scoring.log_score`, and the lines are the thresholds put there the same
+way, so an alert is raised where the trace crosses the raise line. ``anomaly_score`` is
+another average and the lines say nothing about it. An output written before replay had
+an ``alert_score`` column is drawn with ``anomaly_score`` in its place and a note saying so.
 
 Labels come from the readers of :mod:`training.evaluate` (NAB windows JSON, a SKAB 0/1
 column). matplotlib is imported only when drawing, with its Agg backend (no pyplot).
@@ -35,7 +36,7 @@ from detector.errors import ConfigError, DataError, RnnsentryError
 from detector.replay import OUTPUT_COLUMNS
 from detector.scoring import ScoringConfig, log_score
 from training.evaluate import (
-    event_delays,
+    event_outcomes,
     label_runs,
     match_key,
     read_label_column,
@@ -48,13 +49,18 @@ MAX_FEATURES: Final = 8  # feature panels drawn when none are named
 DPI: Final = 100
 WIDTH_PX: Final = 1200
 FEATURE_PANEL_PX: Final = 130
-SCORE_PANEL_PX: Final = 260
+ANOMALY_PANEL_PX: Final = 130  # anomaly_score, above the alert panel
+SCORE_PANEL_PX: Final = 260  # the alert panel: alert_score, the rule's lines, the alerts
 TOP_PX: Final = 45  # the title
 BOTTOM_PX: Final = 105  # the time axis, then the legend (two rows) below it
 MARGIN_PX: Final = TOP_PX + BOTTOM_PX
 
 WINDOW_COLOUR: Final = "tab:olive"
 ALERT_COLOUR: Final = "tab:red"
+NO_ALERT_SCORE: Final = (
+    "no alert_score column (written by an older replay): anomaly_score is drawn against"
+    " the alert rule's lines, which apply to the alert's own average"
+)
 
 
 def require_matplotlib(what: str = "plotting") -> None:
@@ -67,39 +73,44 @@ def require_matplotlib(what: str = "plotting") -> None:
 
 @dataclass(frozen=True)
 class Threshold:
-    """A horizontal line on the anomaly_score axis and what it stands for."""
+    """A horizontal line on a score axis and what it stands for."""
 
     score: float
     label: str
+    of_rule: bool = True  # one of the alert rule's thresholds, else an anomaly_score one
 
 
-def alert_lines(rule: ScoringConfig | float | None = None) -> tuple[Threshold, ...]:
-    """The lines that show an alert rule on the anomaly_score axis: the raise threshold
-    first, then (for a ScoringConfig) the clear threshold. A number is drawn as it is.
+def alert_lines(rule: ScoringConfig | None = None) -> tuple[Threshold, ...]:
+    """The alert rule's raise and clear thresholds on the alert_score axis, raise first.
 
-    >>> [round(t.score, 4) for t in alert_lines(ScoringConfig())]
+    >>> [round(t.score, 4) for t in alert_lines(ScoringConfig(threshold=0.99999999))]
     [0.5, 0.125]
-    >>> alert_lines(0.4)[0].label
-    'threshold 0.4'
     """
     if rule is None:
         rule = ScoringConfig()
-    if not isinstance(rule, ScoringConfig):
-        return (Threshold(float(rule), f"threshold {float(rule):g}"),)
     raise_score, clear_score = (
         float(s) for s in log_score(np.array([1.0 - rule.threshold, 1.0 - rule.clear_threshold]))
     )
-    rule_text = f"likelihood \u2265 {rule.threshold:.12g}"
-    if rule.raise_n > 1:
-        rule_text += f" in {rule.raise_k} of {rule.raise_n} steps"
     return (
-        Threshold(raise_score, f"raise: {rule_text} (score {raise_score:.3g})"),
+        Threshold(
+            raise_score,
+            f"raise: likelihood \u2265 {rule.threshold:.12g} (alert_score {raise_score:.3g})",
+        ),
         Threshold(
             clear_score,
             f"clear: likelihood < {rule.clear_threshold:.12g} for {rule.clear_steps} steps"
-            f" (score {clear_score:.3g})",
+            f" (alert_score {clear_score:.3g})",
         ),
     )
+
+
+def score_line(score: float) -> Threshold:
+    """A threshold on the anomaly_score axis, such as the one ``evaluate`` reports for NAB.
+
+    >>> score_line(0.4).label
+    'anomaly_score threshold 0.4'
+    """
+    return Threshold(float(score), f"anomaly_score threshold {float(score):g}", of_rule=False)
 
 
 @dataclass(frozen=True)
@@ -111,12 +122,15 @@ class PlotResult:
     features: tuple[str, ...]  # one panel each, in order
     omitted: tuple[str, ...]  # numeric input columns left out (beyond MAX_FEATURES)
     time_axis: str  # the timestamp column, or "row"
-    thresholds: tuple[Threshold, ...]  # the raise line first
-    alerts: tuple[Event, ...]  # alert periods (alert = 1), shaded on the score panel
+    alert_column: str  # drawn in the alert panel: alert_score, or anomaly_score without one
+    thresholds: tuple[Threshold, ...]  # the rule's raise line first, or a score line
+    alerts: tuple[Event, ...]  # alert periods (alert = 1), shaded on the alert panel
     raised: tuple[int, ...]  # rows where an alert is raised, marked
     windows: tuple[Event, ...]  # labelled windows, shaded on every panel
-    windows_alerted: int  # labelled windows holding at least one alert row
+    windows_caught: int  # labelled windows with an alert raised inside them
+    windows_late: int  # ... raised only after they ended (training.evaluate.event_outcomes)
     size: tuple[int, int]  # the PNG's width and height in pixels
+    note: str = ""  # what the picture lacks, drawn on it and printed
 
 
 def _numbers(table: Table, name: str) -> np.ndarray:
@@ -169,6 +183,17 @@ def load_scores(scores: str | Path | Table) -> Table:
     return table
 
 
+@dataclass(frozen=True)
+class _Panel:
+    """A score panel: its column, values, lines, height, and whether the alerts go on it."""
+
+    column: str
+    values: np.ndarray
+    lines: tuple[Threshold, ...]
+    height_px: int
+    alerts: bool
+
+
 def plot_scores(
     scores: str | Path | Table,
     out_png: str | Path,
@@ -182,17 +207,17 @@ def plot_scores(
     """Draw a replay output (a path or a :class:`Table` read from one) to ``out_png``.
 
     ``features``: columns to draw (default: the numeric input columns, at most
-    :data:`MAX_FEATURES`). ``threshold``: the alert rule whose lines are drawn, a
-    ScoringConfig (default: the defaults) or a number on the anomaly_score axis.
-    Labelled windows as inclusive row ranges (``events``) or [start, end] epoch seconds
-    (``windows``, placed by the timestamp column).
+    :data:`MAX_FEATURES`). ``threshold``: the alert rule whose lines are drawn on the
+    alert_score axis, a ScoringConfig (default: the defaults), or a number drawn on the
+    anomaly_score axis instead. Labelled windows as inclusive row ranges (``events``) or
+    [start, end] epoch seconds (``windows``, placed by the timestamp column).
     """
     require_matplotlib()
     table = load_scores(scores)
     where = table.path
     rows = len(table.rows)
     shown, omitted = _pick_features(table, features)
-    score = _numbers(table, "anomaly_score")
+    anomaly = _numbers(table, "anomaly_score")
     alert = np.nan_to_num(_numbers(table, "alert"), nan=0.0).astype(bool)
     labelled: tuple[Event, ...] = ()
     if events is not None and windows is not None:
@@ -203,8 +228,23 @@ def plot_scores(
         labelled = _check_events(events, rows, where)
     alerts = label_runs(alert)
     raised = tuple(a for a, _ in alerts)
-    lines = alert_lines(threshold)
-    found = sum(d is not None for d in event_delays(alert, labelled))
+    outcomes = [o.verdict for o in event_outcomes(alert, labelled)]
+
+    rule: tuple[Threshold, ...] = ()
+    number: tuple[Threshold, ...] = ()
+    if threshold is None or isinstance(threshold, ScoringConfig):
+        rule = alert_lines(threshold)
+    else:
+        number = (score_line(threshold),)
+    note = ""
+    if "alert_score" in table.header:
+        panels = [
+            _Panel("anomaly_score", anomaly, number, ANOMALY_PANEL_PX, False),
+            _Panel("alert_score", _numbers(table, "alert_score"), rule, SCORE_PANEL_PX, True),
+        ]
+    else:
+        note = NO_ALERT_SCORE if rule else ""
+        panels = [_Panel("anomaly_score", anomaly, rule + number, SCORE_PANEL_PX, True)]
 
     x, step, time_axis = _time_axis(table)
     size = _draw(
@@ -212,18 +252,19 @@ def plot_scores(
         x=x,
         step=step,
         dates=table.timestamps is not None,
-        panels=[(name, _numbers(table, name)) for name in shown],
-        score=score,
-        lines=lines,
+        features=[(name, _numbers(table, name)) for name in shown],
+        scores=panels,
         alerts=alerts,
         raised=raised,
         labelled=labelled,
+        note=note,
         xlabel=time_axis if table.timestamps is not None else "row",
         title=title or f"{Path(where).name}: {rows} rows, {len(raised)} alert(s) raised",
     )
     return PlotResult(
-        Path(out_png), rows, tuple(shown), tuple(omitted), time_axis, lines, alerts, raised,
-        labelled, found, size,
+        Path(out_png), rows, tuple(shown), tuple(omitted), time_axis, panels[-1].column,
+        rule + number, alerts, raised, labelled, outcomes.count("caught"),
+        outcomes.count("late"), size, note,
     )  # fmt: skip
 
 
@@ -252,22 +293,22 @@ def _draw(
     x: np.ndarray,
     step: float,
     dates: bool,
-    panels: list[tuple[str, np.ndarray]],
-    score: np.ndarray,
-    lines: tuple[Threshold, ...],
+    features: list[tuple[str, np.ndarray]],
+    scores: list[_Panel],
     alerts: tuple[Event, ...],
     raised: tuple[int, ...],
     labelled: tuple[Event, ...],
+    note: str,
     xlabel: str,
     title: str,
 ) -> tuple[int, int]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    height_px = MARGIN_PX + FEATURE_PANEL_PX * len(panels) + SCORE_PANEL_PX
+    ratios = [FEATURE_PANEL_PX] * len(features) + [p.height_px for p in scores]
+    height_px = MARGIN_PX + sum(ratios)
     figure = Figure(figsize=(WIDTH_PX / DPI, height_px / DPI), dpi=DPI)
     canvas = FigureCanvasAgg(figure)
-    ratios = [FEATURE_PANEL_PX] * len(panels) + [SCORE_PANEL_PX]
     axes: Any = figure.subplots(
         len(ratios), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios}
     )[:, 0]
@@ -280,31 +321,46 @@ def _draw(
             ax.axvspan(x[a], x[b] + step, color=colour, alpha=alpha, linewidth=0,
                        label=label if i == 0 else None)  # fmt: skip
 
+    def tidy(ax: Any) -> None:
+        ax.tick_params(labelsize="small")
+        ax.grid(True, alpha=0.3)
+
     window_label = f"labelled window ({len(labelled)})"
-    for ax, (name, values) in zip(axes, panels, strict=False):
+    for ax, (name, values) in zip(axes, features, strict=False):
         shade(ax, labelled, WINDOW_COLOUR, 0.25, window_label)
         ax.plot(x, values, linewidth=0.7, color="tab:blue")
         ax.text(0.005, 0.92, name, transform=ax.transAxes, va="top", fontsize="small",
                 bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})  # fmt: skip
-        ax.tick_params(labelsize="small")
-        ax.grid(True, alpha=0.3)
+        tidy(ax)
 
+    handles: list[Any] = []
+    names: list[str] = []
+    for ax, panel in zip(axes[len(features) :], scores, strict=True):
+        shade(ax, labelled, WINDOW_COLOUR, 0.25 if panel.alerts else 0.15, window_label)
+        if panel.alerts:
+            shade(ax, alerts, ALERT_COLOUR, 0.3, f"alert active ({len(alerts)} period(s))")
+        colour = "black" if panel.alerts else "dimgray"
+        ax.plot(x, panel.values, linewidth=0.7, color=colour, label=panel.column)
+        for line, style in zip(panel.lines, ("--", ":"), strict=False):
+            ax.axhline(line.score, color=ALERT_COLOUR if panel.alerts else "dimgray",
+                       linestyle=style, linewidth=1, label=line.label)  # fmt: skip
+        if panel.alerts and raised:
+            rows = np.array(raised)
+            ax.plot(x[rows], np.minimum(np.nan_to_num(panel.values[rows]), 1.0) + 0.03,
+                    linestyle="none", marker="v", color=ALERT_COLOUR, markersize=7,
+                    label=f"alert raised ({len(raised)})")  # fmt: skip
+        ax.set_ylim(-0.02, 1.08)
+        ax.set_ylabel(panel.column, fontsize="small")
+        tidy(ax)
+        if panel.alerts and note:
+            ax.text(0.995, 0.92, note, transform=ax.transAxes, va="top", ha="right",
+                    fontsize="x-small", color=ALERT_COLOUR,
+                    bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})  # fmt: skip
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in names:  # the windows are shaded on every panel: one entry
+                handles.append(handle)
+                names.append(label)
     ax = axes[-1]
-    shade(ax, labelled, WINDOW_COLOUR, 0.25, window_label)
-    shade(ax, alerts, ALERT_COLOUR, 0.3, f"alert active ({len(alerts)} period(s))")
-    ax.plot(x, score, linewidth=0.7, color="black", label="anomaly_score")
-    for line, style in zip(lines, ("--", ":"), strict=False):
-        ax.axhline(line.score, color=ALERT_COLOUR, linestyle=style, linewidth=1, label=line.label)
-    if raised:
-        rows = np.array(raised)
-        ax.plot(x[rows], np.minimum(np.nan_to_num(score[rows]), 1.0) + 0.03, linestyle="none",
-                marker="v", color=ALERT_COLOUR, markersize=7,
-                label=f"alert raised ({len(raised)})")  # fmt: skip
-    ax.set_ylim(-0.02, 1.08)
-    ax.set_ylabel("anomaly_score", fontsize="small")
-    ax.tick_params(labelsize="small")
-    ax.grid(True, alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()  # below the time axis: hides no data
     figure.legend(handles, names, loc="lower center", ncols=3, fontsize="small", frameon=False)
     ax.set_xlabel(xlabel, fontsize="small")
     if dates:
@@ -386,14 +442,15 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     rule.add_argument(
         "--config",
         metavar="FILE.toml",
-        help="draw the alert thresholds of this file's [scoring] (default: the"
-        " defaults, as replay without --config)",
+        help="draw the alert thresholds of this file's [scoring] on the alert_score axis"
+        " (default: the defaults, as replay without --config)",
     )
     rule.add_argument(
         "--threshold",
         type=float,
         metavar="S",
-        help="draw this anomaly_score threshold instead, e.g. evaluate's NAB one",
+        help="draw this anomaly_score threshold instead of the alert rule's lines,"
+        " e.g. evaluate's NAB one",
     )
     parser.add_argument("--title", metavar="T", help="title (default: the file and its alerts)")
 
@@ -404,14 +461,21 @@ def summary(result: PlotResult, scores: str | Path) -> str:
     if result.omitted:
         features += f" (+{len(result.omitted)} not drawn)"
     labelled = (
-        f", {len(result.windows)} labelled window(s), {result.windows_alerted} alerted"
+        f", {len(result.windows)} labelled window(s): {result.windows_caught} caught"
+        f" (alert raised inside), {result.windows_late} late"
         if result.windows
         else ""
     )
+    first = result.thresholds[0]
+    line = (
+        f"raise line at {result.alert_column} {first.score:.3g}" if first.of_rule
+        else first.label
+    )  # fmt: skip
+    note = f"; note: {result.note}" if result.note else ""
     return (
         f"plotted {result.rows} rows of {scores} -> {result.path} ({result.size[0]}x"
         f"{result.size[1]}): features {features}; {len(result.raised)} alert(s) raised"
-        f"{labelled}; raise line at anomaly_score {result.thresholds[0].score:.3g}"
+        f"{labelled}; {line}{note}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -61,6 +62,33 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     done = rnnsentry("inspect", str(model))
     assert done.returncode == 0, done.stderr
     assert "lstm" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
+
+
+def test_inspect_shows_the_alert_rule_the_daemon_applies(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, model = trained
+    done = rnnsentry("inspect", str(model))
+    assert done.returncode == 0, done.stderr
+    assert "raise at likelihood >= 0.99999999 (tail 1e-08" in done.stdout
+    assert "clear below 0.99 for 20 steps (the defaults)" in done.stdout
+    # the calibration's stored suggestion is shown as what it is: not the rule in force
+    assert "not applied" in done.stdout
+    toml = tmp_path / "scoring.toml"
+    toml.write_text("[scoring]\nthreshold = 0.999\nclear_threshold = 0.9\nclear_steps = 5\n")
+    done = rnnsentry("inspect", str(model), "--config", str(toml))
+    assert done.returncode == 0, done.stderr
+    assert "raise at likelihood >= 0.999 " in done.stdout
+    assert f"clear below 0.9 for 5 steps ([scoring] of {toml})" in done.stdout
+    done = rnnsentry("inspect", str(model), "--config", str(toml), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["alerts"] == {
+        "threshold": 0.999, "clear_threshold": 0.9, "clear_steps": 5,
+        "source": f"[scoring] of {toml}",
+    }  # fmt: skip
+    toml.write_text("[scoring]\nthreshold = 2.0\n")
+    done = rnnsentry("inspect", str(model), "--config", str(toml))
+    assert done.returncode == 2 and "threshold" in done.stderr
 
 
 def test_replay_writes_one_row_per_input_row(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 The scores file has 20 rows, one a minute; the labelled window is rows 10..14.
 anomaly_score: 0.9 at row 10, 0.5 at row 3, 0 elsewhere; alert: rows 3, 11, 12.
   point-wise: TP 11, 12; FP 3; FN 10, 13, 14; TN 14 rows -> precision 2/3, recall 0.4,
-    F1 4 / (4 + 1 + 3) = 0.5, FAR 1/15, MAR 0.6; the event is caught 1 row (60 s) late.
+    F1 4 / (4 + 1 + 3) = 0.5, FAR 1/15, MAR 0.6; the alert raised at row 11 catches the
+    event 1 row (60 s) after its start.
   NAB (probation: floor(0.15 x 20) = 3 rows): at threshold 0.9 only row 10 is flagged,
     y = -1: raw sigma(-1) = 0.98661 with no false positive; 0.5 adds row 3 (-0.11 or -0.22);
     0 flags every row from 3 on. So 0.9 wins: standard 100 (0.98661 + 1) / 2 = 99.33,
@@ -64,8 +65,9 @@ def check_report(doc: dict) -> None:
     assert point["precision"] == pytest.approx(2 / 3) and point["recall"] == pytest.approx(0.4)
     assert point["f1"] == pytest.approx(0.5)
     assert point["far"] == pytest.approx(1 / 15) and point["mar"] == pytest.approx(0.6)
-    assert (event["events"], event["detected"], event["mean_delay_steps"]) == (1, 1, 1.0)
-    assert event["mean_delay_s"] == 60.0
+    assert (event["events"], event["caught"], event["late"], event["missed"]) == (1, 1, 0, 0)
+    assert (event["median_delay_steps"], event["mean_delay_steps"]) == (1.0, 1.0)
+    assert event["mean_delay_s"] == event["median_delay_s"] == 60.0
     assert nab["standard"]["threshold"] == pytest.approx(0.9)
     assert nab["standard"]["normalised"] == pytest.approx(99.3307, abs=1e-3)
     assert nab["reward_low_FP_rate"]["normalised"] == pytest.approx(99.3307, abs=1e-3)
@@ -75,13 +77,18 @@ def check_report(doc: dict) -> None:
 def test_windows_json_matched_by_stem(files: dict[str, Path], capsys) -> None:
     assert evaluate("--scores", str(files["scores"]), "--windows", str(files["windows"]),
                     "--json") == 0  # fmt: skip
-    check_report(json.loads(capsys.readouterr().out))
+    doc = json.loads(capsys.readouterr().out)
+    check_report(doc)
+    assert list(doc["event_by_class"]) == ["cat"]  # the key's folder names the class
+    assert doc["event_by_class"]["cat"]["caught"] == 1
 
 
 def test_labels_column_gives_the_same_report(files: dict[str, Path], capsys) -> None:
     assert evaluate("--scores", str(files["scores"]), "--labels", str(files["data"]),
                     "--json") == 0  # fmt: skip
-    check_report(json.loads(capsys.readouterr().out))
+    doc = json.loads(capsys.readouterr().out)
+    check_report(doc)
+    assert doc["event_by_class"] == {}  # a 0/1 column names no class
 
 
 def test_markdown_table_and_skipped_rows(files: dict[str, Path], capsys) -> None:
@@ -90,8 +97,31 @@ def test_markdown_table_and_skipped_rows(files: dict[str, Path], capsys) -> None
                     "--key", "cat/tiny.csv", "--skip-rows", "5") == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "1 file(s), 20 rows (15 evaluated), 1 labelled event(s)" in out
-    assert "| point-wise | 1.000 | 0.400 | 0.571 | 0.000 | 0.600 | 1/1 (1.000) | 1.0 | 60 |" in out
+    assert "| point-wise | 1.000 | 0.400 | 0.571 | 0.000 | 0.600 |" in out
+    assert "| all | 1 | 1 | 0 | 0 | 1.000 | 1.0 / 1.0 | 60 / 60 |" in out
+    assert "| cat | 1 | 1 | 0 | 0 | 1.000 | 1.0 / 1.0 | 60 / 60 |" in out
     assert "| standard | 99.3 | 0.9 |" in out
+
+
+def test_an_alert_raised_after_the_window_is_late(files: dict[str, Path], capsys) -> None:
+    # The same file with the alert on rows 3 and 16..17 instead: the window (rows 10..14)
+    # ends with no raise inside it; row 16 is 2 rows after its end, within its 5-row grace.
+    lines = files["scores"].read_text().splitlines()
+    for t in range(ROWS):
+        cells = lines[t + 1].split(",")
+        cells[4] = str(int(t in (3, 16, 17)))
+        lines[t + 1] = ",".join(cells)
+    files["scores"].write_text("\n".join(lines) + "\n")
+    args = ("--scores", str(files["scores"]), "--windows", str(files["windows"]), "--json")
+    assert evaluate(*args) == 0
+    event = json.loads(capsys.readouterr().out)["event"]
+    assert (event["caught"], event["late"], event["missed"], event["recall"]) == (0, 1, 0, 0.0)
+    assert event["mean_delay_steps"] is None  # no caught event: no delay
+    assert evaluate(*args, "--grace-rows", "1") == 0
+    event = json.loads(capsys.readouterr().out)["event"]
+    assert (event["caught"], event["late"], event["missed"]) == (0, 0, 1)
+    with pytest.raises(DataError, match="must not be negative"):
+        evaluate(*args, "--grace-rows", "-1")
 
 
 @pytest.mark.parametrize(

@@ -90,8 +90,13 @@ configs = st.builds(
     clear_steps=st.integers(1, 3),
     min_interval_steps=st.integers(0, 6),
     onset_hold_steps=st.integers(0, 3),
-    routine_period_s=st.sampled_from([0.0, 3.0, 5.0]),  # times below are step numbers
-    routine_tolerance_s=st.sampled_from([0.0, 1.0]),
+    stuck_check=st.booleans(),
+    stuck_in_score=st.booleans(),
+    step_check=st.booleans(),
+    step_in_score=st.booleans(),
+    level_check=st.booleans(),
+    level_in_score=st.booleans(),
+    mean_prior_weight=st.sampled_from([-1.0, 0.0, 5.0]),
 )
 CALIBRATION = Calibration(
     n=1000, mean=2.0, std=1.0, quantiles={}, window=10, window_mean=2.0, window_std=0.5,
@@ -112,7 +117,6 @@ def step(
         np.array([o.mean for o in batch], dtype=np.float64).reshape(len(batch), F),
         np.array([o.log_var for o in batch], dtype=np.float64).reshape(len(batch), F),
         np.array([o.has_pred for o in batch], dtype=np.bool_),
-        ts=np.array(ts, dtype=np.float64),
     )
 
 

@@ -22,16 +22,20 @@ import pytest
 
 from detector.errors import DataError
 from training.evaluate import (
+    EventOutcome,
     Labelled,
     evaluate,
-    event_delays,
     event_metrics,
+    event_outcomes,
+    key_class,
     label_runs,
     match_key,
     pointwise,
+    raise_rows,
     read_label_column,
     read_scores,
     read_windows,
+    report_markdown,
     windows_to_events,
 )
 from training.nab import (
@@ -249,18 +253,97 @@ def test_undefined_rates_are_nan_not_zero() -> None:
         pointwise(np.zeros(3), np.zeros(4))
 
 
-def test_event_recall_and_delay() -> None:
-    labels = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0])
-    pred = np.array([0, 0, 0, 1, 0, 1, 0, 0, 0])  # row 5 lies between the events
+def alert_rows(rows: list[int], n: int = 20) -> np.ndarray:
+    alert = np.zeros(n, bool)
+    alert[rows] = True
+    return alert
+
+
+def verdicts(alert: np.ndarray, events, grace_rows=None) -> list[tuple[str, int | None]]:
+    return [(o.verdict, o.steps) for o in event_outcomes(alert, events, None, grace_rows)]
+
+
+def test_raises_are_the_rows_where_alert_goes_from_0_to_1() -> None:
+    assert raise_rows(alert_rows([2, 3, 4, 7, 9, 10], 12)).tolist() == [2, 7, 9]
+    assert raise_rows(np.ones(3)).tolist() == [0]
+    assert raise_rows(np.zeros(3)).tolist() == []
+
+
+def test_an_alert_raised_inside_the_event_catches_it_with_the_delay_from_its_start() -> None:
+    # event rows 5..9; the alert is raised at row 7 and stays on past the end
+    assert verdicts(alert_rows([7, 8, 9, 10, 11]), ((5, 9),)) == [("caught", 2)]
+    assert verdicts(alert_rows([5]), ((5, 9),)) == [("caught", 0)]  # its first row
+    assert verdicts(alert_rows([9]), ((5, 9),)) == [("caught", 4)]  # its last row
+
+
+def test_an_alert_active_from_before_the_event_does_not_catch_it() -> None:
+    # raised at row 3, still on through the event: once counted as caught at delay 0
+    assert verdicts(alert_rows([3, 4, 5, 6, 7]), ((5, 9),)) == [("missed", None)]
+    # ... but a second raise inside it does, after the first alert cleared at row 7
+    assert verdicts(alert_rows([3, 4, 5, 6, 8, 9]), ((5, 9),)) == [("caught", 3)]
+
+
+def test_a_raise_after_the_event_is_late_not_caught() -> None:
+    # event rows 5..9 (5 rows): a raise up to 5 rows after its end is late, by rows after it
+    assert verdicts(alert_rows([11, 12]), ((5, 9),)) == [("late", 2)]
+    assert verdicts(alert_rows([14]), ((5, 9),)) == [("late", 5)]
+    assert verdicts(alert_rows([15]), ((5, 9),)) == [("missed", None)]  # past the grace
+    assert verdicts(alert_rows([15]), ((5, 9),), grace_rows=10) == [("late", 6)]
+    # a raise inside the next event is that event's, not late for this one
+    assert verdicts(alert_rows([12]), ((5, 9), (12, 13))) == [("missed", None), ("caught", 0)]
+
+
+def test_event_metrics_count_caught_late_missed_and_delays_in_seconds() -> None:
+    labels = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0])
+    # raises: row 3 (inside event 1..3), row 8 (after 6..7), none for 10..13
+    alert = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
     events = label_runs(labels)
-    assert events == ((1, 3), (6, 7))
-    stamps = np.arange(9) * 10.0
-    delays = event_delays(pred, events, stamps)
-    assert delays == [(2, 20.0), None]
-    m = event_metrics(delays)
-    assert (m.events, m.detected, m.recall, m.mean_delay_steps, m.mean_delay_s) == (
-        2, 1, 0.5, 2.0, 20.0,
+    assert events == ((1, 3), (6, 7), (10, 13))
+    outcomes = event_outcomes(alert, events, np.arange(16) * 10.0)
+    assert outcomes[:2] == [EventOutcome("caught", 3, 2, 20.0), EventOutcome("late", 8, 1, 10.0)]
+    assert (outcomes[2].verdict, outcomes[2].row, outcomes[2].steps) == ("missed", None, None)
+    m = event_metrics(outcomes)
+    assert (m.events, m.caught, m.late, m.missed) == (3, 1, 1, 1)
+    assert m.recall == pytest.approx(1 / 3) and m.detected == 1
+    assert (m.median_delay_steps, m.mean_delay_steps, m.median_delay_s, m.mean_delay_s) == (
+        2.0, 2.0, 20.0, 20.0,
     )  # fmt: skip
+    # median and mean part: delays 0, 1 and 8 steps
+    spread = event_metrics([EventOutcome("caught", 0, d, math.nan) for d in (0, 1, 8)])
+    assert (spread.median_delay_steps, spread.mean_delay_steps) == (1.0, 3.0)
+    assert math.isnan(spread.median_delay_s)
+    none = event_metrics([])
+    assert none.events == 0 and math.isnan(none.recall) and math.isnan(none.mean_delay_steps)
+
+
+def test_an_event_clipped_by_skip_rows_is_caught_only_by_a_raise_after_the_skip() -> None:
+    # event rows 2..8, skip 4: it starts at row 4 for the event metrics. An alert raised at
+    # row 1 and on through row 8 does not catch it; one raised at row 6 does, 2 rows in.
+    before = Labelled("f", np.zeros(12), alert_rows(list(range(1, 9)), 12), ((2, 8),))
+    assert evaluate([before], skip_rows=4, nab_probation=0).event.missed == 1
+    inside = Labelled("f", np.zeros(12), alert_rows([1, 2, 6, 7], 12), ((2, 8),))
+    event = evaluate([inside], skip_rows=4, nab_probation=0).event
+    assert (event.caught, event.mean_delay_steps) == (1, 2.0)
+
+
+def test_evaluate_reports_events_per_class() -> None:
+    # file a: events (2, 4) caught at row 3, (10, 12) missed; file b: (5, 6) late at row 8
+    a = Labelled("a", np.zeros(20), alert_rows([3, 4]), ((2, 4), (10, 12)),
+                 classes=("spike", "drift"))  # fmt: skip
+    b = Labelled("b", np.zeros(20), alert_rows([8]), ((5, 6),), classes=("spike",))
+    report = evaluate([a, b], nab_probation=0)
+    assert (report.event.caught, report.event.late, report.event.missed) == (1, 1, 1)
+    assert list(report.event_by_class) == ["drift", "spike"]
+    spike, drift = report.event_by_class["spike"], report.event_by_class["drift"]
+    assert (spike.events, spike.caught, spike.late, spike.mean_delay_steps) == (2, 1, 1, 1.0)
+    assert (drift.events, drift.missed) == (1, 1)
+    table = report_markdown(report)
+    assert "| all | 3 | 1 | 1 | 1 | 0.333 | 1.0 / 1.0 | - / - |" in table
+    assert "| spike | 2 | 1 | 1 | 0 | 0.500 |" in table
+    with pytest.raises(DataError, match="classes"):
+        Labelled("c", np.zeros(20), alert_rows([]), ((1, 2),), classes=("x", "y"))
+    assert key_class("realKnownCause/x.csv", 1) == ("realKnownCause",)
+    assert key_class("x.csv", 1) is None
 
 
 def test_evaluate_pools_files_and_skips_the_training_rows() -> None:
@@ -279,7 +362,7 @@ def test_evaluate_pools_files_and_skips_the_training_rows() -> None:
     p = report.point
     assert (p.tp, p.fp, p.fn, p.tn) == (2, 2, 1, 7)
     assert p.far == pytest.approx(2 / 9) and p.mar == pytest.approx(1 / 3)
-    assert (report.event.detected, report.event.mean_delay_steps) == (1, 1.0)
+    assert (report.event.caught, report.event.mean_delay_steps) == (1, 1.0)
     assert report.event.mean_delay_s == 60.0
     assert report.rows == 20 and report.rows_evaluated == 12
     assert set(report.nab) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}

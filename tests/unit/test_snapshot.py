@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-import detector.scoring
 from detector.engine import BatchResult, Engine, StreamConfig
 from detector.model import LoadedModel
-from detector.scoring import ScoringConfig
+from detector.scoring import ColumnSpec, Scorer, ScoringConfig
 from detector.snapshot import SNAPSHOT_VERSION, load_snapshot, save_snapshot
 
 # Alert quickly on a model that has not seen this random data, so the snapshot
@@ -159,6 +158,12 @@ def test_a_changed_model_is_not_restored_and_the_others_are(
     assert "fan" in warning and "fingerprint" in warning
 
 
+def with_columns(monkeypatch: pytest.MonkeyPatch, **changes: ColumnSpec) -> None:
+    """A later (or earlier) scorer: its parts' columns with ``changes`` on top."""
+    original = Scorer.column_specs
+    monkeypatch.setattr(Scorer, "column_specs", staticmethod(lambda f: original(f) | changes))
+
+
 def test_a_changed_column_layout_is_not_restored(
     model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -167,7 +172,7 @@ def test_a_changed_column_layout_is_not_restored(
     run(live, batches(model, ["p1"], 3, 0, seed=8))
     save_snapshot(tmp_path / "s.npz", [live])
     # A later version of the scorer that keeps one of its columns in another type.
-    monkeypatch.setitem(detector.scoring.SCORER_COLUMNS, "episodes", (np.float64, 0.0))
+    with_columns(monkeypatch, episodes=((), np.float64, 0.0))
     newer = engine(model)
     with caplog.at_level(logging.WARNING, logger="detector.snapshot"):
         assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 0}
@@ -184,7 +189,7 @@ def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
     save_snapshot(tmp_path / "s.npz", [live])
     # An upgrade whose scorer keeps one more per-stream column: the streams keep their
     # network state and statistics, and the new column starts at its initial value.
-    monkeypatch.setitem(detector.scoring.SCORER_COLUMNS, "spare", (np.float64, 7.5))
+    with_columns(monkeypatch, spare=((), np.float64, 7.5))
     newer = engine(model)
     with caplog.at_level(logging.INFO, logger="detector.snapshot"):
         assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 2}
@@ -199,33 +204,10 @@ def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
         )
     # And back: the older version drops the column it does not know.
     save_snapshot(tmp_path / "s2.npz", [newer])
-    monkeypatch.delitem(detector.scoring.SCORER_COLUMNS, "spare")
+    monkeypatch.undo()
     older = engine(model)
     assert load_snapshot(tmp_path / "s2.npz", [older], now=T0) == {"pump": 2}
     assert "spare" not in older.table.columns
-
-
-def test_a_snapshot_from_before_the_routine_check_restores(
-    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Snapshots written before the scorer kept its streams' recent onset times (a column
-    # with a trailing axis of its own) restore; the onset times start empty.
-    saved = dict(detector.scoring.SCORER_RECENT_COLUMNS)
-    monkeypatch.delitem(detector.scoring.SCORER_RECENT_COLUMNS, "onset_ts")
-    without = dataclasses.replace(SCORING, routine_period_s=0.0)  # never reads the column
-    older = Engine(model, without, StreamConfig(max_streams=64, idle_ttl_s=math.inf))
-    run(older, batches(model, ["p1", "p2"], 6, 0, seed=8))
-    save_snapshot(tmp_path / "s.npz", [older])
-    monkeypatch.setitem(detector.scoring.SCORER_RECENT_COLUMNS, "onset_ts", saved["onset_ts"])
-    newer = engine(model)
-    assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 2}
-    rows = newer.table.rows_for(["p1", "p2"], T0)
-    assert newer.table.arrays["onset_ts"][rows].shape == (2, detector.scoring.ONSET_MEMORY)
-    assert np.isnan(newer.table.arrays["onset_ts"][rows]).all()
-    old_rows = older.table.rows_for(["p1", "p2"], T0)
-    np.testing.assert_array_equal(
-        newer.table.arrays["long_var"][rows], older.table.arrays["long_var"][old_rows]
-    )
 
 
 def test_an_engine_that_already_has_streams_is_left_alone(model: LoadedModel,

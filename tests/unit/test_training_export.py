@@ -147,7 +147,7 @@ def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: 
             raw.append(float(scored))
             out = model.step(model.denormalise(z), states)
             states, prediction = out.states, (out.mean, out.log_var)
-            learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window), cfg.input_scale_clip)
+            learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window))
         return raw, var
 
     values = generate_fleet(1, 300, features=model.meta.features, seed=5).values[0]

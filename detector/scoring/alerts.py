@@ -1,0 +1,97 @@
+"""Alerts: the per-stream state machine that turns a likelihood into raised and cleared.
+
+A stream past its warm-up raises when its likelihood reaches ``threshold`` (and the last
+raise is ``min_interval_steps`` behind), holds while the anomaly lasts, and clears after
+``clear_steps`` steps in a row below ``clear_threshold``. Raised and cleared alternate,
+and each raise starts a new episode number. Each feature's part of the raw score is
+averaged like the alert's score, so an alert names the sensors that raised it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.scoring.stats import F64, ColumnSpec, Mask, advance_average, ewma_alpha
+
+
+@dataclass
+class AlertSteps:
+    raised: Mask
+    cleared: Mask
+    updated: Mask  # periodic "still active" events
+    active: Mask  # after this step
+    episode: npt.NDArray[np.int64]
+    contributions: F64  # [B, F] each feature's part of the alert's average (NaN: none yet)
+
+
+class Alerts:
+    """Columns: whether an alert is active, its calm steps, the last raise, the episode
+    count, the steps since the raise, and each feature's averaged part of the score."""
+
+    def __init__(
+        self,
+        threshold: float,
+        clear_threshold: float,
+        clear_steps: int,
+        min_interval_steps: int,
+        update_every_steps: int,
+        parts_window: int,
+    ) -> None:
+        self.threshold = threshold
+        self.clear_threshold = clear_threshold
+        self.clear_steps = clear_steps
+        self.min_interval_steps = min_interval_steps
+        self.update_every_steps = update_every_steps
+        self._alpha_parts = ewma_alpha(parts_window)
+
+    def columns(self, f: int) -> dict[str, ColumnSpec]:
+        return {
+            "active": ((), np.bool_, 0),
+            "below": ((), np.int32, 0),
+            "last_raise": ((), np.int64, -(2**62)),
+            "episodes": ((), np.int64, 0),
+            "active_steps": ((), np.int64, 0),
+            "alert_parts": ((f,), np.float64, math.nan),
+        }
+
+    gap_reset = ("alert_parts",)
+
+    def step(
+        self,
+        cols: dict[str, np.ndarray],
+        likelihood: F64,
+        calm_likelihood: F64,
+        parts: F64,
+        ok: Mask,
+        eligible: Mask,
+        n: np.ndarray,
+        count: np.ndarray,
+    ) -> AlertSteps:
+        """One step: ``likelihood`` raises, ``calm_likelihood`` (that of the signals that last)
+        clears; ``n`` counts each stream's scored steps (for the minimum interval),
+        ``count`` the values already in its averages (the parts are averaged like them)."""
+        advance_average(cols["alert_parts"], parts, ok, self._alpha_parts, count)
+        contributions: F64 = cols["alert_parts"].copy()
+        contributions[~ok] = np.nan
+        active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
+        above = eligible & (likelihood >= self.threshold)
+        raised = above & ~active & (n - last_raise >= self.min_interval_steps)
+        calm = active & ok & (calm_likelihood < self.clear_threshold)
+        below[:] = np.where(calm, below + 1, np.where(active, 0, below))
+        cleared = active & (below >= self.clear_steps)
+        last_raise[raised] = n[raised]
+        cols["episodes"][raised] += 1
+        steps_on = cols["active_steps"]
+        steps_on[active & ok] += 1
+        updated = np.zeros_like(raised)
+        if self.update_every_steps:
+            updated = active & ~cleared & ok & (steps_on % self.update_every_steps == 0)
+        active[:] = (active | raised) & ~cleared
+        below[cleared | raised] = 0
+        steps_on[raised | cleared] = 0
+        return AlertSteps(raised, cleared, updated, active.copy(), cols["episodes"].copy(),
+                          contributions)  # fmt: skip

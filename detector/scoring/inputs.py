@@ -1,0 +1,59 @@
+"""Input scaling: each stream's own spread of its values, in the model's training units.
+
+The model is fed a stream's values over that spread (``InputScale.model_inputs``), so a
+stream that comes to vary more than the training data did (a busier regime, a noisier
+machine of a fleet) stops surprising the model at every step. ``learn`` moves the spread.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+
+from detector.scoring.stats import F64, ROBUST_CLIP, ColumnSpec, ewma_alpha, huber_consistency
+
+# A stream's spread stays above a tenth of training's: a sensor parked at its training centre
+# for months would otherwise make its next small move an enormous one to the model.
+INPUT_VAR_FLOOR: Final = 1e-2
+
+
+def learn_input_var(var: F64, z: np.ndarray, alpha: float, clip: float = ROBUST_CLIP) -> None:
+    """One step of each stream's input spread, in place: an exponential mean square of its
+    (training-normalised) values, each clipped at ``clip`` times the spread so far and
+    rescaled by huber_consistency(clip), never below INPUT_VAR_FLOOR. Rows with a
+    non-finite value do not move.
+
+    >>> v = np.ones((1, 2)); learn_input_var(v, np.array([[0.0, 10.0]]), 0.5, 1.5)
+    >>> [round(float(a), 4) for a in v[0]]
+    [0.5, 1.9452]
+    """
+    z64 = np.asarray(z, np.float64)
+    ok = np.isfinite(z64)
+    target = np.minimum(np.where(ok, z64 * z64, 0.0), clip * clip * var) / huber_consistency(clip)
+    var += np.where(ok, alpha * (target - var), 0.0)
+    np.maximum(var, INPUT_VAR_FLOOR, out=var)
+
+
+class InputScale:
+    """Column ``input_var`` [F]: the stream's mean square in training units (1 at start).
+    ``window`` 0 turns the part off (the model sees training units only)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._alpha = ewma_alpha(window) if window else math.nan
+
+    def columns(self, f: int) -> dict[str, ColumnSpec]:
+        return {"input_var": ((f,), np.float64, 1.0)}
+
+    def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+        """``z`` (values normalised by the training statistics) over the stream's spread."""
+        if not self.window:
+            return z
+        out: np.ndarray = z / np.sqrt(cols["input_var"])
+        return out
+
+    def learn(self, cols: dict[str, np.ndarray], z_train: np.ndarray) -> None:
+        if self.window:
+            learn_input_var(cols["input_var"], z_train, self._alpha)

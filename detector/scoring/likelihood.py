@@ -1,0 +1,110 @@
+"""Likelihood: how far a stream's recent surprise lies in the tail of its own history.
+
+Per stream, an exponential average of the raw score over ``window`` steps, and the
+long-run mean and variance of that average (HTM's anomaly likelihood). The model's
+calibration is the prior, counted as the evidence it rests on (``prior_steps``, the
+held-out steps it was measured on): each stream moves from the calibration to its own
+level as its own evidence grows, whether the model is its own or a fleet's.
+
+``score`` advances the average and returns its tail against the statistics *before* this
+step; ``learn`` moves the statistics, so the caller decides which steps teach them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.artifact import Calibration
+from detector.scoring.stats import (
+    F64,
+    ColumnSpec,
+    Mask,
+    advance_average,
+    average_var_share,
+    ewma_alpha,
+    ewma_var_share,
+    gaussian_tail,
+)
+
+
+def prior_variance(calibration: Calibration, window: int) -> float:
+    """The calibration's spread of its short average, moved to an average over ``window``
+    steps (for independent scores an exponential average's variance is var * a / (2 - a)).
+
+    >>> cal = Calibration(100, 1.0, 1.0, {}, 20, 1.0, 0.5, 0.9999)
+    >>> round(prior_variance(cal, 20), 6), prior_variance(cal, 50) < prior_variance(cal, 20)
+    (0.25, True)
+    """
+    share = ewma_var_share(window) / ewma_var_share(calibration.window)
+    return float(calibration.window_std) ** 2 * share
+
+
+class Likelihood:
+    """Columns: the average and its long-run mean and variance, named by ``names``.
+
+    Two priors from the calibration: its spread, counted as ``prior_steps`` (by default the
+    held-out steps it was measured on), and its level, counted as ``mean_prior_steps`` (by
+    default one independent average's worth, ``1 / ewma_var_share(window)`` steps). A
+    stream's level is its own, and a model shared by a fleet sees streams at many levels;
+    how far a stream's score moves about its level is what the model knows best. While the
+    level rests on little evidence its uncertainty widens the tail.
+    """
+
+    def __init__(
+        self,
+        names: tuple[str, str, str],
+        window: int,
+        calibration: Calibration,
+        long_window: int,
+        prior_steps: float | None = None,
+        mean_prior_steps: float | None = None,
+    ) -> None:
+        self.names = names
+        self.window = window
+        self.long_window = long_window
+        self.prior_mean = float(calibration.window_mean)
+        self.prior_var = prior_variance(calibration, window)
+        self._alpha = ewma_alpha(window)
+        self._share = ewma_var_share(window)
+        self.prior_steps = float(calibration.n if prior_steps is None else prior_steps)
+        self.mean_prior_steps = 1.0 / self._share if mean_prior_steps is None else mean_prior_steps
+
+    def columns(self, f: int) -> dict[str, ColumnSpec]:
+        return {name: ((), np.float64, math.nan) for name in self.names}
+
+    @property
+    def gap_reset(self) -> tuple[str, ...]:
+        return (self.names[0],)  # the average; the long-run statistics outlive a gap
+
+    def _evidence(self, prior: float, n: np.ndarray) -> F64:
+        """Steps behind a statistic: the prior's, then the stream's own, up to the memory."""
+        out: F64 = np.minimum(prior + np.asarray(n, np.float64), float(self.long_window))
+        return out
+
+    def score(
+        self, cols: dict[str, np.ndarray], raw: F64, ok: Mask, n: np.ndarray, count: np.ndarray
+    ) -> tuple[F64, F64]:
+        """The tail of this step's average, and its deviation from the long-run mean.
+        ``count`` [B]: the values already in each average (the steps since it started); an
+        average of fewer values than its window spreads more, and its tail says so."""
+        avg, lm, lv = (cols[name] for name in self.names)
+        advance_average(avg, raw, ok, self._alpha, count)
+        fresh = ok & np.isnan(lm)
+        lm[fresh] = self.prior_mean
+        lv[fresh] = self.prior_var
+        delta: F64 = avg - lm
+        young = average_var_share(self.window, count + 1) / self._share
+        # the level's own uncertainty: lv over the independent averages behind it
+        level = 1.0 / (self._share * np.maximum(self._evidence(self.mean_prior_steps, n), 1.0))
+        return gaussian_tail(delta / np.sqrt(np.maximum(lv * (young + level), 1e-12))), delta
+
+    def learn(self, cols: dict[str, np.ndarray], learn: Mask, delta: F64, n: np.ndarray) -> None:
+        """Move the long-run mean and variance towards this step's average: each step size
+        shrinks like 1 / evidence, so the priors fade as the stream's own steps add up."""
+        _, lm, lv = (cols[name] for name in self.names)
+        d = delta[learn]
+        lm[learn] += d / (self._evidence(self.mean_prior_steps, n[learn]) + 1.0)
+        alpha = 1.0 / (self._evidence(self.prior_steps, n[learn]) + 1.0)
+        lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)

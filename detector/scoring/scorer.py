@@ -1,0 +1,287 @@
+"""The scorer: the parts composed into one step of many streams.
+
+Per step of B streams: input scaling (what the model is fed), surprise (the raw score
+under the prediction made before), two likelihoods of it (a short average for
+``anomaly_score``, a longer one for alerts), the stuck-sensor check, the range check,
+onset marking, and the alert state machine. The alert's likelihood is that of the most
+surprising of its signals (``combine_tails``). One set of defaults serves a model per
+stream and a model shared by a fleet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.artifact import Calibration
+from detector.scoring.alerts import Alerts
+from detector.scoring.inputs import InputScale
+from detector.scoring.likelihood import Likelihood
+from detector.scoring.onsets import Onsets
+from detector.scoring.sensors import Level, Range, Stuck
+from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
+from detector.scoring.surprise import StepTail, Surprise
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How raw scores become likelihoods and alerts; one setting serves every stream."""
+
+    warmup_steps: int = 30  # steps scored before a stream may alert
+    short_window: int = 20  # steps in the average of the raw score that anomaly_score shows
+    alert_window: int = 50  # steps in the average the alert rule watches (0: the short one):
+    # an alert is for a condition that lasts, the score marks where one starts
+    long_window: int = 8000  # steps of memory of each stream's long-run statistics
+    prior_weight: float = 8000.0  # steps of a stream's own that the model's calibration
+    # counts as (negative: the held-out steps it was measured on)
+    mean_prior_weight: float = -3.0  # measured: steps the calibration's level counts as
+    # (-3: as prior_weight; -2: as the calibration's held-out steps; -1: one average's worth)
+    step_check: bool = True  # alerts also watch each step's own error (spikes, jumps)
+    step_in_score: bool = False  # ... and so does anomaly_score
+    stuck_check: bool = True  # alerts also watch for a sensor repeating itself
+    level_check: bool = False  # alerts also watch each sensor's level against its history
+    level_in_score: bool = False  # ... and so does anomaly_score
+    stuck_in_score: bool = False  # ... and so does anomaly_score
+    threshold: float = 0.99999999  # likelihood at which an alert is raised (a tail of 1e-8)
+    clear_threshold: float = 0.99  # likelihood below which an active alert may clear
+    clear_steps: int = 20  # consecutive steps below clear_threshold to clear: an anomaly
+    # that lasts keeps one alert through its calmer stretches
+    min_interval_steps: int = 20  # steps between one raise and the next on a stream
+    top_k: int = 3  # features named in an alert
+    update_every_steps: int = 0  # while active, an "update" event every this many steps (0: off)
+    onset_hold_steps: int = 100  # anomaly_score holds this many steps after an onset, so one
+    # incident shows as one onset
+    input_scale_window: int = 16000  # steps of memory of each stream's own input spread (0:
+    # off): the model sees the stream's values over it
+    spatial_tolerance: float = 0.01  # a value beyond the stream's range so far by this share
+    # of the range marks an onset in anomaly_score (negative: off); alerts do not use it
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not 0.0 < self.clear_threshold <= self.threshold < 1.0:
+            problems.append("need 0 < clear_threshold <= threshold < 1")
+        for name in ("short_window", "long_window", "clear_steps", "top_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("warmup_steps", "min_interval_steps", "update_every_steps",
+                     "onset_hold_steps", "alert_window", "input_scale_window"):  # fmt: skip
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        for name in ("prior_weight", "mean_prior_weight"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number")
+        return problems
+
+
+# The likelihoods' columns: (the average, its long-run mean, its long-run variance).
+SHORT_STATS: Final = ("short_avg", "long_mean", "long_var")
+ALERT_STATS: Final = ("alert_avg", "alert_mean", "alert_var")
+
+
+@dataclass
+class StepScores:
+    """What one scoring step returns for B streams (arrays of length B)."""
+
+    raw: F64  # raw score; NaN where there was no prediction yet
+    likelihood: F64  # the alert rule's likelihood in [0, 1]; 0 during warm-up
+    score: F64  # anomaly_score: log_score of the short average's tail, onsets marked
+    std_errors: F64  # [B, F] standardised errors (NaN where no prediction)
+    contributions: F64  # [B, F] each feature's part of the most surprising signal: the alert's
+    # average (NaN: none yet), this step's errors, a stuck run, a level's drift
+    raised: npt.NDArray[np.bool_]
+    cleared: npt.NDArray[np.bool_]
+    updated: npt.NDArray[np.bool_]  # periodic "still active" events (update_every_steps)
+    active: npt.NDArray[np.bool_]
+    episode: npt.NDArray[np.int64]  # per-stream episode number of the current/last alert
+
+
+class Scorer:
+    """Turns predictions and observations into likelihoods and alert events.
+
+    ``step_batch`` updates the gathered per-stream columns in place; the caller
+    scatters them back into the state table.
+    """
+
+    def __init__(self, config: ScoringConfig, calibration: Calibration) -> None:
+        self.config = config
+        cfg = config
+        prior = None if cfg.prior_weight < 0 else cfg.prior_weight
+        mean_prior = None if cfg.mean_prior_weight < 0 else cfg.mean_prior_weight
+        if cfg.mean_prior_weight == -2.0:
+            mean_prior = float(calibration.n)
+        if cfg.mean_prior_weight == -3.0:
+            mean_prior = float(calibration.n) if prior is None else prior
+        self.inputs = InputScale(cfg.input_scale_window)
+        self.surprise = Surprise(calibration.raw_score)
+        self.raw_score = calibration.raw_score
+        self.short = Likelihood(SHORT_STATS, cfg.short_window, calibration, cfg.long_window,
+                                prior, mean_prior)  # fmt: skip
+        self.alert = (
+            Likelihood(
+                ALERT_STATS, cfg.alert_window, calibration, cfg.long_window, prior, mean_prior
+            )  # fmt: skip
+            if cfg.alert_window
+            else None
+        )
+        self.step = StepTail(self.short.prior_steps, cfg.long_window)
+        self.stuck = Stuck(cfg.long_window)
+        self.level = Level(cfg.alert_window or cfg.short_window, self.short.prior_steps,
+                           cfg.long_window)  # fmt: skip
+        self.range = Range(cfg.spatial_tolerance)
+        self.onsets = Onsets(cfg.onset_hold_steps)
+        self.alerts = Alerts(cfg.threshold, cfg.clear_threshold, cfg.clear_steps,
+                             cfg.min_interval_steps, cfg.update_every_steps,
+                             cfg.alert_window or cfg.short_window)  # fmt: skip
+
+    @staticmethod
+    def column_specs(f: int) -> dict[str, ColumnSpec]:
+        """Every per-stream column of the scorer's parts for streams of ``f`` features."""
+        specs: dict[str, ColumnSpec] = {
+            "n_scored": ((), np.int64, 0),  # steps scored in the stream's life
+            "warm": ((), np.int64, 0),  # steps scored since the stream (re)started
+        }
+        for names in (SHORT_STATS, ALERT_STATS):
+            specs.update({name: ((), np.float64, math.nan) for name in names})
+        specs.update(StepTail.columns(f))
+        specs.update(Level.columns(f))
+        for part in (InputScale(0), Stuck(1), Range(0.0), Onsets(0),
+                     Alerts(0.5, 0.5, 1, 0, 0, 1)):  # fmt: skip
+            specs.update(part.columns(f))
+        return specs
+
+    @property
+    def gap_reset(self) -> list[str]:
+        """Columns a time gap resets: the averages and the warm-up, not the long-run
+        statistics or the alert's episode."""
+        names = ["warm", SHORT_STATS[0], ALERT_STATS[0]]
+        return [*names, *Stuck.gap_reset, *Level.gap_reset, *Alerts.gap_reset]
+
+    def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+        """What the model is fed, in its normalised units: ``z`` (the values normalised by
+        the training statistics) over each stream's own input spread."""
+        return self.inputs.model_inputs(cols, z)
+
+    def step_batch(
+        self,
+        cols: dict[str, np.ndarray],
+        z: np.ndarray,
+        mean: np.ndarray,
+        log_var: np.ndarray,
+        has_pred: npt.NDArray[np.bool_],
+        z_train: np.ndarray | None = None,
+    ) -> StepScores:
+        """Score normalised observations ``z`` [B, F] (``model_inputs``) against the previous
+        predictions. ``z_train``: the same values normalised by the training statistics alone
+        (default ``z``); the stuck and range checks and the input spread work on them."""
+        cfg = self.config
+        seen = z if z_train is None else z_train
+        s = self.surprise.score(z, mean, log_var, has_pred)
+        ok, n, warm = s.ok, cols["n_scored"], cols["warm"]
+        count = warm.copy()  # the values already in each stream's averages
+
+        short_tail, short_delta = self.short.score(cols, s.raw, ok, n, count)
+        alert_tail, alert_delta = short_tail, short_delta
+        if self.alert is not None:
+            alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, n, count)
+        stuck_tail = self.stuck.step(cols, seen, ok) if cfg.stuck_check else None
+        step_tail = self.step.score(cols, s.std_errors) if cfg.step_check else None
+        level_tail, level_delta = (self.level.score(cols, seen, ok, count) if cfg.level_check
+                                   else (None, None))  # fmt: skip
+
+        # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
+        # stream's first steps carry the network's cold start, not the stream's habits.
+        learn = ok & (warm >= cfg.warmup_steps)
+        self.short.learn(cols, learn, short_delta, n)
+        if self.alert is not None:
+            self.alert.learn(cols, learn, alert_delta, n)
+        if step_tail is not None:
+            self.step.learn(cols, s.std_errors, learn, n)
+        if level_delta is not None:
+            self.level.learn(cols, learn, level_delta, n)
+        self.inputs.learn(cols, seen)
+        n[ok] += 1
+        warm[ok] += 1
+        eligible = ok & (warm > cfg.warmup_steps)
+
+        alert_tails, score_tails = [alert_tail], [short_tail]
+        for tail, in_score in ((step_tail, cfg.step_in_score), (stuck_tail, cfg.stuck_in_score),
+                               (level_tail, cfg.level_in_score)):  # fmt: skip
+            if tail is not None:
+                alert_tails.append(tail)
+                if in_score:
+                    score_tails.append(tail)
+        # A step's own error raises an alert but cannot hold one: what clears an alert is the
+        # lasting signals (the average, the level, a stuck run) coming back to normal.
+        lasting = [t for t in alert_tails if t is not step_tail]
+        calm_tail = combine_tails(*lasting) if len(lasting) < len(alert_tails) else None
+        alert_tail, short_tail = combine_tails(*alert_tails), combine_tails(*score_tails)
+        likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
+        calm = likelihood if calm_tail is None else np.where(eligible, 1.0 - calm_tail, 0.0)
+        beyond = self.range.step(cols, seen, eligible)
+        shown = self.onsets.step(cols, short_tail, beyond, ok)
+        score = np.where(eligible, log_score(shown), 0.0)
+        steps = self.alerts.step(cols, likelihood, calm, s.parts, ok, eligible, n, count)
+        contributions = steps.contributions  # the alert's average's: each sensor's part
+        # An alert names the sensors of the signal that is most surprising at this step: a
+        # spike's own errors, a stuck sensor's run, a drifting sensor's level.
+        own = [(step_tail, s.parts)]
+        if stuck_tail is not None:
+            own.append((stuck_tail, -cols["repeat_logp"]))
+        if level_tail is not None and level_delta is not None:
+            own.append((level_tail, np.abs(np.nan_to_num(level_delta))))
+        lowest = alert_tails[0]
+        for tail, blame in own:
+            if tail is not None:
+                mine = tail < lowest
+                contributions[mine] = blame[mine]
+                lowest = np.minimum(lowest, tail)
+        return StepScores(
+            raw=s.raw,
+            likelihood=likelihood,
+            score=score,
+            std_errors=s.std_errors,
+            contributions=contributions,
+            raised=steps.raised,
+            cleared=steps.cleared,
+            updated=steps.updated,
+            active=steps.active,
+            episode=steps.episode,
+        )
+
+
+def scorer_column_specs(f: int) -> dict[str, ColumnSpec]:
+    """Every per-stream scorer column for streams of ``f`` features: name -> (trailing
+    shape, dtype, initial value).
+
+    >>> scorer_column_specs(3)["seen_min"][0], scorer_column_specs(3)["n_scored"][0]
+    ((3,), ())
+    """
+    return Scorer.column_specs(f)
+
+
+def scorer_columns(b: int, f: int) -> dict[str, np.ndarray]:
+    """Fresh scorer columns for ``b`` streams of ``f`` features, as the state table makes them.
+
+    >>> scorer_columns(2, 3)["seen_min"].shape
+    (2, 3)
+    """
+    return {
+        name: np.full((b, *shape), fill, dtype)
+        for name, (shape, dtype, fill) in scorer_column_specs(f).items()
+    }
+
+
+def top_features(std_errors_row: np.ndarray, k: int) -> list[int]:
+    """Indices of the k features with the largest magnitude (|standardised error|, or a
+    contribution), largest first.
+
+    >>> top_features(np.array([0.5, -4.0, 2.0]), 2)
+    [1, 2]
+    """
+    mag = np.nan_to_num(np.abs(std_errors_row), nan=-1.0)
+    order = np.argsort(-mag, kind="stable")[:k]
+    return [int(i) for i in order]

@@ -1,0 +1,177 @@
+"""What a one-step predictor cannot see: a stuck sensor, a drifting level, a value beyond
+all seen.
+
+A stuck sensor repeats its last reading, and a model that predicts the next step from
+the last one finds nothing wrong with that. ``Stuck`` learns how often each sensor of a
+stream repeats itself and returns how unlikely the current run of repeats is. ``Range``
+flags a value beyond everything the stream showed before (HTM's spatial check).
+
+Both keep scoring (``score``) apart from learning (``learn``), and work on the values
+in training units, where equal readings stay equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.scoring.stats import (
+    F64,
+    ROBUST_CLIP,
+    ColumnSpec,
+    Mask,
+    advance_average,
+    average_var_share,
+    ewma_alpha,
+    ewma_var_share,
+    gaussian_tail,
+    huber_consistency,
+)
+
+
+class Stuck:
+    """Columns per feature: the last value, the current run of exact repeats, the log
+    probability of that run, and the stream's (fading) counts of repeats and comparisons.
+
+    The chance that a sensor repeats itself is unknown: a Beta(1, 1) prior updated by the
+    stream's own counts, forgotten over ``long_window`` steps. A run of r repeats then has
+    probability prod_{i<r} (a + i) / (a + b + i), the Beta-binomial chance that r steps
+    in a row repeat. A continuous sensor that never repeated in a thousand steps is stuck
+    after three or four repeats; a coarse one that often repeats needs a long run. The
+    stream's tail is the smallest over its features, times their number (Bonferroni).
+
+    Two different steps seen, then three repeats: 1/4, then 1/4 * 2/5, then * 3/6.
+
+    >>> s = Stuck(1000)
+    >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in s.columns(1).items()}
+    >>> ok = np.ones(1, np.bool_)
+    >>> [round(float(s.step(cols, np.array([[v]]), ok)[0]), 4) for v in [1, 2, 3, 3, 3, 3]]
+    [1.0, 1.0, 1.0, 0.25, 0.1, 0.05]
+    """
+
+    def __init__(self, long_window: int) -> None:
+        self.long_window = long_window
+
+    def columns(self, f: int) -> dict[str, ColumnSpec]:
+        return {
+            "last_value": ((f,), np.float64, math.nan),
+            "repeat_run": ((f,), np.float64, 0.0),
+            "repeat_logp": ((f,), np.float64, 0.0),
+            "repeats": ((f,), np.float64, 0.0),
+            "compared": ((), np.float64, 0.0),
+        }
+
+    gap_reset = ("last_value", "repeat_run", "repeat_logp")
+
+    def step(self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask) -> F64:
+        """Score then learn one step of the streams in ``ok``; return each stream's tail."""
+        x = np.asarray(z, np.float64)
+        last, run, logp = cols["last_value"], cols["repeat_run"], cols["repeat_logp"]
+        repeats, compared = cols["repeats"], cols["compared"]
+        same = ok[:, None] & (x == last)  # NaN (no last value yet) is never the same
+        # Score: the counts from before the current run are the Beta posterior's; a repeat
+        # extends the run by one more chance (a + r) / (a + b + r).
+        a = repeats + 1.0
+        b = np.maximum(compared[:, None] - repeats - run, 0.0) + 1.0
+        logp += np.where(same, np.log((a + run) / (a + b + run)), 0.0)
+        moved = ok[:, None] & ~same
+        ended = moved & (run > 0)
+        repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
+        logp[moved] = 0.0
+        run[moved] = 0.0
+        run[same] += 1.0
+        # The counts fade over long_window steps, so a sensor's habits may change.
+        seen = ok & ~np.isnan(last).any(axis=-1)
+        keep = np.where(compared >= self.long_window, 1.0 - 1.0 / self.long_window, 1.0)
+        repeats[seen] *= keep[seen, None]
+        compared[seen] = compared[seen] * keep[seen] + 1.0
+        last[ok] = x[ok]
+        f = x.shape[-1]
+        out: F64 = np.minimum(1.0, f * np.exp(np.min(logp, axis=-1)))
+        return out
+
+
+class Range:
+    """Columns per feature: the smallest and largest value seen. A value beyond that range
+    by more than ``tolerance`` of its width (any feature) is flagged; then the range takes
+    it in. A negative tolerance turns the check off."""
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+
+    def columns(self, f: int) -> dict[str, ColumnSpec]:
+        return {"seen_min": ((f,), np.float64, math.inf), "seen_max": ((f,), np.float64, -math.inf)}
+
+    gap_reset: tuple[str, ...] = ()
+
+    def step(self, cols: dict[str, np.ndarray], z: np.ndarray, eligible: Mask) -> Mask:
+        if self.tolerance < 0:
+            return np.zeros(len(eligible), np.bool_)
+        x = np.asarray(z, np.float64)
+        lo, hi = cols["seen_min"], cols["seen_max"]
+        with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf before any value was seen
+            width = hi - lo  # -inf or NaN until a value was seen, 0 after one: cannot flag
+            margin = self.tolerance * width
+            beyond = (width > 0) & ((x > hi + margin) | (x < lo - margin))
+        finite = np.isfinite(x)
+        np.minimum(lo, np.where(finite, x, np.inf), out=lo)
+        np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
+        out: Mask = eligible & beyond.any(axis=-1)
+        return out
+
+
+class Level:
+    """Columns per feature: an exponential average of the values over ``window`` steps, and
+    the long-run mean and variance of that average. A drift or a lasting shift moves a
+    sensor's level into the tail of its own history even when every step looks like the
+    last one, which is all a one-step predictor checks.
+
+    The prior is what the training data was in training units (mean 0, variance 1: the
+    widest an average of a smooth signal spreads), counted as ``prior_steps``; the step size
+    shrinks like 1 / evidence, up to ``long_window``. The stream's tail is the smallest
+    two-sided Gaussian tail over its features, times their number.
+    """
+
+    def __init__(self, window: int, prior_steps: float, long_window: int) -> None:
+        self.prior_steps = prior_steps
+        self.long_window = long_window
+        self.window = window
+        self._alpha = ewma_alpha(window)
+        self._consistency = huber_consistency(ROBUST_CLIP)
+
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
+        return {name: ((f,), np.float64, math.nan)
+                for name in ("level_avg", "level_mean", "level_var")}  # fmt: skip
+
+    gap_reset = ("level_avg",)
+
+    def score(
+        self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask, count: np.ndarray
+    ) -> tuple[F64, F64]:
+        """The tail of this step's level, and each feature's deviation from its mean;
+        ``count``: the values already in the average, as for ``Likelihood.score``."""
+        avg, mean, var = cols["level_avg"], cols["level_mean"], cols["level_var"]
+        advance_average(avg, np.asarray(z, np.float64), ok, self._alpha, count)
+        fresh = ok[:, None] & np.isnan(mean)
+        mean[fresh] = 0.0
+        var[fresh] = 1.0
+        delta: F64 = avg - mean
+        young = (average_var_share(self.window, count + 1) / ewma_var_share(self.window))[:, None]
+        e = np.abs(np.nan_to_num(delta, nan=0.0)) / np.sqrt(np.maximum(var * young, 1e-12))
+        f = delta.shape[-1]
+        out: F64 = np.minimum(1.0, 2.0 * f * gaussian_tail(np.max(e, axis=-1)))
+        return out, delta
+
+    def learn(self, cols: dict[str, np.ndarray], learn: Mask, delta: F64, n: np.ndarray) -> None:
+        mean, var = cols["level_mean"], cols["level_var"]
+        alpha = (1.0 / np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window)))[
+            :, None
+        ]
+        # Huber: a drift moves what is normal as one at most ROBUST_CLIP spreads away would,
+        # so the level's own history does not absorb the drift it should show.
+        bound = ROBUST_CLIP * np.sqrt(var[learn])
+        d = np.clip(delta[learn], -bound, bound)
+        mean[learn] += alpha * d
+        var[learn] = (1.0 - alpha) * (var[learn] + alpha * d * d / self._consistency)

@@ -1,0 +1,161 @@
+"""The scorer's pure maths: tail probabilities, exponential averages, the log score.
+
+Every function takes and returns numpy arrays (or floats) and keeps no state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+Mask = npt.NDArray[np.bool_]
+ColumnSpec = tuple[tuple[int, ...], type, float]  # trailing shape, dtype, initial value
+
+ROBUST_CLIP: Final = 1.5  # learnt spreads take deviations clipped at this many spreads (Huber)
+LOG_SCORE_DECADES: Final = 16.0  # tail probabilities down to 1e-16 map onto [0, 1]
+
+
+def gaussian_tail(z: np.ndarray) -> F64:
+    """Upper tail probability Q(z) = P(N(0,1) > z), accurate to ~1e-7 relative.
+
+    Uses the Chebyshev-fitted complementary error function of Numerical Recipes
+    (erfcc), which keeps relative precision far into the tail.
+
+    >>> [round(float(v), 6) for v in gaussian_tail(np.array([0.0, 1.0, 3.0]))]
+    [0.5, 0.158655, 0.00135]
+    """
+    x = np.asarray(z, dtype=np.float64) / math.sqrt(2.0)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = -a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
+        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
+        + t * (-0.82215223 + t * 0.17087277))))))))  # fmt: skip
+    erfc = t * np.exp(poly)
+    erfc = np.where(x >= 0, erfc, 2.0 - erfc)
+    out: F64 = 0.5 * erfc
+    return out
+
+
+def log_score(tail: np.ndarray) -> F64:
+    """Anomaly score in [0, 1] from a tail probability: -log10(tail) / 16.
+
+    The likelihood 1 - tail crowds against 1 (0.9999 and 0.99999999 print alike); its
+    logarithm keeps the resolution a threshold search needs (HTM's log-likelihood idea).
+
+    >>> log_score(np.array([1.0, 1e-4, 1e-16, 1e-30])).tolist()
+    [0.0, 0.25, 1.0, 1.0]
+    """
+    with np.errstate(divide="ignore"):
+        decades = -np.log10(np.asarray(tail, np.float64))
+    out: F64 = np.clip(decades / LOG_SCORE_DECADES, 0.0, 1.0) + 0.0  # + 0.0: no -0.0
+    return out
+
+
+def combine_tails(*tails: np.ndarray) -> F64:
+    """The tail of the most surprising of several signals, corrected for looking at
+    several (Bonferroni): min(1, m * min(tails)). No signal needs a threshold of its own.
+
+    >>> combine_tails(np.array([1e-9, 0.5]), np.array([0.2, 1e-3])).tolist()
+    [2e-09, 0.002]
+    """
+    out: F64 = np.minimum(1.0, len(tails) * np.minimum.reduce([np.asarray(t) for t in tails]))
+    return out
+
+
+def ewma_alpha(window: int) -> float:
+    """Smoothing factor of an exponential average whose centre of mass matches a window.
+
+    >>> ewma_alpha(1)
+    1.0
+    """
+    return 2.0 / (window + 1.0)
+
+
+def ewma_var_share(window: int) -> float:
+    """Variance of an exponential average of independent unit-variance values: also the
+    share of a stream's steps that count as independent evidence about that average.
+
+    >>> ewma_var_share(1)
+    1.0
+    """
+    a = ewma_alpha(window)
+    return a / (2.0 - a)
+
+
+def advance_average(
+    avg: F64, x: F64, ok: Mask, alpha: float, count: np.ndarray | None = None
+) -> None:
+    """One step of exponential averages, in place: for the streams in ``ok``, the first value
+    starts the average (NaN: none yet), later ones move it ``alpha`` of the way. ``avg`` and
+    ``x`` are [B] or [B, F] (a row of F averages that start together). ``count`` [B]: the
+    values already in each average; while they are fewer than the window the average is
+    their plain mean (step 1 / (count + 1)), so its first value does not weigh on it for long.
+
+    >>> avg = np.array([np.nan, 2.0])
+    >>> advance_average(avg, np.array([4.0, 4.0]), np.ones(2, np.bool_), 0.5)
+    >>> avg.tolist()
+    [4.0, 3.0]
+    >>> avg, ok = np.array([2.0]), np.ones(1, bool)
+    >>> advance_average(avg, np.array([5.0]), ok, 0.1, count=np.array([2]))
+    >>> avg.tolist()
+    [3.0]
+    """
+    empty = np.isnan(avg) if avg.ndim == 1 else np.isnan(avg).any(axis=-1)
+    first = ok & empty
+    avg[first] = x[first]
+    upd = ok & ~first
+    if count is None:
+        avg[upd] += alpha * (x[upd] - avg[upd])
+        return
+    step = np.maximum(alpha, 1.0 / (np.asarray(count, np.float64)[upd] + 1.0))
+    if avg.ndim > 1:
+        step = step[:, None]
+    avg[upd] += step * (x[upd] - avg[upd])
+
+
+def average_var_share(window: int, count: np.ndarray) -> F64:
+    """Variance of the average ``advance_average`` keeps, over that of one value, once it
+    holds ``count`` independent values: 1 / count while it is a plain mean, then the
+    exponential average's share.
+
+    >>> average_var_share(20, np.array([1, 4, 1000])).round(4).tolist()
+    [1.0, 0.25, 0.05]
+    """
+    out: F64 = np.maximum(
+        ewma_var_share(window), 1.0 / np.maximum(np.asarray(count, np.float64), 1.0)
+    )
+    return out
+
+
+def short_average(raw: np.ndarray, window: int) -> F64:
+    """The trailing average the scorer keeps (``advance_average`` with its count), over a
+    whole series: a plain mean of the first values, then an exponential average.
+
+    >>> short_average(np.array([1.0, 1.0, 4.0]), 1).tolist()
+    [1.0, 1.0, 4.0]
+    >>> short_average(np.array([1.0, 3.0, 5.0]), 5).tolist()
+    [1.0, 2.0, 3.0]
+    """
+    alpha = ewma_alpha(window)
+    out = np.empty(len(raw), dtype=np.float64)
+    acc = math.nan
+    for i, value in enumerate(np.asarray(raw, dtype=np.float64)):
+        acc = value if math.isnan(acc) else acc + max(alpha, 1.0 / (i + 1)) * (value - acc)
+        out[i] = acc
+    return out
+
+
+def huber_consistency(clip: float) -> float:
+    """E[min(x^2, clip^2)] for x ~ N(0, 1): where a mean square of unit Gaussian values,
+    each clipped at ``clip``, settles. Dividing by it makes the clipped estimate consistent.
+
+    >>> round(huber_consistency(1.5), 4), round(huber_consistency(40.0), 4)
+    (0.7785, 1.0)
+    """
+    inside = math.erf(clip / math.sqrt(2.0))
+    density = math.exp(-0.5 * clip * clip) / math.sqrt(2.0 * math.pi)
+    return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)

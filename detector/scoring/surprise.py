@@ -1,0 +1,197 @@
+"""Surprise: each observation against the prediction made before it arrived.
+
+``Surprise.score`` turns x_t and the model's prediction at t-1 (mean and log-variance,
+normalised units) into the raw score and each feature's part of it. It keeps no state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from detector.artifact import RAW_SCORES
+from detector.scoring.stats import (
+    F64,
+    ROBUST_CLIP,
+    ColumnSpec,
+    Mask,
+    gaussian_tail,
+    huber_consistency,
+)
+
+LOG_2PI: Final = math.log(2.0 * math.pi)
+STUDENT_T_DOF: Final = 10.0  # degrees of freedom of the raw score's error model
+
+
+def standardised_errors(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
+    """Per-feature (z - mean) / sigma: which sensor is off, and in which direction.
+
+    >>> standardised_errors(np.array([[3.0]]), np.array([[1.0]]), np.array([[0.0]])).tolist()
+    [[2.0]]
+    """
+    out: F64 = (np.asarray(z, np.float64) - mean) * np.exp(-0.5 * np.asarray(log_var, np.float64))
+    return out
+
+
+def gaussian_nll(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
+    """Negative log-likelihood of each row of ``z`` under independent Gaussians.
+
+    >>> float(gaussian_nll(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))[0]) == LOG_2PI
+    True
+    """
+    z64 = np.asarray(z, dtype=np.float64)
+    lv = np.asarray(log_var, dtype=np.float64)
+    err2 = (z64 - mean) ** 2 * np.exp(-lv)
+    out: F64 = 0.5 * np.sum(LOG_2PI + lv + err2, axis=-1)
+    return out
+
+
+def _student_t_parts(e: np.ndarray) -> F64:
+    nu = STUDENT_T_DOF
+    out: F64 = 0.5 * (nu + 1.0) * np.log1p(e * e / nu)
+    return out
+
+
+def student_t_score(z: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> F64:
+    """The raw score: sum over features of (nu + 1) / 2 * log(1 + e^2 / nu), e the
+    standardised error and nu = STUDENT_T_DOF.
+
+    It is the negative log-likelihood of the errors under a Student t of the model's
+    location and scale, less the terms that do not depend on the error. Within a few
+    standard deviations it is close to the Gaussian NLL (about e^2 / 2); far out it grows
+    like log e^2, so one wild reading moves a stream's long-run statistics of the score a
+    bounded amount instead of swamping them for thousands of steps.
+
+    >>> round(float(student_t_score(np.ones((1, 2)), np.zeros((1, 2)), np.zeros((1, 2)))[0]), 4)
+    1.0484
+    """
+    out: F64 = np.sum(_student_t_parts(standardised_errors(z, mean, log_var)), axis=-1)
+    return out
+
+
+def error_parts(std_errors: np.ndarray, raw_score: str) -> F64:
+    """Each feature's part of the surprise in the raw score, [..., F]: the Student-t terms
+    (they sum to the raw score), or e^2 / 2 for the Gaussian NLL (its terms less the constant
+    and the predicted variance's, which say nothing about the observation).
+
+    >>> error_parts(np.array([[0.0, 2.0]]), "gaussian_nll").tolist()
+    [[0.0, 2.0]]
+    """
+    e = np.asarray(std_errors, np.float64)
+    if raw_score == "student_t":
+        return _student_t_parts(e)
+    out: F64 = 0.5 * e * e
+    return out
+
+
+@dataclass
+class Surprised:
+    raw: F64  # [B] raw score; NaN where there was no prediction
+    std_errors: F64  # [B, F] standardised errors; NaN where there was no prediction
+    parts: F64  # [B, F] each feature's part of the raw score
+    ok: Mask  # [B] a finite raw score: the step counts
+
+
+class Surprise:
+    """The raw score the model's calibration describes (``raw_score``)."""
+
+    def __init__(self, raw_score: str) -> None:
+        if raw_score not in RAW_SCORES:
+            raise ValueError(f"unknown raw score {raw_score!r}")
+        self.raw_score = raw_score
+
+    def score(
+        self, z: np.ndarray, mean: np.ndarray, log_var: np.ndarray, has_pred: Mask
+    ) -> Surprised:
+        std_errors = standardised_errors(z, mean, log_var)
+        parts = error_parts(std_errors, self.raw_score)
+        if self.raw_score == "student_t":  # the sum of its parts, already in hand
+            raw = np.where(has_pred, np.sum(parts, axis=-1), np.nan)
+        else:
+            raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
+        std_errors[~has_pred] = np.nan
+        return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw))
+
+
+# A stream's error scale stays above a tenth of what the model predicts: errors far smaller
+# than the model expects would make an ordinary next one look enormous.
+ERROR_VAR_FLOOR: Final = 1e-2
+
+
+TAIL_FROM: Final = 3.0  # spreads beyond which each stream learns its own tail (peaks over
+# threshold: the exceedances' rate and mean excess, an exponential tail beyond)
+_GAUSS_RATE: Final = 0.0026997960632601866  # P(|N(0,1)| > 3): the prior of the rate
+_GAUSS_EXCESS: Final = 0.2830971  # E[|X| - 3 | |X| > 3], X ~ N(0,1): the prior mean excess
+
+
+class StepTail:
+    """How unlikely one step's error is on its own, each feature against its stream's own
+    history: a spike or a step change that the averages dilute shows here at once.
+
+    Per feature, the error over the stream's error scale, x = |e| / s, has a Gaussian body
+    and, beyond TAIL_FROM, a tail the stream learns (peaks over threshold, the extreme-value
+    way): the rate r of steps beyond it and their mean excess b, so P(x' > x) = r exp(-(x -
+    TAIL_FROM) / b). A sensor whose errors are heavy-tailed learns a long tail and does not
+    alert on its usual outliers; one with Gaussian errors keeps a short one. The stream's
+    tail is the smallest over its features, times their number.
+
+    Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate`` and
+    ``tail_excess``. The priors are a Gaussian's, counted as ``prior_steps``; every step
+    size shrinks like 1 / evidence, up to ``long_window``.
+
+    >>> part = StepTail(prior_steps=100.0, long_window=1000)
+    >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
+    >>> tail = part.score(cols, np.array([[0.5, -1.0], [0.0, 9.0]]))
+    >>> float(tail[0]) > 0.5, float(tail[1]) < 1e-10
+    (True, True)
+    """
+
+    def __init__(self, prior_steps: float, long_window: int) -> None:
+        self.prior_steps = prior_steps
+        self.long_window = long_window
+        self._consistency = huber_consistency(ROBUST_CLIP)
+
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
+        return {
+            "error_var": ((f,), np.float64, 1.0),
+            "tail_rate": ((f,), np.float64, _GAUSS_RATE),
+            "tail_excess": ((f,), np.float64, _GAUSS_EXCESS),
+        }
+
+    def _spread(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
+        out: F64 = np.abs(np.nan_to_num(std_errors, nan=0.0)) / np.sqrt(cols["error_var"])
+        return out
+
+    def score(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
+        x = self._spread(cols, std_errors)
+        body = 2.0 * gaussian_tail(np.minimum(x, TAIL_FROM))
+        beyond = cols["tail_rate"] * np.exp(-(x - TAIL_FROM) / cols["tail_excess"])
+        each = np.where(x > TAIL_FROM, np.minimum(beyond, body), body)
+        f = x.shape[-1]
+        out: F64 = np.minimum(1.0, f * np.min(each, axis=-1))
+        return out
+
+    def learn(
+        self, cols: dict[str, np.ndarray], std_errors: F64, learn: Mask, n: np.ndarray
+    ) -> None:
+        x = self._spread(cols, std_errors)[learn]
+        evidence = np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window))
+        alpha = (1.0 / evidence)[:, None]
+        rate, excess = cols["tail_rate"], cols["tail_excess"]
+        over = x > TAIL_FROM
+        # the mean excess learns from the exceedances alone, each clipped at 3 of the excess
+        # so far (an exponential passes that one time in twenty): a spike is not a habit
+        counted = evidence[:, None] * rate[learn]
+        gain = np.where(over, 1.0 / (counted + 1.0), 0.0)
+        seen = np.minimum(x - TAIL_FROM, 3.0 * excess[learn])
+        excess[learn] += gain * (seen - excess[learn])
+        rate[learn] += alpha * (over - rate[learn])
+        var = cols["error_var"]
+        e2 = np.square(std_errors[learn])
+        clipped = np.minimum(e2, ROBUST_CLIP**2 * var[learn]) / self._consistency
+        var[learn] += alpha * (clipped - var[learn])
+        np.maximum(var, ERROR_VAR_FLOOR, out=var)
