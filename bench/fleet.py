@@ -13,7 +13,8 @@ while happening, raised late and missed, and the median delay; then false alerts
 Caught: an alert raised on the stream at a step inside the anomaly, ``[start, end)``; the
 delay is that step minus ``start``. Late: no such raise, but one within GRACE_STEPS after
 the end. A raise outside every anomaly and its grace is a false alert; normal samples are
-the steps outside them, after the warm-up, over every served stream. Another script may call
+the steps outside them from each stream's first (its cold start counts), over every served
+stream. Another script may call
 ``run_fleet(seed, scoring, work)`` and print ``fleet_table(results)``.
 """
 

@@ -12,7 +12,8 @@ published figures of ``../shared/datasets/README.md``, with the wall time. Not a
 NAB: train on the probationary rows min(floor(0.15 n), 750) of ``value``, replay the whole
 file, NAB scores of ``anomaly_score`` over the corpus (one threshold per profile, NAB's
 probation). SKAB (valve1): train on the first 400 rows of the eight sensors, replay, F1 /
-FAR / MAR of ``alert`` on the rows after the first 400, pooled over the files.
+FAR / MAR of ``alert`` on the rows after the first 400, pooled over the files. Then the
+fleet bench (``bench/fleet.py``) under the same settings (``--no-fleet`` leaves it out).
 
 ``--models DIR`` replays the models an earlier ``--keep DIR`` kept instead of training them.
 ``--variants FILE`` judges scoring settings leave-one-out on those models, never training:
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-file", action="store_true", help="also a table per file")
     parser.add_argument("--keep", metavar="DIR", help="keep models and scores in DIR")
     parser.add_argument(
+        "--no-fleet", action="store_true", help="leave out the fleet bench (bench/fleet.py)"
+    )
+    parser.add_argument(
         "--models",
         metavar="DIR",
         help="reuse the models an earlier --keep DIR kept (seed-N/ per seed with --seeds > 1):"
@@ -376,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = list(first.lines)
     if len(rounds) > 1:
         lines += seed_table(rounds)
+    if not args.no_fleet:
+        base = read_toml(args.config) if args.config else {}
+        with tempfile.TemporaryDirectory(prefix="rnnsentry-fleet-") as tmp:
+            work = Path(args.keep) / "fleet" if args.keep else Path(tmp)
+            seeds = list(range(max(args.seeds, 1)))
+            lines += fleet_lines([build_settings(BASELINE, base, {})], seeds, work)
     lines += [
         "## Time",
         "",
@@ -893,6 +903,38 @@ def baseline_table(base: list[Figures], folds: list[str]) -> list[str]:
     return [*out, ""]
 
 
+def fleet_lines(settings: list[Settings], seeds: list[int], work: Path) -> list[str]:
+    """The fleet bench (bench/fleet.py) under every settings: a table per class of the share
+    caught while happening, and false alerts per 100k normal samples, mean ± sd over seeds.
+    No setting was chosen on it: for a variant, the fleet is data it was not chosen on."""
+    from fleet import ANOMALY_KINDS, _cell, _class_figures, fleet_table, run_fleet
+
+    began = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    results = {s.name: [run_fleet(seed, s.scoring, work) for seed in seeds] for s in settings}
+    out = [
+        f"## Fleet bench (bench/fleet.py): {len(seeds)} seed(s), one model per seed served to"
+        " machines it was not trained on",
+        "",
+    ]
+    if len(settings) == 1:
+        out += fleet_table(results[settings[0].name])
+    else:
+        out += [
+            "| settings | " + " | ".join(ANOMALY_KINDS) + " | false alerts / 100k |",
+            "|---" * (len(ANOMALY_KINDS) + 2) + "|",
+        ]
+        for name, rs in results.items():
+            caught = [
+                _cell([_class_figures(r, kind)[1] for r in rs], ".1f") for kind in ANOMALY_KINDS
+            ]
+            false = _cell([r.false_per_100k() for r in rs], ".2f")
+            out.append(f"| {name} | " + " | ".join(caught) + f" | {false} |")
+        out += ["", "caught while happening, % (mean ± sd over seeds)"]
+    out += ["", f"fleet bench: {time.perf_counter() - began:.0f} s", ""]
+    return out
+
+
 def run_loo(args: argparse.Namespace, jobs: list[Job], windows: Any) -> int:
     """``--variants``: re-score the models of ``--models`` and print the leave-one-out."""
     seeds = list(range(max(args.seeds, 1)))
@@ -914,6 +956,8 @@ def run_loo(args: argparse.Namespace, jobs: list[Job], windows: Any) -> int:
         return 2
     figs = {s.name: [figures(rescoring.files[s.name, seed]) for seed in seeds] for s in settings}
     lines = [check_kept_csv(rescoring, seeds[0]), "", *loo_tables(figs, variants, seeds)]
+    if not args.no_fleet:
+        lines += fleet_lines(settings, seeds, Path(args.models) / "fleet")
     per = rescoring.replay_s[BASELINE] / len(seeds)
     lines.append(
         f"**re-scored in {rescoring.wall_s:.0f} s wall** ({args.jobs} process(es)); one settings"

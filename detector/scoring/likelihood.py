@@ -2,9 +2,8 @@
 
 Per stream, an exponential average of the raw score over ``window`` steps, and the
 long-run mean and variance of that average (HTM's anomaly likelihood). The model's
-calibration is the prior, counted as the evidence it rests on (``prior_steps``, the
-held-out steps it was measured on): each stream moves from the calibration to its own
-level as its own evidence grows, whether the model is its own or a fleet's.
+calibration is the prior, counted as ``prior_steps`` of the stream's own: the stream moves
+from the calibration to its own statistics as its evidence grows.
 
 ``score`` advances the average and returns its tail against the statistics *before* this
 step; ``learn`` moves the statistics, so the caller decides which steps teach them.
@@ -44,12 +43,8 @@ def prior_variance(calibration: Calibration, window: int) -> float:
 class Likelihood:
     """Columns: the average and its long-run mean and variance, named by ``names``.
 
-    Two priors from the calibration: its spread, counted as ``prior_steps`` (by default the
-    held-out steps it was measured on), and its level, counted as ``mean_prior_steps`` (by
-    default one independent average's worth, ``1 / ewma_var_share(window)`` steps). A
-    stream's level is its own, and a model shared by a fleet sees streams at many levels;
-    how far a stream's score moves about its level is what the model knows best. While the
-    level rests on little evidence its uncertainty widens the tail.
+    The model's calibration is their prior, counted as ``prior_steps`` of the stream's own;
+    each step moves them by 1 / evidence, up to ``long_window``.
     """
 
     def __init__(
@@ -58,18 +53,16 @@ class Likelihood:
         window: int,
         calibration: Calibration,
         long_window: int,
-        prior_steps: float | None = None,
-        mean_prior_steps: float | None = None,
+        prior_steps: float,
     ) -> None:
         self.names = names
         self.window = window
         self.long_window = long_window
         self.prior_mean = float(calibration.window_mean)
         self.prior_var = prior_variance(calibration, window)
+        self.prior_steps = prior_steps
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
-        self.prior_steps = float(calibration.n if prior_steps is None else prior_steps)
-        self.mean_prior_steps = 1.0 / self._share if mean_prior_steps is None else mean_prior_steps
 
     def columns(self, f: int) -> dict[str, ColumnSpec]:
         return {name: ((), np.float64, math.nan) for name in self.names}
@@ -78,13 +71,8 @@ class Likelihood:
     def gap_reset(self) -> tuple[str, ...]:
         return (self.names[0],)  # the average; the long-run statistics outlive a gap
 
-    def _evidence(self, prior: float, n: np.ndarray) -> F64:
-        """Steps behind a statistic: the prior's, then the stream's own, up to the memory."""
-        out: F64 = np.minimum(prior + np.asarray(n, np.float64), float(self.long_window))
-        return out
-
     def score(
-        self, cols: dict[str, np.ndarray], raw: F64, ok: Mask, n: np.ndarray, count: np.ndarray
+        self, cols: dict[str, np.ndarray], raw: F64, ok: Mask, count: np.ndarray
     ) -> tuple[F64, F64]:
         """The tail of this step's average, and its deviation from the long-run mean.
         ``count`` [B]: the values already in each average (the steps since it started); an
@@ -96,15 +84,13 @@ class Likelihood:
         lv[fresh] = self.prior_var
         delta: F64 = avg - lm
         young = average_var_share(self.window, count + 1) / self._share
-        # the level's own uncertainty: lv over the independent averages behind it
-        level = 1.0 / (self._share * np.maximum(self._evidence(self.mean_prior_steps, n), 1.0))
-        return gaussian_tail(delta / np.sqrt(np.maximum(lv * (young + level), 1e-12))), delta
+        return gaussian_tail(delta / np.sqrt(np.maximum(lv * young, 1e-12))), delta
 
     def learn(self, cols: dict[str, np.ndarray], learn: Mask, delta: F64, n: np.ndarray) -> None:
-        """Move the long-run mean and variance towards this step's average: each step size
-        shrinks like 1 / evidence, so the priors fade as the stream's own steps add up."""
+        """Move the long-run mean and variance towards this step's average: the step size
+        shrinks like 1 / evidence, so the prior fades as the stream's own steps add up."""
         _, lm, lv = (cols[name] for name in self.names)
+        alpha = 1.0 / np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window))
         d = delta[learn]
-        lm[learn] += d / (self._evidence(self.mean_prior_steps, n[learn]) + 1.0)
-        alpha = 1.0 / (self._evidence(self.prior_steps, n[learn]) + 1.0)
+        lm[learn] += alpha * d
         lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)

@@ -2,10 +2,10 @@
 
 Per step of B streams: input scaling (what the model is fed), surprise (the raw score
 under the prediction made before), two likelihoods of it (a short average for
-``anomaly_score``, a longer one for alerts), the stuck-sensor check, the range check,
-onset marking, and the alert state machine. The alert's likelihood is that of the most
-surprising of its signals (``combine_tails``). One set of defaults serves a model per
-stream and a model shared by a fleet.
+``anomaly_score``, a longer one for alerts), the per-step and stuck-sensor checks, the
+range check, onset marking, and the alert state machine. The alert's likelihood is that of
+the most surprising of its signals (``combine_tails``). One set of defaults serves a model
+per stream and a model shared by a fleet.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from detector.scoring.alerts import Alerts
 from detector.scoring.inputs import InputScale
 from detector.scoring.likelihood import Likelihood
 from detector.scoring.onsets import Onsets
-from detector.scoring.sensors import Level, Range, Stuck
+from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
 from detector.scoring.surprise import StepTail, Surprise
 
@@ -37,15 +37,9 @@ class ScoringConfig:
     # an alert is for a condition that lasts, the score marks where one starts
     long_window: int = 8000  # steps of memory of each stream's long-run statistics
     prior_weight: float = 8000.0  # steps of a stream's own that the model's calibration
-    # counts as (negative: the held-out steps it was measured on)
-    mean_prior_weight: float = -3.0  # measured: steps the calibration's level counts as
-    # (-3: as prior_weight; -2: as the calibration's held-out steps; -1: one average's worth)
-    step_check: bool = True  # alerts also watch each step's own error (spikes, jumps)
-    step_in_score: bool = False  # ... and so does anomaly_score
-    stuck_check: bool = True  # alerts also watch for a sensor repeating itself
-    level_check: bool = False  # alerts also watch each sensor's level against its history
-    level_in_score: bool = False  # ... and so does anomaly_score
-    stuck_in_score: bool = False  # ... and so does anomaly_score
+    # counts as: a stream trusts the model's calibration as much as a full memory of itself
+    step_check: bool = True  # alerts also watch each sample's own error (spikes, jumps)
+    stuck_check: bool = True  # alerts also watch for a sensor repeating its last reading
     threshold: float = 0.99999999  # likelihood at which an alert is raised (a tail of 1e-8)
     clear_threshold: float = 0.99  # likelihood below which an active alert may clear
     clear_steps: int = 20  # consecutive steps below clear_threshold to clear: an anomaly
@@ -71,9 +65,8 @@ class ScoringConfig:
                      "onset_hold_steps", "alert_window", "input_scale_window"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        for name in ("prior_weight", "mean_prior_weight"):
-            if not math.isfinite(getattr(self, name)):
-                problems.append(f"{name} must be a finite number")
+        if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
+            problems.append("prior_weight must be a finite number, at least 0")
         return problems
 
 
@@ -91,7 +84,7 @@ class StepScores:
     score: F64  # anomaly_score: log_score of the short average's tail, onsets marked
     std_errors: F64  # [B, F] standardised errors (NaN where no prediction)
     contributions: F64  # [B, F] each feature's part of the most surprising signal: the alert's
-    # average (NaN: none yet), this step's errors, a stuck run, a level's drift
+    # average (NaN: none yet), this step's errors, a stuck run
     raised: npt.NDArray[np.bool_]
     cleared: npt.NDArray[np.bool_]
     updated: npt.NDArray[np.bool_]  # periodic "still active" events (update_every_steps)
@@ -109,28 +102,21 @@ class Scorer:
     def __init__(self, config: ScoringConfig, calibration: Calibration) -> None:
         self.config = config
         cfg = config
-        prior = None if cfg.prior_weight < 0 else cfg.prior_weight
-        mean_prior = None if cfg.mean_prior_weight < 0 else cfg.mean_prior_weight
-        if cfg.mean_prior_weight == -2.0:
-            mean_prior = float(calibration.n)
-        if cfg.mean_prior_weight == -3.0:
-            mean_prior = float(calibration.n) if prior is None else prior
         self.inputs = InputScale(cfg.input_scale_window)
         self.surprise = Surprise(calibration.raw_score)
         self.raw_score = calibration.raw_score
         self.short = Likelihood(SHORT_STATS, cfg.short_window, calibration, cfg.long_window,
-                                prior, mean_prior)  # fmt: skip
+                                cfg.prior_weight)  # fmt: skip
         self.alert = (
             Likelihood(
-                ALERT_STATS, cfg.alert_window, calibration, cfg.long_window, prior, mean_prior
+                ALERT_STATS, cfg.alert_window, calibration, cfg.long_window, cfg.prior_weight
             )  # fmt: skip
             if cfg.alert_window
             else None
         )
-        self.step = StepTail(self.short.prior_steps, cfg.long_window)
+        self.step = StepTail(float(calibration.n), cfg.long_window)  # the held-out steps that
+        # showed the model's predicted variance
         self.stuck = Stuck(cfg.long_window)
-        self.level = Level(cfg.alert_window or cfg.short_window, self.short.prior_steps,
-                           cfg.long_window)  # fmt: skip
         self.range = Range(cfg.spatial_tolerance)
         self.onsets = Onsets(cfg.onset_hold_steps)
         self.alerts = Alerts(cfg.threshold, cfg.clear_threshold, cfg.clear_steps,
@@ -147,7 +133,6 @@ class Scorer:
         for names in (SHORT_STATS, ALERT_STATS):
             specs.update({name: ((), np.float64, math.nan) for name in names})
         specs.update(StepTail.columns(f))
-        specs.update(Level.columns(f))
         for part in (InputScale(0), Stuck(1), Range(0.0), Onsets(0),
                      Alerts(0.5, 0.5, 1, 0, 0, 1)):  # fmt: skip
             specs.update(part.columns(f))
@@ -158,7 +143,7 @@ class Scorer:
         """Columns a time gap resets: the averages and the warm-up, not the long-run
         statistics or the alert's episode."""
         names = ["warm", SHORT_STATS[0], ALERT_STATS[0]]
-        return [*names, *Stuck.gap_reset, *Level.gap_reset, *Alerts.gap_reset]
+        return [*names, *Stuck.gap_reset, *Alerts.gap_reset]
 
     def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
         """What the model is fed, in its normalised units: ``z`` (the values normalised by
@@ -183,14 +168,12 @@ class Scorer:
         ok, n, warm = s.ok, cols["n_scored"], cols["warm"]
         count = warm.copy()  # the values already in each stream's averages
 
-        short_tail, short_delta = self.short.score(cols, s.raw, ok, n, count)
+        short_tail, short_delta = self.short.score(cols, s.raw, ok, count)
         alert_tail, alert_delta = short_tail, short_delta
         if self.alert is not None:
-            alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, n, count)
+            alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, count)
         stuck_tail = self.stuck.step(cols, seen, ok) if cfg.stuck_check else None
         step_tail = self.step.score(cols, s.std_errors) if cfg.step_check else None
-        level_tail, level_delta = (self.level.score(cols, seen, ok, count) if cfg.level_check
-                                   else (None, None))  # fmt: skip
 
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
         # stream's first steps carry the network's cold start, not the stream's habits.
@@ -200,27 +183,19 @@ class Scorer:
             self.alert.learn(cols, learn, alert_delta, n)
         if step_tail is not None:
             self.step.learn(cols, s.std_errors, learn, n)
-        if level_delta is not None:
-            self.level.learn(cols, learn, level_delta, n)
         self.inputs.learn(cols, seen)
         n[ok] += 1
         warm[ok] += 1
         eligible = ok & (warm > cfg.warmup_steps)
 
-        alert_tails, score_tails = [alert_tail], [short_tail]
-        for tail, in_score in ((step_tail, cfg.step_in_score), (stuck_tail, cfg.stuck_in_score),
-                               (level_tail, cfg.level_in_score)):  # fmt: skip
-            if tail is not None:
-                alert_tails.append(tail)
-                if in_score:
-                    score_tails.append(tail)
-        # A step's own error raises an alert but cannot hold one: what clears an alert is the
-        # lasting signals (the average, the level, a stuck run) coming back to normal.
-        lasting = [t for t in alert_tails if t is not step_tail]
-        calm_tail = combine_tails(*lasting) if len(lasting) < len(alert_tails) else None
-        alert_tail, short_tail = combine_tails(*alert_tails), combine_tails(*score_tails)
+        # Alerts watch the most surprising of their signals. A sample's error or a stuck run
+        # raises an alert; what holds and clears it is the average: a sensor that stays flat
+        # after an incident, as a closed valve's flow does, does not keep its alert on.
+        average_tail = alert_tail
+        alert_tails = [t for t in (alert_tail, step_tail, stuck_tail) if t is not None]
+        alert_tail = combine_tails(*alert_tails)
         likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
-        calm = likelihood if calm_tail is None else np.where(eligible, 1.0 - calm_tail, 0.0)
+        calm = np.where(eligible, 1.0 - combine_tails(average_tail), 0.0)
         beyond = self.range.step(cols, seen, eligible)
         shown = self.onsets.step(cols, short_tail, beyond, ok)
         score = np.where(eligible, log_score(shown), 0.0)
@@ -231,9 +206,7 @@ class Scorer:
         own = [(step_tail, s.parts)]
         if stuck_tail is not None:
             own.append((stuck_tail, -cols["repeat_logp"]))
-        if level_tail is not None and level_delta is not None:
-            own.append((level_tail, np.abs(np.nan_to_num(level_delta))))
-        lowest = alert_tails[0]
+        lowest = average_tail
         for tail, blame in own:
             if tail is not None:
                 mine = tail < lowest

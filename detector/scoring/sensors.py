@@ -1,5 +1,4 @@
-"""What a one-step predictor cannot see: a stuck sensor, a drifting level, a value beyond
-all seen.
+"""What a one-step predictor cannot see: a stuck sensor, and a value beyond all seen.
 
 A stuck sensor repeats its last reading, and a model that predicts the next step from
 the last one finds nothing wrong with that. ``Stuck`` learns how often each sensor of a
@@ -18,15 +17,8 @@ import numpy as np
 
 from detector.scoring.stats import (
     F64,
-    ROBUST_CLIP,
     ColumnSpec,
     Mask,
-    advance_average,
-    average_var_share,
-    ewma_alpha,
-    ewma_var_share,
-    gaussian_tail,
-    huber_consistency,
 )
 
 
@@ -69,24 +61,31 @@ class Stuck:
         x = np.asarray(z, np.float64)
         last, run, logp = cols["last_value"], cols["repeat_run"], cols["repeat_logp"]
         repeats, compared = cols["repeats"], cols["compared"]
-        same = ok[:, None] & (x == last)  # NaN (no last value yet) is never the same
-        # Score: the counts from before the current run are the Beta posterior's; a repeat
-        # extends the run by one more chance (a + r) / (a + b + r).
-        a = repeats + 1.0
-        b = np.maximum(compared[:, None] - repeats - run, 0.0) + 1.0
-        logp += np.where(same, np.log((a + run) / (a + b + run)), 0.0)
-        moved = ok[:, None] & ~same
-        ended = moved & (run > 0)
-        repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
-        logp[moved] = 0.0
-        run[moved] = 0.0
+        seen = ok & ~np.isnan(last[:, 0])  # a row's values are set together
+        same = seen[:, None] & (x == last)
+        in_run = run > 0
+        if same.any():
+            # Score: the counts from before the current run are the Beta posterior's; a
+            # repeat extends the run by one more chance (a + r) / (a + b + r).
+            at = np.nonzero(same)
+            a = repeats[at] + 1.0
+            b = np.maximum(compared[at[0]] - repeats[at] - run[at], 0.0) + 1.0
+            logp[at] += np.log((a + run[at]) / (a + b + run[at]))
+        if in_run.any():
+            ended = in_run & ok[:, None] & ~same
+            repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
+            logp[ended] = 0.0
+            run[ended] = 0.0
         run[same] += 1.0
         # The counts fade over long_window steps, so a sensor's habits may change.
-        seen = ok & ~np.isnan(last).any(axis=-1)
-        keep = np.where(compared >= self.long_window, 1.0 - 1.0 / self.long_window, 1.0)
-        repeats[seen] *= keep[seen, None]
-        compared[seen] = compared[seen] * keep[seen] + 1.0
-        last[ok] = x[ok]
+        full = seen & (compared >= self.long_window)
+        if full.any():
+            repeats[full] *= 1.0 - 1.0 / self.long_window
+        compared[seen] = np.minimum(compared[seen] + 1.0, float(self.long_window))
+        if ok.all():
+            last[...] = x
+        else:
+            last[ok] = x[ok]
         f = x.shape[-1]
         out: F64 = np.minimum(1.0, f * np.exp(np.min(logp, axis=-1)))
         return out
@@ -119,59 +118,3 @@ class Range:
         np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
         out: Mask = eligible & beyond.any(axis=-1)
         return out
-
-
-class Level:
-    """Columns per feature: an exponential average of the values over ``window`` steps, and
-    the long-run mean and variance of that average. A drift or a lasting shift moves a
-    sensor's level into the tail of its own history even when every step looks like the
-    last one, which is all a one-step predictor checks.
-
-    The prior is what the training data was in training units (mean 0, variance 1: the
-    widest an average of a smooth signal spreads), counted as ``prior_steps``; the step size
-    shrinks like 1 / evidence, up to ``long_window``. The stream's tail is the smallest
-    two-sided Gaussian tail over its features, times their number.
-    """
-
-    def __init__(self, window: int, prior_steps: float, long_window: int) -> None:
-        self.prior_steps = prior_steps
-        self.long_window = long_window
-        self.window = window
-        self._alpha = ewma_alpha(window)
-        self._consistency = huber_consistency(ROBUST_CLIP)
-
-    @staticmethod
-    def columns(f: int) -> dict[str, ColumnSpec]:
-        return {name: ((f,), np.float64, math.nan)
-                for name in ("level_avg", "level_mean", "level_var")}  # fmt: skip
-
-    gap_reset = ("level_avg",)
-
-    def score(
-        self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask, count: np.ndarray
-    ) -> tuple[F64, F64]:
-        """The tail of this step's level, and each feature's deviation from its mean;
-        ``count``: the values already in the average, as for ``Likelihood.score``."""
-        avg, mean, var = cols["level_avg"], cols["level_mean"], cols["level_var"]
-        advance_average(avg, np.asarray(z, np.float64), ok, self._alpha, count)
-        fresh = ok[:, None] & np.isnan(mean)
-        mean[fresh] = 0.0
-        var[fresh] = 1.0
-        delta: F64 = avg - mean
-        young = (average_var_share(self.window, count + 1) / ewma_var_share(self.window))[:, None]
-        e = np.abs(np.nan_to_num(delta, nan=0.0)) / np.sqrt(np.maximum(var * young, 1e-12))
-        f = delta.shape[-1]
-        out: F64 = np.minimum(1.0, 2.0 * f * gaussian_tail(np.max(e, axis=-1)))
-        return out, delta
-
-    def learn(self, cols: dict[str, np.ndarray], learn: Mask, delta: F64, n: np.ndarray) -> None:
-        mean, var = cols["level_mean"], cols["level_var"]
-        alpha = (1.0 / np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window)))[
-            :, None
-        ]
-        # Huber: a drift moves what is normal as one at most ROBUST_CLIP spreads away would,
-        # so the level's own history does not absorb the drift it should show.
-        bound = ROBUST_CLIP * np.sqrt(var[learn])
-        d = np.clip(delta[learn], -bound, bound)
-        mean[learn] += alpha * d
-        var[learn] = (1.0 - alpha) * (var[learn] + alpha * d * d / self._consistency)

@@ -104,17 +104,26 @@ def advance_average(
     >>> avg.tolist()
     [3.0]
     """
-    empty = np.isnan(avg) if avg.ndim == 1 else np.isnan(avg).any(axis=-1)
+    empty = np.isnan(avg if avg.ndim == 1 else avg[:, 0])  # a row's averages start together
     first = ok & empty
-    avg[first] = x[first]
-    upd = ok & ~first
+    if first.any():
+        avg[first] = x[first]
+        upd = ok & ~first
+    else:
+        upd = ok
+    every = bool(upd.all())  # the usual step: every stream moves, no copies
     if count is None:
-        avg[upd] += alpha * (x[upd] - avg[upd])
-        return
-    step = np.maximum(alpha, 1.0 / (np.asarray(count, np.float64)[upd] + 1.0))
-    if avg.ndim > 1:
-        step = step[:, None]
-    avg[upd] += step * (x[upd] - avg[upd])
+        step: float | F64 = alpha
+    else:
+        step = np.maximum(alpha, 1.0 / (np.asarray(count, np.float64) + 1.0))
+        if not every:
+            step = step[upd]
+        if avg.ndim > 1:
+            step = step[:, None]
+    if every:
+        avg += step * (x - avg)
+    else:
+        avg[upd] += step * (x[upd] - avg[upd])
 
 
 def average_var_share(window: int, count: np.ndarray) -> F64:

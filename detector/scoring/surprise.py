@@ -125,6 +125,9 @@ TAIL_FROM: Final = 3.0  # spreads beyond which each stream learns its own tail (
 # threshold: the exceedances' rate and mean excess, an exponential tail beyond)
 _GAUSS_RATE: Final = 0.0026997960632601866  # P(|N(0,1)| > 3): the prior of the rate
 _GAUSS_EXCESS: Final = 0.2830971  # E[|X| - 3 | |X| > 3], X ~ N(0,1): the prior mean excess
+# The Gaussian tail is an assumption, not evidence: it counts as the steps in which one
+# exceedance is expected, so a stream's first exceedances already speak for its own tail.
+TAIL_PRIOR_STEPS: Final = 1.0 / _GAUSS_RATE
 
 
 class StepTail:
@@ -139,8 +142,9 @@ class StepTail:
     tail is the smallest over its features, times their number.
 
     Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate`` and
-    ``tail_excess``. The priors are a Gaussian's, counted as ``prior_steps``; every step
-    size shrinks like 1 / evidence, up to ``long_window``.
+    ``tail_excess``. The scale's prior is the model's own variance, counted as
+    ``prior_steps``; the tail's is a Gaussian's, counted as TAIL_PRIOR_STEPS (one
+    exceedance's worth). Every step size shrinks like 1 / evidence, up to ``long_window``.
 
     >>> part = StepTail(prior_steps=100.0, long_window=1000)
     >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
@@ -163,35 +167,55 @@ class StepTail:
         }
 
     def _spread(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
-        out: F64 = np.abs(np.nan_to_num(std_errors, nan=0.0)) / np.sqrt(cols["error_var"])
+        # fmax: a NaN error (no prediction) counts as none
+        out: F64 = np.fmax(np.abs(std_errors) / np.sqrt(cols["error_var"]), 0.0)
         return out
 
     def score(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
         x = self._spread(cols, std_errors)
-        body = 2.0 * gaussian_tail(np.minimum(x, TAIL_FROM))
-        beyond = cols["tail_rate"] * np.exp(-(x - TAIL_FROM) / cols["tail_excess"])
-        each = np.where(x > TAIL_FROM, np.minimum(beyond, body), body)
         f = x.shape[-1]
-        out: F64 = np.minimum(1.0, f * np.min(each, axis=-1))
+        # The Gaussian body: the largest error's, no lower than at TAIL_FROM ...
+        out: F64 = 2.0 * f * gaussian_tail(np.minimum(np.max(x, axis=-1), TAIL_FROM))
+        beyond = x > TAIL_FROM
+        if beyond.any():  # ... and beyond it, each feature's own learnt tail
+            at = np.nonzero(beyond)
+            rate, excess = cols["tail_rate"][at], cols["tail_excess"][at]
+            tail = f * rate * np.exp(-(x[at] - TAIL_FROM) / excess)
+            np.minimum.at(out, at[0], tail)
+        np.minimum(out, 1.0, out=out)
         return out
 
     def learn(
         self, cols: dict[str, np.ndarray], std_errors: F64, learn: Mask, n: np.ndarray
     ) -> None:
-        x = self._spread(cols, std_errors)[learn]
-        evidence = np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window))
+        every = bool(learn.all())  # the usual step: views of whole columns, no copies
+        rows = slice(None) if every else learn
+        e = std_errors[rows].copy()
+        e[np.isnan(e)] = 0.0  # no prediction: no error
+        var, rate, excess = (cols[k] if every else cols[k][rows]
+                             for k in ("error_var", "tail_rate", "tail_excess"))  # fmt: skip
+        x = np.abs(e) / np.sqrt(var)
+        memory = float(self.long_window)
+        evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
         alpha = (1.0 / evidence)[:, None]
-        rate, excess = cols["tail_rate"], cols["tail_excess"]
-        over = x > TAIL_FROM
-        # the mean excess learns from the exceedances alone, each clipped at 3 of the excess
-        # so far (an exponential passes that one time in twenty): a spike is not a habit
-        counted = evidence[:, None] * rate[learn]
-        gain = np.where(over, 1.0 / (counted + 1.0), 0.0)
-        seen = np.minimum(x - TAIL_FROM, 3.0 * excess[learn])
-        excess[learn] += gain * (seen - excess[learn])
-        rate[learn] += alpha * (over - rate[learn])
-        var = cols["error_var"]
-        e2 = np.square(std_errors[learn])
-        clipped = np.minimum(e2, ROBUST_CLIP**2 * var[learn]) / self._consistency
-        var[learn] += alpha * (clipped - var[learn])
+        scale_alpha = (1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, memory))[:, None]
+        over = np.nonzero(x > TAIL_FROM)
+        if len(over[0]):
+            # the mean excess learns from the exceedances alone, each clipped at 3 of the
+            # excess so far (an exponential passes that one time in twenty): a spike is
+            # not a habit
+            counted = evidence[over[0]] * rate[over]
+            seen = np.minimum(x[over] - TAIL_FROM, 3.0 * excess[over])
+            excess[over] += (seen - excess[over]) / (counted + 1.0)
+        rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
+        rate[over] += alpha[over[0], 0]
+        np.multiply(e, e, out=e)  # the error scale: a Huber-clipped mean square
+        np.minimum(e, ROBUST_CLIP**2 * var, out=e)
+        e *= 1.0 / self._consistency
+        e -= var
+        e *= scale_alpha
+        var += e
         np.maximum(var, ERROR_VAR_FLOOR, out=var)
+        if not every:
+            for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess", excess)):
+                cols[k][rows] = v

@@ -91,12 +91,7 @@ configs = st.builds(
     min_interval_steps=st.integers(0, 6),
     onset_hold_steps=st.integers(0, 3),
     stuck_check=st.booleans(),
-    stuck_in_score=st.booleans(),
     step_check=st.booleans(),
-    step_in_score=st.booleans(),
-    level_check=st.booleans(),
-    level_in_score=st.booleans(),
-    mean_prior_weight=st.sampled_from([-1.0, 0.0, 5.0]),
 )
 CALIBRATION = Calibration(
     n=1000, mean=2.0, std=1.0, quantiles={}, window=10, window_mean=2.0, window_std=0.5,

@@ -316,3 +316,14 @@ def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
 def test_config_objects_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().batch.max = 1  # type: ignore[misc]
+
+
+def test_the_example_config_documents_every_scoring_default() -> None:
+    """deploy/rnnsentry.toml lists every [scoring] key at its default, so the file a user
+    copies says what the daemon does without it."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    doc = tomllib.loads((Path(__file__).parents[2] / "deploy" / "rnnsentry.toml").read_text())
+    assert doc["scoring"] == dataclasses.asdict(ScoringConfig())

@@ -286,9 +286,8 @@ class OneStream:
         # Per-step likelihoods: the alert rule watches the one-step short average.
         base: dict[str, float] = {"short_window": 1, "alert_window": 0, "threshold": 0.9999,
                                   "prior_weight": 1e12, "long_window": 10**15,
-                                  "mean_prior_weight": 1e12, "stuck_check": False,
-                                  "step_check": False,
-                                  "level_check": False}  # fmt: skip
+                                  "stuck_check": False,
+                                  "step_check": False}  # fmt: skip
         cfg = ScoringConfig(**(base | config))  # type: ignore[arg-type]
         self.scorer = Scorer(cfg, calibration(HALF_LOG_2PI, 1.0, window=cfg.short_window))
         self.cols = fresh_columns(1)
@@ -552,8 +551,8 @@ def test_the_alert_watches_its_own_longer_average_and_the_score_the_short_one() 
     lasting shift alerts."""
     cal = calibration(HALF_LOG_2PI, 1.0, window=1)
     cfg = ScoringConfig(warmup_steps=0, short_window=1, alert_window=50, prior_weight=1e12,
-                        mean_prior_weight=1e12, long_window=10**15, step_check=False,
-                        level_check=False, stuck_check=False)  # fmt: skip
+                        long_window=10**15, step_check=False,
+                        stuck_check=False)  # fmt: skip
     s = Scorer(cfg, cal)
     # The alert average's prior spread follows its window: var * share(50) / share(1).
     assert s.alert is not None

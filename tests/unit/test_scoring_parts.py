@@ -15,7 +15,7 @@ import pytest
 from detector.artifact import Calibration
 from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_columns
 from detector.scoring.likelihood import Likelihood
-from detector.scoring.sensors import Level, Stuck
+from detector.scoring.sensors import Stuck
 from detector.scoring.surprise import StepTail, student_t_score
 
 PHI = 0.9
@@ -106,15 +106,15 @@ def test_the_likelihood_prior_fades_as_the_streams_evidence_grows() -> None:
     """A stream whose average sits at another level than the calibration's: its long-run
     mean moves to its own level at a rate set by the calibration's own evidence."""
     cal = calibration_of()
-    light = Likelihood(("a", "m", "v"), 20, cal, 8000, float(cal.n), float(cal.n))
-    heavy = Likelihood(("a", "m", "v"), 20, cal, 8000, 8000.0, 8000.0)
+    light = Likelihood(("a", "m", "v"), 20, cal, 8000, float(cal.n))
+    heavy = Likelihood(("a", "m", "v"), 20, cal, 8000, 8000.0)
     means = []
     for part in (light, heavy):
         cols = {k: np.full(1, np.nan) for k in ("a", "m", "v")}
         n = np.zeros(1, np.int64)
         ok = np.ones(1, bool)
         for _ in range(cal.n):
-            _, delta = part.score(cols, np.array([cal.window_mean + 1.0]), ok, n, n)
+            _, delta = part.score(cols, np.array([cal.window_mean + 1.0]), ok, n)
             part.learn(cols, ok, delta, n)
             n += 1
         means.append(float(cols["m"][0]) - cal.window_mean)
@@ -151,20 +151,6 @@ def test_stuck_needs_a_longer_run_on_a_sensor_that_often_repeats() -> None:
     while float(part.step(cols, np.array([[value]]), ok)[0]) > 1e-8:
         pass
     assert cols["repeat_run"][0, 0] > 20
-
-
-def test_the_level_tail_is_two_sided_and_per_feature() -> None:
-    part = Level(window=1, prior_steps=100.0, long_window=1000)
-    cols = {
-        k: np.full((1, *shape), fill, dtype) for k, (shape, dtype, fill) in part.columns(2).items()
-    }
-    ok = np.ones(1, bool)
-    up, _ = part.score(cols, np.array([[7.0, 0.0]]), ok, np.array([1000]))
-    cols = {
-        k: np.full((1, *shape), fill, dtype) for k, (shape, dtype, fill) in part.columns(2).items()
-    }
-    down, _ = part.score(cols, np.array([[0.0, -7.0]]), ok, np.array([1000]))
-    assert up[0] == pytest.approx(down[0]) and up[0] < 1e-10
 
 
 def test_an_alert_names_the_sensor_of_the_signal_that_raised_it() -> None:
