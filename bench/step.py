@@ -141,6 +141,8 @@ def module_of(filename: str) -> str:
         return "metrics"
     if "/onnxruntime/" in filename:
         return "onnxruntime"
+    if "/detector/scoring/" in filename:  # the scorer's parts count as one module
+        return "detector/scoring"
     if "/detector/" in filename:
         return "detector/" + filename.rsplit("/", 1)[1]
     return filename.rsplit("/", 1)[-1]
@@ -225,7 +227,7 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
         "detector/payload.py": "parse (json + validation)",
         "detector/engine.py": "engine (rounds, masks, results; excluding the rows below)",
         "detector/state.py": "state table (rows, gather, scatter)",
-        "detector/scoring.py": "scoring (NLL, likelihood, alert state machine)",
+        "detector/scoring": "scoring (surprise, likelihoods, step and stuck checks, alerts)",
         "detector/model.py": "model.step (feeds; includes onnxruntime)",
         "onnxruntime": "onnxruntime session.run",
         "metrics": "metrics (prometheus_client)",
@@ -237,7 +239,7 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
     # Entered-from-outside times nest (engine includes state, scoring, model, onnxruntime):
     # report each level's exclusive part.
     nested = {
-        "detector/engine.py": ["detector/state.py", "detector/scoring.py", "detector/model.py"],
+        "detector/engine.py": ["detector/state.py", "detector/scoring", "detector/model.py"],
         "detector/model.py": ["onnxruntime"],
     }
     exclusive = dict(ours)

@@ -46,12 +46,13 @@ class Stuck:
         self.long_window = long_window
 
     def columns(self, f: int) -> dict[str, ColumnSpec]:
+        # float32 where counts and log chances need no more; the last value stays exact
         return {
             "last_value": ((f,), np.float64, math.nan),
-            "repeat_run": ((f,), np.float64, 0.0),
-            "repeat_logp": ((f,), np.float64, 0.0),
-            "repeats": ((f,), np.float64, 0.0),
-            "compared": ((), np.float64, 0.0),
+            "repeat_run": ((f,), np.float32, 0.0),
+            "repeat_logp": ((f,), np.float32, 0.0),
+            "repeats": ((f,), np.float32, 0.0),
+            "compared": ((), np.float32, 0.0),
         }
 
     gap_reset = ("last_value", "repeat_run", "repeat_logp")

@@ -161,9 +161,9 @@ class StepTail:
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
         return {
-            "error_var": ((f,), np.float64, 1.0),
-            "tail_rate": ((f,), np.float64, _GAUSS_RATE),
-            "tail_excess": ((f,), np.float64, _GAUSS_EXCESS),
+            "error_var": ((f,), np.float32, 1.0),
+            "tail_rate": ((f,), np.float32, _GAUSS_RATE),
+            "tail_excess": ((f,), np.float32, _GAUSS_EXCESS),
         }
 
     def _spread(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
