@@ -2,9 +2,9 @@
 
 A stream past its warm-up raises when its likelihood reaches ``threshold`` (and the last
 raise is ``min_interval_steps`` behind), holds while the anomaly lasts, and clears after
-``clear_steps`` steps in a row below ``clear_threshold``. Raised and cleared alternate,
-and each raise starts a new episode number. Each feature's part of the raw score is
-averaged like the alert's score, so an alert names the sensors that raised it.
+``clear_steps`` steps in a row with a calm likelihood (the scorer's: its average's) below
+``clear_threshold``. Raised and cleared alternate, and each raise starts a new episode
+number. Each feature's part of the raw score is averaged like the alert's average.
 """
 
 from __future__ import annotations
