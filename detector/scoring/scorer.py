@@ -172,7 +172,11 @@ class Scorer:
         alert_tail, alert_delta = short_tail, short_delta
         if self.alert is not None:
             alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, count)
-        stuck_tail = self.stuck.step(cols, seen, ok) if cfg.stuck_check else None
+        stuck_tail = None
+        if cfg.stuck_check:
+            f = seen.shape[-1]
+            before = np.minimum(1.0, f * np.exp(np.min(cols["repeat_logp"], axis=-1)))
+            stuck_tail = self.stuck.step(cols, seen, ok)
         step_tail = self.step.score(cols, s.std_errors) if cfg.step_check else None
 
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
@@ -192,6 +196,12 @@ class Scorer:
         # raises an alert; what holds and clears it is the average: a sensor that stays flat
         # after an incident, as a closed valve's flow does, does not keep its alert on.
         average_tail = alert_tail
+        signals = 1 + (step_tail is not None) + (stuck_tail is not None)
+        if stuck_tail is not None:
+            # A stuck run raises once, as it becomes too long to be chance; a run that goes
+            # on after its alert has cleared does not raise again.
+            level = (1.0 - cfg.threshold) / signals
+            stuck_tail = np.where(before > level, stuck_tail, np.maximum(stuck_tail, level * 2))
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail) if t is not None]
         alert_tail = combine_tails(*alert_tails)
         likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
