@@ -48,7 +48,8 @@ class Alerts:
         self.update_every_steps = update_every_steps
         self._alpha_parts = ewma_alpha(parts_window)
 
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
         return {
             "active": ((), np.bool_, 0),
             "below": ((), np.int32, 0),

@@ -44,7 +44,8 @@ class InputScale:
         self.window = window
         self._alpha = ewma_alpha(window) if window else math.nan
 
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
         return {"input_var": ((f,), np.float64, 1.0)}
 
     def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:

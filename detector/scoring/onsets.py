@@ -25,7 +25,8 @@ class Onsets:
     def __init__(self, hold_steps: int) -> None:
         self.hold_steps = hold_steps
 
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
         return {"prev_tail": ((), np.float64, 1.0), "since_red": ((), np.int64, 2**40)}
 
     gap_reset: tuple[str, ...] = ()

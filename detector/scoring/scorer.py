@@ -104,7 +104,6 @@ class Scorer:
         cfg = config
         self.inputs = InputScale(cfg.input_scale_window)
         self.surprise = Surprise(calibration.raw_score)
-        self.raw_score = calibration.raw_score
         self.short = Likelihood(SHORT_STATS, cfg.short_window, calibration, cfg.long_window,
                                 cfg.prior_weight)  # fmt: skip
         self.alert = (
@@ -132,9 +131,7 @@ class Scorer:
         }
         for names in (SHORT_STATS, ALERT_STATS):
             specs.update({name: ((), np.float64, math.nan) for name in names})
-        specs.update(StepTail.columns(f))
-        for part in (InputScale(0), Stuck(1), Range(0.0), Onsets(0),
-                     Alerts(0.5, 0.5, 1, 0, 0, 1)):  # fmt: skip
+        for part in (InputScale, StepTail, Stuck, Range, Onsets, Alerts):
             specs.update(part.columns(f))
         return specs
 
@@ -174,10 +171,12 @@ class Scorer:
             alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, count)
         stuck_tail = None
         if cfg.stuck_check:
-            f = seen.shape[-1]
-            before = np.minimum(1.0, f * np.exp(np.min(cols["repeat_logp"], axis=-1)))
+            before = Stuck.tail(cols)
             stuck_tail = self.stuck.step(cols, seen, ok)
-        step_tail = self.step.score(cols, s.std_errors) if cfg.step_check else None
+        step_tail = spread = None
+        if cfg.step_check:
+            spread = StepTail.spread(cols, s.std_errors)
+            step_tail = self.step.score(cols, spread)
 
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
         # stream's first steps carry the network's cold start, not the stream's habits.
@@ -185,8 +184,8 @@ class Scorer:
         self.short.learn(cols, learn, short_delta, n)
         if self.alert is not None:
             self.alert.learn(cols, learn, alert_delta, n)
-        if step_tail is not None:
-            self.step.learn(cols, s.std_errors, learn, n)
+        if spread is not None:
+            self.step.learn(cols, spread, learn, n)
         self.inputs.learn(cols, seen)
         n[ok] += 1
         warm[ok] += 1
@@ -205,22 +204,19 @@ class Scorer:
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail) if t is not None]
         alert_tail = combine_tails(*alert_tails)
         likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
-        calm = np.where(eligible, 1.0 - combine_tails(average_tail), 0.0)
+        calm = np.where(eligible, 1.0 - average_tail, 0.0)
         beyond = self.range.step(cols, seen, eligible)
         shown = self.onsets.step(cols, short_tail, beyond, ok)
         score = np.where(eligible, log_score(shown), 0.0)
         steps = self.alerts.step(cols, likelihood, calm, s.parts, ok, eligible, n, count)
         contributions = steps.contributions  # the alert's average's: each sensor's part
         # An alert names the sensors of the signal that is most surprising at this step: a
-        # spike's own errors, a stuck sensor's run, a drifting sensor's level.
-        own = [(step_tail, s.parts)]
-        if stuck_tail is not None:
-            own.append((stuck_tail, -cols["repeat_logp"]))
+        # spike's own errors, a stuck sensor's run.
         lowest = average_tail
-        for tail, blame in own:
+        for tail, blame in ((step_tail, s.parts), (stuck_tail, cols["repeat_logp"])):
             if tail is not None:
                 mine = tail < lowest
-                contributions[mine] = blame[mine]
+                contributions[mine] = np.abs(blame[mine])
                 lowest = np.minimum(lowest, tail)
         return StepScores(
             raw=s.raw,

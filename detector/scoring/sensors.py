@@ -45,7 +45,8 @@ class Stuck:
     def __init__(self, long_window: int) -> None:
         self.long_window = long_window
 
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
         # float32 where counts and log chances need no more; the last value stays exact
         return {
             "last_value": ((f,), np.float64, math.nan),
@@ -56,6 +57,13 @@ class Stuck:
         }
 
     gap_reset = ("last_value", "repeat_run", "repeat_logp")
+
+    @staticmethod
+    def tail(cols: dict[str, np.ndarray]) -> F64:
+        """Each stream's tail: its least likely run, times its number of features."""
+        logp = cols["repeat_logp"]
+        out: F64 = np.minimum(1.0, logp.shape[-1] * np.exp(np.min(logp, axis=-1)))
+        return out
 
     def step(self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask) -> F64:
         """Score then learn one step of the streams in ``ok``; return each stream's tail."""
@@ -82,14 +90,15 @@ class Stuck:
         full = seen & (compared >= self.long_window)
         if full.any():
             repeats[full] *= 1.0 - 1.0 / self.long_window
-        compared[seen] = np.minimum(compared[seen] + 1.0, float(self.long_window))
+        if seen.all():  # the usual step: whole columns, no copies
+            np.minimum(compared + 1.0, self.long_window, out=compared)
+        else:
+            compared[seen] = np.minimum(compared[seen] + 1.0, self.long_window)
         if ok.all():
             last[...] = x
         else:
             last[ok] = x[ok]
-        f = x.shape[-1]
-        out: F64 = np.minimum(1.0, f * np.exp(np.min(logp, axis=-1)))
-        return out
+        return self.tail(cols)
 
 
 class Range:
@@ -100,7 +109,8 @@ class Range:
     def __init__(self, tolerance: float) -> None:
         self.tolerance = tolerance
 
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
         return {"seen_min": ((f,), np.float64, math.inf), "seen_max": ((f,), np.float64, -math.inf)}
 
     gap_reset: tuple[str, ...] = ()

@@ -148,7 +148,7 @@ class StepTail:
 
     >>> part = StepTail(prior_steps=100.0, long_window=1000)
     >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
-    >>> tail = part.score(cols, np.array([[0.5, -1.0], [0.0, 9.0]]))
+    >>> tail = part.score(cols, part.spread(cols, np.array([[0.5, -1.0], [0.0, 9.0]])))
     >>> float(tail[0]) > 0.5, float(tail[1]) < 1e-10
     (True, True)
     """
@@ -166,13 +166,14 @@ class StepTail:
             "tail_excess": ((f,), np.float32, _GAUSS_EXCESS),
         }
 
-    def _spread(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
-        # fmax: a NaN error (no prediction) counts as none
+    @staticmethod
+    def spread(cols: dict[str, np.ndarray], std_errors: F64) -> F64:
+        """Each feature's error over the stream's error scale, |e| / s [B, F]: what ``score``
+        and ``learn`` take. A NaN error (no prediction) counts as none."""
         out: F64 = np.fmax(np.abs(std_errors) / np.sqrt(cols["error_var"]), 0.0)
         return out
 
-    def score(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
-        x = self._spread(cols, std_errors)
+    def score(self, cols: dict[str, np.ndarray], x: F64) -> F64:
         f = x.shape[-1]
         # The Gaussian body: the largest error's, no lower than at TAIL_FROM ...
         out: F64 = 2.0 * f * gaussian_tail(np.minimum(np.max(x, axis=-1), TAIL_FROM))
@@ -185,16 +186,13 @@ class StepTail:
         np.minimum(out, 1.0, out=out)
         return out
 
-    def learn(
-        self, cols: dict[str, np.ndarray], std_errors: F64, learn: Mask, n: np.ndarray
-    ) -> None:
+    def learn(self, cols: dict[str, np.ndarray], spread: F64, learn: Mask, n: np.ndarray) -> None:
+        """Learn from this step's ``spread`` (the one ``score`` took)."""
         every = bool(learn.all())  # the usual step: views of whole columns, no copies
         rows = slice(None) if every else learn
-        e = std_errors[rows].copy()
-        e[np.isnan(e)] = 0.0  # no prediction: no error
         var, rate, excess = (cols[k] if every else cols[k][rows]
                              for k in ("error_var", "tail_rate", "tail_excess"))  # fmt: skip
-        x = np.abs(e) / np.sqrt(var)
+        x = spread[rows]
         memory = float(self.long_window)
         evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
         alpha = (1.0 / evidence)[:, None]
@@ -209,8 +207,9 @@ class StepTail:
             excess[over] += (seen - excess[over]) / (counted + 1.0)
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
         rate[over] += alpha[over[0], 0]
-        np.multiply(e, e, out=e)  # the error scale: a Huber-clipped mean square
-        np.minimum(e, ROBUST_CLIP**2 * var, out=e)
+        e = x * x  # the error scale: a Huber-clipped mean square of the errors, x^2 var
+        np.minimum(e, ROBUST_CLIP**2, out=e)
+        e *= var
         e *= 1.0 / self._consistency
         e -= var
         e *= scale_alpha

@@ -131,10 +131,11 @@ def test_the_step_tail_learns_each_streams_own_error_scale() -> None:
     rng = np.random.default_rng(6)
     ok = np.ones(1, bool)
     for n in range(500):  # a stream whose errors spread twice as wide as the model says
-        part.learn(cols, 2.0 * rng.standard_normal((1, F)), ok, np.array([n]))
+        errors = 2.0 * rng.standard_normal((1, F))
+        part.learn(cols, part.spread(cols, errors), ok, np.array([n]))
     assert cols["error_var"][0] == pytest.approx([4.0, 4.0], rel=0.2)
     # an error of 8 is 4 of this stream's spreads: not remarkable on its own
-    assert part.score(cols, np.array([[8.0, 0.0]]))[0] > 1e-6
+    assert part.score(cols, part.spread(cols, np.array([[8.0, 0.0]])))[0] > 1e-6
 
 
 def test_stuck_needs_a_longer_run_on_a_sensor_that_often_repeats() -> None:
