@@ -42,6 +42,7 @@ from detector.engine import Engine
 from detector.errors import ModelFileError
 from detector.model import LoadedModel
 from detector.scoring import ScoringConfig
+from training.evaluate import first_raise
 from training.synth import ANOMALY_KINDS, Fleet, generate_fleet, inject, noise_sd
 
 # Training: normal history of pumps 0 .. TRAIN_PUMPS - 1.
@@ -280,13 +281,10 @@ def judge(served: ServedFleet, raises: list[tuple[int, int]]) -> tuple[list[Outc
     outcomes = []
     for a in served.planted:
         excused[a.stream, a.start : a.end + GRACE_STEPS] = True
-        inside = np.flatnonzero(raised[a.stream, a.start : a.end])
-        if len(inside):
-            verdict, delay = "caught", int(inside[0])
-        elif raised[a.stream, a.end : a.end + GRACE_STEPS].any():
-            verdict, delay = "late", None
-        else:
-            verdict, delay = "missed", None
+        last = a.end - 1
+        verdict, row = first_raise(np.flatnonzero(raised[a.stream]), a.start, last,
+                                   last + GRACE_STEPS)  # fmt: skip
+        delay = row - a.start if verdict == "caught" and row is not None else None
         outcomes.append(
             Outcome(
                 a.kind, served.stream_ids[a.stream], served.features[a.feature], a.start,

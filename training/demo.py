@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.localbroker import LocalBroker, free_port, start_local_broker
+from training.evaluate import first_raise
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
@@ -262,21 +264,17 @@ def judge(anomalies: list[Any], raised: list[_Seen]) -> tuple[list[_Verdict], in
     ([('caught', 2), ('late', 3)], 2)
     """
     verdicts: list[_Verdict] = []
-    matched: set[int] = set()  # generate_fleet's min_gap (GRACE_STEPS) keeps graces disjoint
+    matched: set[int] = set()  # raises inside an anomaly or its grace
     for a in anomalies:
         stream = f"pump-{a.stream + 1:02d}"
         last = a.end - 1
         mine = [(i, s.step) for i, s in enumerate(raised) if s.stream == stream]
-        inside = [(i, step) for i, step in mine if a.start <= step <= last]
-        after = [(i, step) for i, step in mine if last < step <= last + GRACE_STEPS]
-        matched.update(i for i, _ in inside + after)
-        if inside:
-            verdict, steps = "caught", inside[0][1] - a.start
-        elif after:
-            verdict, steps = "late", after[0][1] - last
-        else:
-            verdict, steps = "MISSED", None
-        verdicts.append(_Verdict(stream, a.kind, a.start, a.end, verdict, steps))
+        matched.update(i for i, step in mine if a.start <= step <= last + GRACE_STEPS)
+        verdict, row = first_raise(np.array([step for _, step in mine], np.int64), a.start,
+                                   last, last + GRACE_STEPS)  # fmt: skip
+        steps = None if row is None else row - (a.start if verdict == "caught" else last)
+        verdicts.append(_Verdict(stream, a.kind, a.start, a.end, verdict.replace("missed",
+                                 "MISSED"), steps))  # fmt: skip
     return verdicts, len(raised) - len(matched)
 
 

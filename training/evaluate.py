@@ -101,6 +101,23 @@ def raise_rows(alert: np.ndarray) -> np.ndarray:
     return np.flatnonzero(a[1:] & ~a[:-1])
 
 
+def first_raise(raises: np.ndarray, first: int, last: int, stop: int) -> tuple[str, int | None]:
+    """One event's verdict from the rows (steps) where alerts were raised, sorted: "caught"
+    and the first raise in [first, last], else "late" and the first in (last, stop], else
+    ("missed", None). The demo and the fleet bench judge their anomalies with it too.
+
+    >>> first_raise(np.array([2, 9]), 4, 6, 10), first_raise(np.array([5]), 4, 6, 10)
+    (('late', 9), ('caught', 5))
+    """
+    inside = raises[(raises >= first) & (raises <= last)]
+    if len(inside):
+        return "caught", int(inside[0])
+    after = raises[(raises > last) & (raises <= stop)]
+    if len(after):
+        return "late", int(after[0])
+    return "missed", None
+
+
 def event_outcomes(
     alert: np.ndarray,
     events: tuple[Event, ...],
@@ -122,15 +139,11 @@ def event_outcomes(
     for i, (first, last) in enumerate(events):
         grace = last - first + 1 if grace_rows is None else grace_rows
         stop = min(last + grace, events[i + 1][0] - 1 if i + 1 < len(events) else len(alert) - 1)
-        inside = raises[(raises >= first) & (raises <= last)]
-        after = raises[(raises > last) & (raises <= stop)]
-        if len(inside):
-            row, since, verdict = int(inside[0]), first, "caught"
-        elif len(after):
-            row, since, verdict = int(after[0]), last, "late"
-        else:
-            out.append(EventOutcome("missed", None, None, math.nan))
+        verdict, row = first_raise(raises, first, last, stop)
+        if row is None:
+            out.append(EventOutcome(verdict, None, None, math.nan))
             continue
+        since = first if verdict == "caught" else last
         seconds = math.nan if timestamps is None else float(timestamps[row] - timestamps[since])
         out.append(EventOutcome(verdict, row, row - since, seconds))
     return out
