@@ -52,7 +52,9 @@ class Calibration:
     score over ``window`` steps: the prior of each stream's anomaly likelihood.
     ``raw_score`` names the raw score these figures are of, and so the one the daemon
     computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
-    NLL, the raw score of the first releases.
+    NLL, the raw score of the first releases. ``level_std`` says how much streams differ:
+    the spread of the held-out streams' mean raw scores about one another, less what their
+    own sampling noise explains (0 when the calibration saw one stream).
     """
 
     n: int
@@ -64,6 +66,8 @@ class Calibration:
     window_std: float
     threshold: float  # default anomaly-likelihood threshold for this model
     raw_score: str = "gaussian_nll"
+    level_std: float = 0.0  # how far the held-out streams' own levels of the raw score lie
+    # apart, beyond what sampling explains: 0 for one stream (or a file without it)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ def _check_types(meta: ModelMeta) -> None:
         ("calibration.window_std", _is_num(cal.window_std)),
         ("calibration.threshold", _is_num(cal.threshold)),
         ("calibration.raw_score", isinstance(cal.raw_score, str)),
+        ("calibration.level_std", _is_num(cal.level_std)),
         ("training", isinstance(meta.training, dict)),
         ("graph_sha256", isinstance(meta.graph_sha256, str)),
     ]  # fmt: skip
@@ -184,6 +189,8 @@ def _check_meta(meta: ModelMeta) -> None:
     cal = meta.calibration
     if not (math.isfinite(cal.window_mean) and cal.window_std > 0 and cal.window >= 1):
         raise ModelFileError("metadata calibration window statistics are invalid")
+    if not (math.isfinite(cal.level_std) and cal.level_std >= 0):
+        raise ModelFileError("metadata calibration.level_std must be a finite number, at least 0")
     if cal.raw_score not in RAW_SCORES:
         raise ModelFileError(
             f"metadata calibration.raw_score {cal.raw_score!r} is not one of"

@@ -93,6 +93,33 @@ def average_std(
     return max(within_std(avg_parts), independent)
 
 
+def level_std(
+    raw_parts: Sequence[np.ndarray], avg_parts: Sequence[np.ndarray], window: int
+) -> float:
+    """How far streams' own levels (their mean raw scores) lie apart, beyond what each
+    level's sampling noise explains: sqrt(max(0, var(levels) - mean noise)). 0 for one stream.
+
+    A level's noise is var(raw) / n, widened by how much more its short average spreads than
+    independent steps would make it (scores that follow one another carry less evidence).
+
+    >>> level_std([np.zeros(100), np.full(100, 2.0)], [np.zeros(100), np.full(100, 2.0)], 5)
+    1.4142135623730951
+    >>> level_std([np.arange(100.0)], [np.arange(100.0)], 5)
+    0.0
+    """
+    if len(raw_parts) < 2:
+        return 0.0
+    share = ewma_var_share(window)
+    levels, noise = [], []
+    for raw, avg in zip(raw_parts, avg_parts, strict=True):
+        var = float(raw.var())
+        widen = max(1.0, float(avg.var()) / (var * share)) if var > 0 else 1.0
+        levels.append(float(raw.mean()))
+        noise.append(var * widen / len(raw))
+    between = float(np.var(levels, ddof=1)) - float(np.mean(noise))
+    return math.sqrt(max(between, 0.0))
+
+
 def summarise(
     scores: Sequence[np.ndarray],
     burn_in: int,
@@ -131,6 +158,7 @@ def summarise(
         window_std=max(average_std(raw_parts, avg_parts, window), MIN_STD),
         threshold=threshold,
         raw_score=RAW_SCORE,
+        level_std=level_std(raw_parts, avg_parts, window),
     )
 
 

@@ -2,7 +2,7 @@
 
 Per stream, an exponential average of the raw score over ``window`` steps, and the
 long-run mean and variance of that average (HTM's anomaly likelihood). The model's
-calibration is the prior, counted as ``prior_steps`` of the stream's own: the stream moves
+calibration is the prior, counted as :func:`prior_steps` of the stream's own: the stream moves
 from the calibration to its own statistics as its evidence grows.
 
 ``score`` advances the average and returns its tail against the statistics *before* this
@@ -38,6 +38,24 @@ def prior_variance(calibration: Calibration, window: int) -> float:
     """
     share = ewma_var_share(window) / ewma_var_share(calibration.window)
     return float(calibration.window_std) ** 2 * share
+
+
+def prior_steps(calibration: Calibration, long_window: int) -> float:
+    """How many of a stream's own steps the calibration counts as: the steps whose mean pins
+    a stream's level as closely as the calibration does, (std^2 - level_std^2) /
+    level_std^2 (a level drawn from a population of spread level_std, steps of spread
+    std). A calibration of one stream describes that stream: a full memory, ``long_window``.
+
+    >>> fleet = Calibration(100, 2.0, 1.0, {}, 20, 2.0, 0.5, 0.9999, "student_t", 0.1)
+    >>> one = Calibration(100, 2.0, 1.0, {}, 20, 2.0, 0.5, 0.9999, "student_t", 0.0)
+    >>> round(prior_steps(fleet, 8000), 6), prior_steps(one, 8000)
+    (99.0, 8000.0)
+    """
+    tau2 = float(calibration.level_std) ** 2
+    within = float(calibration.std) ** 2 - tau2
+    if tau2 <= 0.0 or within <= 0.0:
+        return float(long_window)
+    return float(min(max(within / tau2, 1.0), long_window))
 
 
 class Likelihood:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from detector.artifact import Calibration
 from detector.scoring.alerts import Alerts
 from detector.scoring.inputs import InputScale
-from detector.scoring.likelihood import Likelihood
+from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.onsets import Onsets
 from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
@@ -36,8 +36,6 @@ class ScoringConfig:
     alert_window: int = 50  # steps in the average the alert rule watches (0: the short one):
     # an alert is for a condition that lasts, the score marks where one starts
     long_window: int = 8000  # steps of memory of each stream's long-run statistics
-    prior_weight: float = 8000.0  # steps of a stream's own that the model's calibration
-    # counts as: a stream trusts the model's calibration as much as a full memory of itself
     step_check: bool = True  # alerts also watch each sample's own error (spikes, jumps)
     stuck_check: bool = True  # alerts also watch for a sensor repeating its last reading
     threshold: float = 0.99999999  # likelihood at which an alert is raised (a tail of 1e-8)
@@ -65,8 +63,6 @@ class ScoringConfig:
                      "onset_hold_steps", "alert_window", "input_scale_window"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if not (self.prior_weight >= 0 and math.isfinite(self.prior_weight)):
-            problems.append("prior_weight must be a finite number, at least 0")
         return problems
 
 
@@ -104,12 +100,12 @@ class Scorer:
         cfg = config
         self.inputs = InputScale(cfg.input_scale_window)
         self.surprise = Surprise(calibration.raw_score)
+        weight = prior_steps(calibration, cfg.long_window)  # how much the model's
+        # calibration says of this stream: a stream like those it was measured on
         self.short = Likelihood(SHORT_STATS, cfg.short_window, calibration, cfg.long_window,
-                                cfg.prior_weight)  # fmt: skip
+                                weight)  # fmt: skip
         self.alert = (
-            Likelihood(
-                ALERT_STATS, cfg.alert_window, calibration, cfg.long_window, cfg.prior_weight
-            )  # fmt: skip
+            Likelihood(ALERT_STATS, cfg.alert_window, calibration, cfg.long_window, weight)
             if cfg.alert_window
             else None
         )

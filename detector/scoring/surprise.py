@@ -122,12 +122,19 @@ ERROR_VAR_FLOOR: Final = 1e-2
 
 
 TAIL_FROM: Final = 3.0  # spreads beyond which each stream learns its own tail (peaks over
-# threshold: the exceedances' rate and mean excess, an exponential tail beyond)
+# threshold: the exceedances' rate and the mean excess of x^2 / 2, an exponential beyond)
 _GAUSS_RATE: Final = 0.0026997960632601866  # P(|N(0,1)| > 3): the prior of the rate
-_GAUSS_EXCESS: Final = 0.2830971  # E[|X| - 3 | |X| > 3], X ~ N(0,1): the prior mean excess
+_GAUSS_EXCESS: Final = 0.9247401  # E[(X^2 - 9) / 2 | |X| > 3], X ~ N(0,1): the prior mean
+# excess, (1 + 3 phi(3) / Q(3) - 9) / 2
 # The Gaussian tail is an assumption, not evidence: it counts as the steps in which one
 # exceedance is expected, so a stream's first exceedances already speak for its own tail.
 TAIL_PRIOR_STEPS: Final = 1.0 / _GAUSS_RATE
+
+
+def _excess_sq(x: F64) -> F64:
+    """How far x^2 / 2 lies beyond TAIL_FROM^2 / 2: what the tail's excess is measured in."""
+    out: F64 = 0.5 * (x * x - TAIL_FROM * TAIL_FROM)
+    return out
 
 
 class StepTail:
@@ -136,13 +143,16 @@ class StepTail:
 
     Per feature, the error over the stream's error scale, x = |e| / s, has a Gaussian body
     and, beyond TAIL_FROM, a tail the stream learns (peaks over threshold, the extreme-value
-    way): the rate r of steps beyond it and their mean excess b, so P(x' > x) = r exp(-(x -
-    TAIL_FROM) / b). A sensor whose errors are heavy-tailed learns a long tail and does not
-    alert on its usual outliers; one with Gaussian errors keeps a short one. The stream's
+    way) of v = x^2 / 2: the rate r of steps beyond it and the mean excess b of v, so P(x' >
+    x) = r exp(-(v - TAIL_FROM^2 / 2) / b). For Gaussian errors v's excess is close to
+    exponential (b near 1), so the tail keeps the Gaussian's shape far out, as the model's
+    own likelihood does; an exponential in x itself would make a ten-spread error a thousand
+    times likelier than a Gaussian does. A sensor whose errors are heavy-tailed learns a
+    larger b and does not alert on its usual outliers. The stream's
     tail is the smallest over its features, times their number.
 
     Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate`` and
-    ``tail_excess``. The scale's prior is the model's own variance, counted as
+    ``tail_excess_sq`` (b). The scale's prior is the model's own variance, counted as
     ``prior_steps``; the tail's is a Gaussian's, counted as TAIL_PRIOR_STEPS (one
     exceedance's worth). Every step size shrinks like 1 / evidence, up to ``long_window``.
 
@@ -163,7 +173,7 @@ class StepTail:
         return {
             "error_var": ((f,), np.float32, 1.0),
             "tail_rate": ((f,), np.float32, _GAUSS_RATE),
-            "tail_excess": ((f,), np.float32, _GAUSS_EXCESS),
+            "tail_excess_sq": ((f,), np.float32, _GAUSS_EXCESS),
         }
 
     @staticmethod
@@ -180,8 +190,8 @@ class StepTail:
         beyond = x > TAIL_FROM
         if beyond.any():  # ... and beyond it, each feature's own learnt tail
             at = np.nonzero(beyond)
-            rate, excess = cols["tail_rate"][at], cols["tail_excess"][at]
-            tail = f * rate * np.exp(-(x[at] - TAIL_FROM) / excess)
+            rate, excess = cols["tail_rate"][at], cols["tail_excess_sq"][at]
+            tail = f * rate * np.exp(-_excess_sq(x[at]) / excess)
             np.minimum.at(out, at[0], tail)
         np.minimum(out, 1.0, out=out)
         return out
@@ -191,7 +201,7 @@ class StepTail:
         every = bool(learn.all())  # the usual step: views of whole columns, no copies
         rows = slice(None) if every else learn
         var, rate, excess = (cols[k] if every else cols[k][rows]
-                             for k in ("error_var", "tail_rate", "tail_excess"))  # fmt: skip
+                             for k in ("error_var", "tail_rate", "tail_excess_sq"))  # fmt: skip
         x = spread[rows]
         memory = float(self.long_window)
         evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
@@ -203,7 +213,7 @@ class StepTail:
             # excess so far (an exponential passes that one time in twenty): a spike is
             # not a habit
             counted = evidence[over[0]] * rate[over]
-            seen = np.minimum(x[over] - TAIL_FROM, 3.0 * excess[over])
+            seen = np.minimum(_excess_sq(x[over]), 3.0 * excess[over])
             excess[over] += (seen - excess[over]) / (counted + 1.0)
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
         rate[over] += alpha[over[0], 0]
@@ -216,5 +226,5 @@ class StepTail:
         var += e
         np.maximum(var, ERROR_VAR_FLOOR, out=var)
         if not every:
-            for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess", excess)):
+            for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess_sq", excess)):
                 cols[k][rows] = v

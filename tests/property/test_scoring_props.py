@@ -84,7 +84,6 @@ configs = st.builds(
     warmup_steps=st.integers(0, 4),
     short_window=st.integers(1, 5),
     long_window=st.integers(3, 60),
-    prior_weight=st.sampled_from([0.0, 1.0, 10.0]),
     threshold=st.sampled_from([0.9, 0.99, 0.9999]),
     clear_threshold=st.sampled_from([0.5, 0.8, 0.9]),
     clear_steps=st.integers(1, 3),

@@ -334,3 +334,14 @@ def test_an_unknown_raw_score_is_refused_by_name(value: object, says: str) -> No
     doc["calibration"]["raw_score"] = value
     message = rejection(file_bytes(model, json.dumps(doc)))
     assert "calibration.raw_score" in message and says in message
+
+
+def test_the_level_spread_is_optional_and_checked() -> None:
+    doc = meta_doc(tiny_model())  # as files before it: no level_std
+    assert meta_from_dict(doc).calibration.level_std == 0.0  # read as one stream's
+    doc["calibration"]["level_std"] = 0.25
+    assert meta_from_dict(doc).calibration.level_std == 0.25
+    for bad in (-0.1, float("inf"), "0.1"):
+        doc["calibration"]["level_std"] = bad
+        with pytest.raises(ModelFileError, match="level_std"):
+            meta_from_dict(doc)

@@ -109,14 +109,14 @@ def test_int_is_accepted_for_float() -> None:
         "batch": {"max_wait_ms": 5},
         "mqtt": {"reconnect_max_s": 60},
         "streams": {"max_gap_s": 7},
-        "scoring": {"prior_weight": 10},
+        "scoring": {"spatial_tolerance": 1},
     })  # fmt: skip
     assert problems == []
     for value, expected in [
         (config.batch.max_wait_ms, 5.0),
         (config.mqtt.reconnect_max_s, 60.0),
         (config.streams.max_gap_s, 7.0),
-        (config.scoring.prior_weight, 10.0),
+        (config.scoring.spatial_tolerance, 1.0),
     ]:
         assert type(value) is float and value == expected
 

@@ -248,7 +248,6 @@ def test_default_scoring_config_is_valid() -> None:
         ({"top_k": 0}, "top_k"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"min_interval_steps": -1}, "min_interval_steps"),
-        ({"prior_weight": math.inf}, "prior_weight"),
         ({"input_scale_window": -1}, "input_scale_window"),
     ],
 )
@@ -285,7 +284,7 @@ class OneStream:
     def __init__(self, **config: float) -> None:
         # Per-step likelihoods: the alert rule watches the one-step short average.
         base: dict[str, float] = {"short_window": 1, "alert_window": 0, "threshold": 0.9999,
-                                  "prior_weight": 1e12, "long_window": 10**15,
+                                  "long_window": 10**15,
                                   "stuck_check": False,
                                   "step_check": False}  # fmt: skip
         cfg = ScoringConfig(**(base | config))  # type: ignore[arg-type]
@@ -412,7 +411,7 @@ def test_non_finite_observation_leaves_the_stream_unchanged() -> None:
 def test_streams_in_one_batch_keep_their_own_state() -> None:
     scorer = Scorer(
         ScoringConfig(warmup_steps=0, short_window=1, alert_window=0, threshold=0.9999,
-                      prior_weight=1e12, long_window=10**15),
+                      long_window=10**15),
         calibration(HALF_LOG_2PI, 1.0, window=1),
     )  # fmt: skip
     cols = fresh_columns(2)
@@ -550,7 +549,7 @@ def test_the_alert_watches_its_own_longer_average_and_the_score_the_short_one() 
     alert's 50-step average moves by 2/51 of it (1.6 of its spreads) and stays calm; a
     lasting shift alerts."""
     cal = calibration(HALF_LOG_2PI, 1.0, window=1)
-    cfg = ScoringConfig(warmup_steps=0, short_window=1, alert_window=50, prior_weight=1e12,
+    cfg = ScoringConfig(warmup_steps=0, short_window=1, alert_window=50,
                         long_window=10**15, step_check=False,
                         stuck_check=False)  # fmt: skip
     s = Scorer(cfg, cal)
@@ -591,7 +590,6 @@ def test_an_alert_names_the_features_of_its_own_average_not_of_the_raising_step(
         warmup_steps=0,
         short_window=1,
         alert_window=5,
-        prior_weight=1e12,
         long_window=10**15,
         threshold=0.999999,
         stuck_check=False,

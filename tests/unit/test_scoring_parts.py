@@ -8,13 +8,14 @@ surprise comes from what was injected, not from a model's mistakes.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from detector.artifact import Calibration
 from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_columns
-from detector.scoring.likelihood import Likelihood
+from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.sensors import Stuck
 from detector.scoring.surprise import StepTail, student_t_score
 
@@ -41,9 +42,11 @@ def calibration_of(steps: int = 2000, window: int = 20) -> Calibration:
                        float(raw.mean()), float(avg.std()), 0.9999, "student_t")  # fmt: skip
 
 
-def replay(z: np.ndarray, config: ScoringConfig | None = None) -> list[int]:
+def replay(
+    z: np.ndarray, config: ScoringConfig | None = None, calibration: Calibration | None = None
+) -> list[int]:
     """Step one stream through a Scorer with the exact predictor; the steps that raise."""
-    scorer = Scorer(config or ScoringConfig(), calibration_of())
+    scorer = Scorer(config or ScoringConfig(), calibration or calibration_of())
     cols = scorer_columns(1, F)
     log_var = np.full((1, F), math.log(NOISE**2))
     raised = []
@@ -123,6 +126,22 @@ def test_the_likelihood_prior_fades_as_the_streams_evidence_grows() -> None:
     # after as many steps as the calibration rests on, about half-way to its own level
     assert means[0] == pytest.approx(0.5, abs=0.05)
     assert means[1] < 0.3
+
+
+def test_a_fleet_calibration_lets_a_stream_find_its_own_level() -> None:
+    """A model that served unlike streams at training says so (level_std), and a stream whose
+    errors run at another level than the calibration's learns it before it looks anomalous;
+    a calibration of one stream is trusted for the stream's whole memory, and the same
+    stream alerts."""
+    one = calibration_of()
+    fleet = replace(one, level_std=0.3 * one.std)
+    assert prior_steps(one, 8000) == 8000.0
+    assert prior_steps(fleet, 8000) == pytest.approx(1 / 0.09 - 1)
+    z = normal_stream(4000, seed=9)
+    rng = np.random.default_rng(10)
+    z[1:] += 0.8 * NOISE * rng.standard_normal((len(z) - 1, F))  # a noisier machine
+    assert replay(z, calibration=fleet) == []
+    assert replay(z, calibration=one) != []
 
 
 def test_the_step_tail_learns_each_streams_own_error_scale() -> None:

@@ -21,7 +21,7 @@ from detector.snapshot import SNAPSHOT_VERSION, load_snapshot, save_snapshot
 
 # Alert quickly on a model that has not seen this random data, so the snapshot
 # carries active alerts, hold counters and episode numbers, not only averages.
-SCORING = ScoringConfig(warmup_steps=3, short_window=3, long_window=2000, prior_weight=50.0,
+SCORING = ScoringConfig(warmup_steps=3, short_window=3, long_window=2000,
                         threshold=0.9, clear_threshold=0.6,
                         clear_steps=2, min_interval_steps=4)  # fmt: skip
 STREAMS = ["pump-1", "plant/site 7/machine/telemetry", "naïve/温度/🚀", "", 'a\\b"c\n']

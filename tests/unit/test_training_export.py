@@ -238,3 +238,23 @@ def test_the_average_spread_is_measured_but_never_below_independent_steps() -> N
     flat = [np.r_[np.nan, np.tile([2.0, 4.0], 40)]]
     cal = summarise(flat, burn_in=0, window=window)
     assert cal.window_std == pytest.approx(floor, rel=1e-6)
+
+
+def test_the_level_spread_is_what_sampling_does_not_explain() -> None:
+    from training.calibrate import summarise
+
+    rng = np.random.default_rng(8)
+    # Streams of one level: their means differ by sampling noise alone.
+    alike = [np.r_[np.nan, rng.normal(3.0, 1.0, 3000)] for _ in range(8)]
+    assert summarise(alike, burn_in=0).level_std < 0.02
+    # Streams whose levels are drawn with a spread of 0.5: about that.
+    apart = [np.r_[np.nan, rng.normal(3.0 + 0.5 * rng.standard_normal(), 1.0, 3000)]
+             for _ in range(40)]  # fmt: skip
+    assert summarise(apart, burn_in=0).level_std == pytest.approx(0.5, rel=0.3)
+    # One stream: the calibration is of that stream, nothing to compare.
+    assert summarise(alike[:1], burn_in=0).level_std == 0.0
+    # Scores that follow one another wander more: the same wander is not read as a level.
+    t = np.arange(3000)
+    slow = [np.r_[np.nan, 3.0 + np.sin(t / 60.0 + k) + 0.1 * rng.normal(size=t.size)]
+            for k in range(8)]  # fmt: skip
+    assert summarise(slow, burn_in=0).level_std < 0.1
