@@ -103,8 +103,8 @@ class Mosquitto:
         self.tls = tls
         self.password_file = password_file
         self.allow_anonymous = password_file is None if allow_anonymous is None else allow_anonymous
-        self.dir = Path(tempfile.mkdtemp(prefix="rnnsentry-mosquitto-"))
-        self.log_path = self.dir / "mosquitto.log"
+        self.dir: Path | None = None  # its config, staged secrets and log: only while it runs
+        self._last_log = ""  # the log of the run that stop() ended
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,13 +116,17 @@ class Mosquitto:
         scheme = "mqtts" if self.tls else "mqtt"
         return f"{scheme}://{self.host}:{self._port}"
 
-    def _readable(self, path: str, name: str) -> str:
-        """A copy of ``path`` in our directory that mosquitto can read: started as root, it
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.dir is None else self.dir / "mosquitto.log"
+
+    def _readable(self, folder: Path, path: str, name: str) -> str:
+        """A copy of ``path`` in ``folder`` that mosquitto can read: started as root, it
         becomes the ``mosquitto`` user before it opens certificates and password files."""
-        copy = self.dir / name
+        copy = folder / name
         shutil.copyfile(path, copy)
         if os.geteuid() == 0:
-            self.dir.chmod(0o711)
+            folder.chmod(0o711)
             try:
                 shutil.chown(copy, user="mosquitto")
             except (LookupError, OSError):
@@ -130,19 +134,22 @@ class Mosquitto:
         return str(copy)
 
     def start(self) -> Mosquitto:
-        conf = self.dir / "mosquitto.conf"
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="rnnsentry-mosquitto-"))
+        folder = self.dir
+        conf = folder / "mosquitto.conf"
         tls = ""
         if self.tls:
             staged = replace(
                 self.tls,
-                cafile=self._readable(self.tls.cafile, "tls-ca.pem"),
-                certfile=self._readable(self.tls.certfile, "tls-cert.pem"),
-                keyfile=self._readable(self.tls.keyfile, "tls-key.pem"),
+                cafile=self._readable(folder, self.tls.cafile, "tls-ca.pem"),
+                certfile=self._readable(folder, self.tls.certfile, "tls-cert.pem"),
+                keyfile=self._readable(folder, self.tls.keyfile, "tls-key.pem"),
             )
             tls = staged.lines()
         auth = ""
         if self.password_file:
-            auth = f"password_file {self._readable(self.password_file, 'passwords')}\n"
+            auth = f"password_file {self._readable(folder, self.password_file, 'passwords')}\n"
         conf.write_text(
             f"listener {self._port} {self.host}\n"
             f"{tls}{self.listener_config}"
@@ -154,7 +161,7 @@ class Mosquitto:
             "max_inflight_messages 1000\n"
             f"{self.extra_config}\n"
         )
-        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process)
+        log = open(folder / "mosquitto.log", "ab")  # noqa: SIM115 (kept open for the process)
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )
@@ -162,7 +169,7 @@ class Mosquitto:
         try:
             wait_accepting(self.host, self._port, alive=self._running)
         except TimeoutError:
-            self.stop()
+            self.stop()  # keeps the log for log_tail
             raise RuntimeError(f"mosquitto did not start: {self.log_tail()}") from None
         return self
 
@@ -178,14 +185,22 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.dir is not None:  # nothing of ours stays behind: the log is kept in memory
+            self._last_log = self.log_tail(100_000)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
     def log_tail(self, chars: int = 2000) -> str:
+        """The end of the log: of this run, or of the last one once stopped."""
+        path = self.log_path
+        if path is None:
+            return self._last_log[-chars:]
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            return path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 
