@@ -12,7 +12,7 @@ from typing import Final
 
 import numpy as np
 
-from detector.scoring.stats import F64, ROBUST_CLIP, ColumnSpec, ewma_alpha, huber_consistency
+from detector.scoring.stats import F64, ROBUST_CLIP, ColumnSpec, ewma_alpha, learn_mean_square
 
 # A stream's spread stays above a tenth of training's: a sensor parked at its training centre
 # for months would otherwise make its next small move an enormous one to the model.
@@ -31,9 +31,11 @@ def learn_input_var(var: F64, z: np.ndarray, alpha: float, clip: float = ROBUST_
     """
     z64 = np.asarray(z, np.float64)
     ok = np.isfinite(z64)
-    target = np.minimum(np.where(ok, z64 * z64, 0.0), clip * clip * var) / huber_consistency(clip)
-    var += np.where(ok, alpha * (target - var), 0.0)
-    np.maximum(var, INPUT_VAR_FLOOR, out=var)
+    if ok.all():
+        learn_mean_square(var, z64 * z64, alpha, INPUT_VAR_FLOOR, clip)
+    else:  # a step of 0 where the value is not finite
+        sq, step = np.where(ok, z64 * z64, 0.0), np.where(ok, alpha, 0.0)
+        learn_mean_square(var, sq, step, INPUT_VAR_FLOOR, clip)
 
 
 class InputScale:

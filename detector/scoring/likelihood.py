@@ -11,14 +11,11 @@ step; ``learn`` moves the statistics, so the caller decides which steps teach th
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from detector.artifact import Calibration
 from detector.scoring.stats import (
     F64,
-    ColumnSpec,
     Mask,
     advance_average,
     average_var_share,
@@ -81,13 +78,6 @@ class Likelihood:
         self.prior_steps = prior_steps
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
-
-    def columns(self, f: int) -> dict[str, ColumnSpec]:
-        return {name: ((), np.float64, math.nan) for name in self.names}
-
-    @property
-    def gap_reset(self) -> tuple[str, ...]:
-        return (self.names[0],)  # the average; the long-run statistics outlive a gap
 
     def score(
         self, cols: dict[str, np.ndarray], raw: F64, ok: Mask, count: np.ndarray

@@ -168,3 +168,23 @@ def huber_consistency(clip: float) -> float:
     inside = math.erf(clip / math.sqrt(2.0))
     density = math.exp(-0.5 * clip * clip) / math.sqrt(2.0 * math.pi)
     return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)
+
+
+def learn_mean_square(
+    var: np.ndarray, sq: np.ndarray, alpha: float | np.ndarray, floor: float,
+    clip: float = ROBUST_CLIP,
+) -> None:  # fmt: skip
+    """One step of a Huber-robust mean square, in place: ``var`` moves by ``alpha`` towards
+    ``sq``, each value clipped at ``clip``^2 ``var`` and divided by huber_consistency(clip)
+    (so Gaussian values settle at their variance), and stays at or above ``floor``.
+
+    >>> v = np.ones(2); learn_mean_square(v, np.array([0.0, 100.0]), 0.5, 1e-2)
+    >>> [round(float(a), 4) for a in v]
+    [0.5, 1.9452]
+    """
+    step = np.minimum(sq, clip * clip * var)
+    step /= huber_consistency(clip)
+    step -= var
+    step *= alpha
+    var += step
+    np.maximum(var, floor, out=var)

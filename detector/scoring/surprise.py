@@ -15,11 +15,10 @@ import numpy as np
 from detector.artifact import RAW_SCORES
 from detector.scoring.stats import (
     F64,
-    ROBUST_CLIP,
     ColumnSpec,
     Mask,
     gaussian_tail,
-    huber_consistency,
+    learn_mean_square,
 )
 
 LOG_2PI: Final = math.log(2.0 * math.pi)
@@ -166,7 +165,6 @@ class StepTail:
     def __init__(self, prior_steps: float, long_window: int) -> None:
         self.prior_steps = prior_steps
         self.long_window = long_window
-        self._consistency = huber_consistency(ROBUST_CLIP)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
@@ -217,14 +215,8 @@ class StepTail:
             excess[over] += (seen - excess[over]) / (counted + 1.0)
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
         rate[over] += alpha[over[0], 0]
-        e = x * x  # the error scale: a Huber-clipped mean square of the errors, x^2 var
-        np.minimum(e, ROBUST_CLIP**2, out=e)
-        e *= var
-        e *= 1.0 / self._consistency
-        e -= var
-        e *= scale_alpha
-        var += e
-        np.maximum(var, ERROR_VAR_FLOOR, out=var)
+        # the error scale: a Huber-robust mean square of the errors, x^2 var
+        learn_mean_square(var, x * x * var, scale_alpha, ERROR_VAR_FLOOR)
         if not every:
             for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess_sq", excess)):
                 cols[k][rows] = v
