@@ -54,7 +54,8 @@ class Calibration:
     computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
     NLL, the raw score of the first releases. ``level_std`` says how much streams differ:
     the spread of the held-out streams' mean raw scores about one another, less what their
-    own sampling noise explains (0 when the calibration saw one stream).
+    own sampling noise explains (0 when the calibration saw one stream), measured on
+    ``level_streams`` streams (0: not recorded, as in files before it).
     """
 
     n: int
@@ -68,6 +69,7 @@ class Calibration:
     raw_score: str = "gaussian_nll"
     level_std: float = 0.0  # how far the held-out streams' own levels of the raw score lie
     # apart, beyond what sampling explains: 0 for one stream (or a file without it)
+    level_streams: int = 0  # the held-out streams level_std was measured on
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def _check_types(meta: ModelMeta) -> None:
         ("calibration.threshold", _is_num(cal.threshold)),
         ("calibration.raw_score", isinstance(cal.raw_score, str)),
         ("calibration.level_std", _is_num(cal.level_std)),
+        ("calibration.level_streams", _is_int(cal.level_streams)),
         ("training", isinstance(meta.training, dict)),
         ("graph_sha256", isinstance(meta.graph_sha256, str)),
     ]  # fmt: skip
@@ -191,6 +194,8 @@ def _check_meta(meta: ModelMeta) -> None:
         raise ModelFileError("metadata calibration window statistics are invalid")
     if not (math.isfinite(cal.level_std) and cal.level_std >= 0):
         raise ModelFileError("metadata calibration.level_std must be a finite number, at least 0")
+    if cal.level_streams < 0:
+        raise ModelFileError("metadata calibration.level_streams must not be negative")
     if cal.raw_score not in RAW_SCORES:
         raise ModelFileError(
             f"metadata calibration.raw_score {cal.raw_score!r} is not one of"

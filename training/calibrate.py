@@ -159,6 +159,7 @@ def summarise(
         threshold=threshold,
         raw_score=RAW_SCORE,
         level_std=level_std(raw_parts, avg_parts, window),
+        level_streams=len(raw_parts),
     )
 
 

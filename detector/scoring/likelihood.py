@@ -11,6 +11,8 @@ step; ``learn`` moves the statistics, so the caller decides which steps teach th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from detector.artifact import Calibration
@@ -22,6 +24,7 @@ from detector.scoring.stats import (
     ewma_alpha,
     ewma_var_share,
     gaussian_tail,
+    student_tail,
 )
 
 
@@ -76,6 +79,10 @@ class Likelihood:
         self.prior_mean = float(calibration.window_mean)
         self.prior_var = prior_variance(calibration, window)
         self.prior_steps = prior_steps
+        self.level_var = float(calibration.level_std) ** 2
+        # the level spread's degrees of freedom: its streams less one (unrecorded: many)
+        streams = int(calibration.level_streams)
+        self.level_dof = float(streams - 1) if streams > 1 else math.inf
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
 
@@ -92,7 +99,17 @@ class Likelihood:
         lv[fresh] = self.prior_var
         delta: F64 = avg - lm
         young = average_var_share(self.window, count + 1) / self._share
-        return gaussian_tail(delta / np.sqrt(np.maximum(lv * young, 1e-12))), delta
+        var = lv * young
+        if self.level_var <= 0.0:
+            return gaussian_tail(delta / np.sqrt(np.maximum(var, 1e-12))), delta
+        # A new stream's own level is known as well as its evidence says: the calibration's
+        # spread of levels, shrinking as the stream's steps add to the prior's. That spread
+        # was measured on a few streams, so the level's part is a Student t of their number
+        # less one; the sum's degrees of freedom are Welch-Satterthwaite's.
+        level = self.level_var * self.prior_steps / (self.prior_steps + cols["n_scored"])
+        total = np.maximum(var + level, 1e-12)
+        dof = self.level_dof * (total / level) ** 2
+        return student_tail(delta / np.sqrt(total), dof), delta
 
     def learn(self, cols: dict[str, np.ndarray], learn: Mask, delta: F64, n: np.ndarray) -> None:
         """Move the long-run mean and variance towards this step's average: the step size

@@ -40,6 +40,26 @@ def gaussian_tail(z: np.ndarray) -> F64:
     return out
 
 
+def student_tail(t: np.ndarray, dof: np.ndarray | float) -> F64:
+    """Upper tail probability of Student's t with ``dof`` degrees of freedom (any positive
+    number; infinite: the Gaussian's), through Wallace's (1959) normal approximation
+    z = (8 dof + 1) / (8 dof + 3) sqrt(dof log(1 + t^2 / dof)), within a few per cent of the
+    exact tail for 7 or more degrees of freedom and within a fifth for 3.
+
+    >>> tails = student_tail(np.array([0.0, 2.0, 2.0]), np.array([5, 7, np.inf]))
+    >>> [round(float(v), 4) for v in tails]
+    [0.5, 0.0429, 0.0228]
+    """
+    x = np.asarray(t, np.float64)
+    nu = np.broadcast_to(np.asarray(dof, np.float64), x.shape)
+    finite = nu < 1e9  # beyond, the t is the Gaussian to float precision
+    safe = np.where(finite, nu, 1.0)
+    with np.errstate(invalid="ignore"):
+        wallace = (8.0 * safe + 1.0) / (8.0 * safe + 3.0) * np.sqrt(safe * np.log1p(x * x / safe))
+    z = np.where(finite, np.copysign(wallace, x), x)
+    return gaussian_tail(z)
+
+
 def log_score(tail: np.ndarray) -> F64:
     """Anomaly score in [0, 1] from a tail probability: -log10(tail) / 16.
 

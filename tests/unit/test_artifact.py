@@ -345,3 +345,11 @@ def test_the_level_spread_is_optional_and_checked() -> None:
         doc["calibration"]["level_std"] = bad
         with pytest.raises(ModelFileError, match="level_std"):
             meta_from_dict(doc)
+    doc["calibration"]["level_std"] = 0.25
+    assert meta_from_dict(doc).calibration.level_streams == 0  # not recorded
+    doc["calibration"]["level_streams"] = 8
+    assert meta_from_dict(doc).calibration.level_streams == 8
+    for bad in (-1, 2.5, "8"):
+        doc["calibration"]["level_streams"] = bad
+        with pytest.raises(ModelFileError, match="level_streams"):
+            meta_from_dict(doc)

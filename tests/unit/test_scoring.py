@@ -23,6 +23,7 @@ from detector.scoring import (
     standardised_errors,
     top_features,
 )
+from detector.scoring.stats import student_tail
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -120,6 +121,22 @@ def test_gaussian_tail_is_symmetric() -> None:
     np.testing.assert_allclose(gaussian_tail(-z), 1.0 - gaussian_tail(z), rtol=1e-12)
     # At 0 both sides come from the same fitted value: symmetric to the fit's accuracy.
     assert float(gaussian_tail(np.array([0.0]))[0]) == pytest.approx(0.5, rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("t", "dof", "tail"),  # Student t tables: the 2.5 % and 0.05 % points
+    [(2.228, 10, 0.025), (2.086, 20, 0.025), (4.587, 10, 0.0005), (3.850, 20, 0.0005)],
+)
+def test_student_tail_named_points(t: float, dof: float, tail: float) -> None:
+    assert float(student_tail(np.array([t]), dof)[0]) == pytest.approx(tail, rel=0.03)
+    assert float(student_tail(np.array([-t]), dof)[0]) == pytest.approx(1.0 - tail, rel=1e-3)
+
+
+def test_student_tail_is_heavier_with_fewer_degrees_and_gaussian_with_many() -> None:
+    t = np.full(4, 5.0)
+    tails = student_tail(t, np.array([3.0, 10.0, 100.0, np.inf]))
+    assert np.all(np.diff(tails) < 0)
+    assert float(tails[3]) == float(gaussian_tail(np.array([5.0]))[0])
 
 
 def test_ewma_alpha() -> None:

@@ -144,6 +144,32 @@ def test_a_fleet_calibration_lets_a_stream_find_its_own_level() -> None:
     assert replay(z, calibration=one) != []
 
 
+def test_a_new_stream_far_from_a_few_calibration_streams_is_not_yet_anomalous() -> None:
+    """A stream's first steps say little about its own level. Where the calibration's spread
+    of levels came from a few streams, a level several of those spreads away is what such a
+    population allows (a Student t), not a near-impossible Gaussian deviation; once the
+    stream's own evidence outweighs the calibration, its level is judged on that evidence."""
+    cal = replace(calibration_of(), level_std=0.2 * calibration_of().std)
+    config = ScoringConfig()
+    weight = prior_steps(cal, config.long_window)
+    tails = {}
+    for streams in (0, 8):
+        part = Likelihood(("a", "m", "v"), 50, replace(cal, level_streams=streams),
+                          config.long_window, weight)  # fmt: skip
+        cols = {k: np.full(1, np.nan) for k in "amv"}
+        cols["n_scored"] = np.array([30])
+        ok = np.ones(1, bool)
+        level = cal.mean + 8.0 * cal.level_std  # eight spreads above the population's
+        for count in range(30):
+            part.score(cols, np.array([level]), ok, np.array([count]))
+        young, _ = part.score(cols, np.array([level]), ok, np.array([30]))
+        cols["n_scored"] = np.array([100_000])  # as if its own steps had taught it nothing
+        old, _ = part.score(cols, np.array([level]), ok, np.array([31]))
+        tails[streams] = float(young[0]), float(old[0])
+    assert tails[8][0] > 1e3 * tails[0][0]  # measured on a few streams: far likelier
+    assert tails[8][1] == pytest.approx(tails[0][1], rel=1e-3)  # much evidence: a Gaussian
+
+
 def test_the_step_tail_learns_each_streams_own_error_scale() -> None:
     part = StepTail(prior_steps=10.0, long_window=1000)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}

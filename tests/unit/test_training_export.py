@@ -247,6 +247,7 @@ def test_the_level_spread_is_what_sampling_does_not_explain() -> None:
     # Streams of one level: their means differ by sampling noise alone.
     alike = [np.r_[np.nan, rng.normal(3.0, 1.0, 3000)] for _ in range(8)]
     assert summarise(alike, burn_in=0).level_std < 0.02
+    assert summarise(alike, burn_in=0).level_streams == 8  # what the spread was measured on
     # Streams whose levels are drawn with a spread of 0.5: about that.
     apart = [np.r_[np.nan, rng.normal(3.0 + 0.5 * rng.standard_normal(), 1.0, 3000)]
              for _ in range(40)]  # fmt: skip
