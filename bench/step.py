@@ -113,7 +113,7 @@ def make_daemon(model: Path, streams: int, batch_max: int = 512) -> Daemon:
     assert not problems, problems
     daemon = Daemon(config)
     daemon._install(daemon._load_models())
-    daemon.link = FakeLink()  # type: ignore[assignment]
+    daemon.publisher.link = FakeLink()  # type: ignore[assignment]
     return daemon
 
 

@@ -17,7 +17,6 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -26,10 +25,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from detector.config import MqttConfig
+from detector.link import Inbound, LinkHooks
+
+__all__ = ["Inbound", "MqttLink"]
 
 log = logging.getLogger(__name__)
-
-Inbound = tuple[str, bytes, float]  # topic, payload, receive time (epoch seconds)
 
 
 class MqttLink:
@@ -41,19 +41,16 @@ class MqttLink:
         client_id: str,
         status_topic: str,
         filters: list[str],
-        inbox: queue.Queue[Inbound],
-        on_drop: Callable[[], None],
-        on_connection: Callable[[bool], None],
+        hooks: LinkHooks,
         password: str | None = None,
-        on_queued: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.status_topic = status_topic
         self.filters = filters
-        self.inbox = inbox
-        self._on_drop = on_drop
-        self._on_connection = on_connection
-        self._on_queued = on_queued  # after each message queued, with its receive time
+        self.inbox = hooks.inbox
+        self._on_drop = hooks.on_drop
+        self._on_connection = hooks.on_connection
+        self._on_queued = hooks.on_queued  # after each message queued, with its receive time
         self.connected = threading.Event()
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
@@ -132,6 +129,15 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == paho.MQTT_ERR_SUCCESS or info.rc == paho.MQTT_ERR_NO_CONN
+
+    def set_filters(self, filters: list[str]) -> None:
+        """Subscribe to ``filters``, unsubscribing those no longer wanted; a reconnect
+        subscribes to them too."""
+        gone = sorted(set(self.filters) - set(filters))
+        self.filters = list(filters)
+        if gone:
+            self.client.unsubscribe(gone)
+        self.client.subscribe([(f, self.config.qos) for f in filters])
 
     # --- paho callbacks (paho's network thread) ---
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from detector.daemon import Daemon
+from detector.link import Inbound, LinkHooks
 from detector.localbroker import Mosquitto, free_port
-from detector.mqtt import Inbound, MqttLink
+from detector.mqtt import MqttLink
 from tests.support import (
     CONNECT_TIMEOUT_S,
     TINY_FEATURES,
@@ -141,8 +142,8 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
     client_id = f"rnnsentry-handover-{free_port()}"
 
     def link(inbox: queue.Queue[Inbound]) -> MqttLink:
-        made = MqttLink(mqtt, client_id, "rnnsentry/status/handover", ["sensors/#"], inbox,
-                        on_drop=lambda: None, on_connection=lambda up: None)  # fmt: skip
+        hooks = LinkHooks(inbox, on_drop=lambda: None, on_connection=lambda up: None)
+        made = MqttLink(mqtt, client_id, "rnnsentry/status/handover", ["sensors/#"], hooks)
         made.start()
         assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
         return made

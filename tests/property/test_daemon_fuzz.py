@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.errors import REJECTION_REASONS, PayloadError
+from detector.link import Inbound
 from detector.metrics import OUTCOMES
-from detector.mqtt import Inbound
 from detector.payload import parse_message
 from tests.support import TINY_FEATURES, train_tiny_model
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import detector.daemon as daemon_module
+import detector.stage as stage_module
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.engine import _rounds
-from detector.mqtt import Inbound
+from detector.link import Inbound
 from detector.state import Column, StateTable
 from tests.support import TINY_FEATURES, tiny_fleet
 
@@ -45,7 +45,7 @@ def make_daemon(model: Path, publish_scores: bool = True) -> Daemon:
     assert problems == []
     made = Daemon(config)
     made._install(made._load_models())
-    made.link = Sink()  # type: ignore[assignment]
+    made.publisher.link = Sink()  # type: ignore[assignment]
     return made
 
 
@@ -114,7 +114,7 @@ def test_fast_and_full_parsing_leave_the_same_everything(
     for batch in messages():
         fast.process(batch)
     with monkeypatch.context() as m:
-        m.setattr(daemon_module, "parse_into", lambda *args: 0)
+        m.setattr(stage_module, "parse_into", lambda *args: 0)
         for batch in messages():
             full.process(batch)
 
@@ -125,9 +125,9 @@ def test_fast_and_full_parsing_leave_the_same_everything(
             assert np.array_equal(a[stream][name], b[stream][name], equal_nan=True), name
     assert _counters(fast) == _counters(full)
     sent_a = [(t, {k: v for k, v in doc.items() if k != "decided_at"}, q)
-              for t, doc, q in fast.link.sent]  # type: ignore[union-attr]  # fmt: skip
+              for t, doc, q in fast.publisher.link.sent]  # type: ignore[union-attr]  # fmt: skip
     sent_b = [(t, {k: v for k, v in doc.items() if k != "decided_at"}, q)
-              for t, doc, q in full.link.sent]  # type: ignore[union-attr]  # fmt: skip
+              for t, doc, q in full.publisher.link.sent]  # type: ignore[union-attr]  # fmt: skip
     assert sent_a == sent_b
     assert any(doc.get("event") == "raised" for _, doc, _ in sent_a)
     assert fast.metrics.registry.get_sample_value("rnnsentry_ignored_values_total") > 0
@@ -145,11 +145,12 @@ def test_fast_and_full_parsing_leave_the_same_everything(
 def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
     d = make_daemon(tiny_model, publish_scores=False)
     d.process([("sensors/a", b'{"values": [1, 2, 3, 4]}', T0)])
-    memo = d._route_memo
+    memo = d.stage._route_memo
     assert memo == {"sensors/a": (0, "a")}
     d._install(d._load_models())  # a reload brings a new router
     d.process([("nowhere", b"{}", T0 + 1)])
-    assert d._route_memo is not memo and d._route_memo == {"nowhere": daemon_module._UNROUTABLE}
+    fresh = d.stage._route_memo
+    assert fresh is not memo and fresh == {"nowhere": stage_module._UNROUTABLE}
     assert (
         d.metrics.registry.get_sample_value(
             "rnnsentry_rejections_total", {"reason": "unknown_route"}
@@ -159,11 +160,11 @@ def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
 
 
 def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon_module, "_ROUTE_MEMO_MAX", 3)
+    monkeypatch.setattr(stage_module, "_ROUTE_MEMO_MAX", 3)
     d = make_daemon(tiny_model, publish_scores=False)
     for i in range(10):
         d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
-        assert d._route_memo is not None and len(d._route_memo) <= 3
+        assert len(d.stage._route_memo) <= 3
     assert len(d.engines[0].table) == 10
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from detector.batcher import drain_into
 from detector.config import build_config
-from detector.daemon import Daemon, _drain_into
-from detector.mqtt import Inbound
+from detector.daemon import Daemon
+from detector.link import Inbound
 
 WAIT_S = 5.0  # a generous bound on a busy machine; the tests end long before it
 
@@ -27,12 +28,12 @@ def test_drain_takes_in_order_up_to_batch_max_and_keeps_the_rest() -> None:
     for i in range(5):
         inbox.put_nowait(item(i))
     batch = [item(-1)]
-    _drain_into(inbox, batch, 3)
+    drain_into(inbox, batch, 3)
     assert batch == [item(-1), item(0), item(1)]
     rest: list[Inbound] = []
-    _drain_into(inbox, rest, 10)
+    drain_into(inbox, rest, 10)
     assert rest == [item(2), item(3), item(4)] and inbox.empty()
-    _drain_into(inbox, rest, 10)  # nothing left: nothing changes
+    drain_into(inbox, rest, 10)  # nothing left: nothing changes
     assert len(rest) == 3
 
 
@@ -44,7 +45,7 @@ def test_drain_makes_room_for_a_blocked_put() -> None:
     deadline = time.monotonic() + WAIT_S
     batch: list[Inbound] = []
     while len(batch) < 2 and time.monotonic() < deadline:
-        _drain_into(inbox, batch, 2)
+        drain_into(inbox, batch, 2)
         time.sleep(0.001)
     put.join(WAIT_S)
     assert batch == [item(0), item(1)]
@@ -61,22 +62,19 @@ def daemon(tiny_model: Path) -> Daemon:
     return Daemon(config)
 
 
-def take(daemon: Daemon, batch_max: int, wait_s: float, idle_s: float) -> list[Inbound]:
-    """What the worker takes: the queued messages, up to ``batch_max``, once a batch is due
-    (``Daemon._await_due``, then the drain the worker does under its lock)."""
-    batch: list[Inbound] = []
-    if daemon._await_due(batch_max, wait_s, idle_s):
-        _drain_into(daemon.inbox, batch, batch_max)
-    return batch
+def take(daemon: Daemon, wait_s: float, idle_s: float) -> list[Inbound]:
+    """What the worker takes: the queued messages, up to ``batch.max``, once a batch is due
+    (``Batcher.await_due``, then the take the worker does under its lock)."""
+    return daemon.batcher.take() if daemon.batcher.await_due(wait_s, idle_s) else []
 
 
 def test_take_returns_a_full_batch_at_once(daemon: Daemon) -> None:
     for i in range(6):
         daemon.inbox.put_nowait(item(i))
     began = time.monotonic()
-    assert take(daemon, 4, 0.05, 0.0) == [item(i) for i in range(4)]
+    assert take(daemon, 0.05, 0.0) == [item(i) for i in range(4)]
     assert time.monotonic() - began < 0.04  # did not wait for more
-    assert take(daemon, 4, 0.0, 0.0) == [item(4), item(5)]
+    assert take(daemon, 0.0, 0.0) == [item(4), item(5)]
 
 
 def test_a_short_batch_waits_for_more_and_takes_what_comes(daemon: Daemon) -> None:
@@ -85,7 +83,7 @@ def test_a_short_batch_waits_for_more_and_takes_what_comes(daemon: Daemon) -> No
     later = threading.Timer(0.01, lambda: daemon.inbox.put_nowait(second))
     later.start()
     began = time.monotonic()
-    batch = take(daemon, 4, 0.05, 0.0)
+    batch = take(daemon, 0.05, 0.0)
     waited = time.monotonic() - began
     later.join()
     assert batch == [first, second]
@@ -97,7 +95,7 @@ def test_a_batch_that_waited_long_enough_is_taken_at_once(daemon: Daemon) -> Non
     old = item(0, time.time() - 1.0)
     daemon.inbox.put_nowait(old)
     began = time.monotonic()
-    assert take(daemon, 4, 0.05, 0.0) == [old]
+    assert take(daemon, 0.05, 0.0) == [old]
     assert time.monotonic() - began < 0.04
 
 
@@ -140,6 +138,6 @@ def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -
 
 def test_an_empty_queue_gives_nothing_after_idle(daemon: Daemon) -> None:
     began = time.monotonic()
-    assert take(daemon, 4, 0.05, 0.02) == []
+    assert take(daemon, 0.05, 0.02) == []
     assert 0.015 <= time.monotonic() - began < WAIT_S
-    assert take(daemon, 4, 0.05, 0.0) == []
+    assert take(daemon, 0.05, 0.0) == []

@@ -1,0 +1,96 @@
+"""The output contract: what the daemon publishes about each alert and each scored sample.
+
+One JSON document per alert event on ``mqtt.alert_topic`` (QoS 1), and with
+``mqtt.publish_scores`` one per scored sample on ``mqtt.score_topic`` (QoS 0). The fields
+are the README's; a message the link cannot take is counted in
+``rnnsentry_publish_failures_total``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+
+from detector.config import Config
+from detector.engine import AlertEvent, BatchResult
+from detector.link import Link
+from detector.metrics import Metrics
+from detector.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def iso_time(ts: float) -> str:
+    """ISO 8601 UTC with milliseconds.
+
+    >>> iso_time(1704067200.25)
+    '2024-01-01T00:00:00.250Z'
+    """
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Publisher:
+    """Encodes alerts and scores and hands them to the link (none yet: nothing is sent)."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.mqtt = config.mqtt
+        self.threshold = config.scoring.threshold
+        self.instance = config.daemon.instance
+        self.link: Link | None = None
+
+    def alert(self, model: LoadedModel, event: AlertEvent, decided: float) -> None:
+        doc = {
+            "stream": event.stream,
+            "event": event.event,
+            "alert_id": f"{event.stream}#{event.episode}",
+            "episode": event.episode,
+            "ts": event.ts,
+            "time": iso_time(event.ts),
+            "decided_at": decided,
+            "likelihood": event.likelihood,
+            "anomaly_score": round(event.score, 6),
+            "raw_score": event.raw_score,
+            "threshold": self.threshold,
+            "top_features": [
+                {"feature": f, "std_error": round(e, 4), "share": round(share, 4)}
+                for f, e, share in event.top
+            ],
+            "model": model.name,
+            "fingerprint": model.meta.fingerprint,
+            "instance": self.instance,
+        }
+        self.metrics.alerts.labels(event.event).inc()
+        if event.event != "update":
+            log.info("alert %s %s (likelihood %.6f)", event.event, doc["alert_id"],
+                     event.likelihood)  # fmt: skip
+        self._send(self.mqtt.alert_topic.format(stream=event.stream), doc, qos=1)
+
+    def scores(
+        self, streams: Sequence[str], ts: Sequence[float], result: BatchResult, scored: np.ndarray
+    ) -> None:
+        """One document per scored sample of a batch (``scored``: a mask over it)."""
+        if not self.mqtt.publish_scores:
+            return
+        for i in np.flatnonzero(scored).tolist():
+            raw = float(result.raw[i])
+            doc = {
+                "stream": streams[i],
+                "ts": ts[i],
+                "raw_score": None if math.isnan(raw) else raw,
+                "likelihood": float(result.likelihood[i]),
+                "anomaly_score": round(float(result.score[i]), 6),
+                "active": bool(result.active[i]),
+            }
+            self._send(self.mqtt.score_topic.format(stream=streams[i]), doc, qos=0)
+
+    def _send(self, topic: str, doc: dict[str, object], qos: int) -> None:
+        if self.link is None:
+            return
+        if not self.link.publish(topic, json.dumps(doc).encode(), qos=qos):
+            self.metrics.publish_failures.inc()

@@ -1,0 +1,184 @@
+"""The scoring stage: a micro-batch of raw messages in, scored samples and alerts out.
+
+Per message: the topic's route (memoised), the payload parsed into the target model's
+pending samples; then per model one ``Engine.process`` call, the metrics, and what the
+:class:`~detector.publisher.Publisher` sends. Rejections are counted by reason and logged
+at most once per reason every ten seconds. It keeps no thread and takes no lock: its
+caller runs one batch at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from detector.config import Config
+from detector.engine import DUPLICATE, MODEL_NON_FINITE, OUT_OF_ORDER, SCORED, Engine
+from detector.errors import PayloadError
+from detector.link import Inbound
+from detector.metrics import Metrics
+from detector.model import LoadedModel
+from detector.payload import PlainForm, parse_into, parse_message
+from detector.publisher import Publisher
+from detector.routing import Router
+
+log = logging.getLogger(__name__)
+
+_STATUS_REASON = {OUT_OF_ORDER: "out_of_order", DUPLICATE: "duplicate",
+                  MODEL_NON_FINITE: "model_non_finite"}  # fmt: skip
+_REJECTION_LOG_EVERY_S = 10.0
+_UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
+_ROUTE_MEMO_MAX = 131_072  # topics remembered (~200 bytes each, 26 MB at most); cleared when full
+
+
+class RateLimitedLog:
+    """At most one warning per reason per interval, saying how many were not logged.
+
+    >>> r = RateLimitedLog(10.0)
+    >>> [r.note("decode", "x", now=t) for t in (0.0, 1.0, 11.0)]
+    [True, False, True]
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def note(self, reason: str, detail: str, count: int = 1, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now - self._last.get(reason, -math.inf) < self.every_s:
+            self._quiet[reason] = self._quiet.get(reason, 0) + count
+            return False
+        self._last[reason] = now
+        quiet = self._quiet.pop(reason, 0)
+        log.warning("rejected (%s): %s%s", reason, detail,
+                    f" [+{quiet} more since the last such line]" if quiet else "")  # fmt: skip
+        return True
+
+
+@dataclass
+class _Pending:
+    """Samples of one batch bound for one model."""
+
+    streams: list[str]
+    ts: list[float]
+    values: list[float]  # flat: the model's n_features values per sample, in feature order
+    received: list[float]
+
+
+class ScoringStage:
+    """Routes, parses, steps and publishes micro-batches for a set of models."""
+
+    def __init__(self, config: Config, metrics: Metrics, publisher: Publisher) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.publisher = publisher
+        self.engines: list[Engine] = []
+        self.router = Router([])
+        self._forms: list[PlainForm] = []
+        self._route_memo: dict[str, tuple[int, str]] = {}
+        self._rejection_log = RateLimitedLog(_REJECTION_LOG_EVERY_S)
+
+    def install(self, engines: list[Engine], router: Router) -> None:
+        """Serve these models from the next batch on; the route memo starts afresh."""
+        self.engines, self.router = engines, router
+        self._forms = [PlainForm.of(tuple(e.model.meta.features)) for e in engines]
+        self._route_memo = {}
+
+    def streams_active(self) -> int:
+        return sum(len(e.table) for e in self.engines)
+
+    def _route(self, topic: str) -> tuple[int, str]:
+        memo = self._route_memo
+        if len(memo) >= _ROUTE_MEMO_MAX:
+            memo.clear()
+        route = self.router.route(topic)
+        memo[topic] = _UNROUTABLE if route is None else route
+        return memo[topic]
+
+    def process(self, batch: list[Inbound]) -> None:
+        """Route, parse, step and publish one micro-batch.
+
+        The loop runs once per message, so it stays small: a memoised route, then
+        ``parse_into`` for the plain payload forms; anything else (rejections included)
+        goes through ``parse_message``, which says why.
+        """
+        m = self.metrics
+        pending: dict[int, _Pending] = {}
+        limits = self.config.payload
+        engines, forms, routes = self.engines, self._forms, self._route_memo
+        for topic, payload, received in batch:
+            target, stream = routes.get(topic) or self._route(topic)
+            if target < 0:
+                m.reject("unknown_route")
+                self._rejection_log.note("unknown_route", repr(topic))
+                continue
+            p = pending.get(target)
+            if p is None:
+                p = pending[target] = _Pending([], [], [], [])
+            k = parse_into(payload, forms[target], received, limits, p.ts, p.values)
+            if k == 1:
+                p.streams.append(stream)
+                p.received.append(received)
+            elif k:
+                p.streams.extend([stream] * k)
+                p.received.extend([received] * k)
+            else:
+                self._parse_slowly(topic, payload, received, engines[target].model, stream, p)
+        for target, p in pending.items():
+            if p.streams:
+                self._step(engines[target], p)
+        m.streams_active.set(self.streams_active())
+
+    def _parse_slowly(
+        self, topic: str, payload: bytes, received: float, model: LoadedModel, stream: str,
+        p: _Pending,
+    ) -> None:  # fmt: skip
+        """The full parser: rejections with their reason, ignored value names, ISO times."""
+        m = self.metrics
+        try:
+            parsed = parse_message(
+                payload, model.meta.features, model.feature_index, received, self.config.payload
+            )
+        except PayloadError as exc:
+            m.reject(exc.reason)
+            self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
+            return
+        if parsed.ignored_names:
+            m.ignored_values.inc(parsed.ignored_names)
+        for reading in parsed.readings:
+            p.streams.append(stream)
+            p.ts.append(reading.ts)
+            p.values.extend(reading.values)
+            p.received.append(received)
+
+    def _step(self, engine: Engine, p: _Pending) -> None:
+        m = self.metrics
+        n = len(p.streams)
+        x = np.array(p.values, dtype=np.float64).reshape(n, engine.model.meta.n_features)
+        result = engine.process(p.streams, np.array(p.ts, dtype=np.float64), x)
+        decided = time.time()
+        m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
+        m.inference_seconds.observe_many(np.asarray(result.call_seconds, dtype=np.float64))
+        scored = result.status == SCORED
+        n_scored = int(np.count_nonzero(scored))
+        m.messages.labels("scored").inc(n_scored)
+        if n_scored < n:
+            for code, reason in _STATUS_REASON.items():
+                count = int(np.count_nonzero(result.status == code))
+                if count:
+                    m.reject(reason, count)
+                    self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
+        if result.gap_resets:
+            m.gap_resets.inc(result.gap_resets)
+        if result.evicted:
+            m.evictions.inc(result.evicted)
+        m.decision_latency.observe_many(decided - np.array(p.received, dtype=np.float64))
+        for event in result.events:
+            self.publisher.alert(engine.model, event, decided)
+        self.publisher.scores(p.streams, p.ts, result, scored)

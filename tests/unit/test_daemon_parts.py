@@ -1,0 +1,119 @@
+"""The daemon's parts wired together over an in-memory link: from a received message to a
+published alert, the status it says, and a stop that loses nothing. The MQTT link itself is
+tested against mosquitto in tests/integration."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.daemon import Daemon
+from detector.link import LinkHooks, MemoryLink
+from tests.support import TINY_FEATURES, daemon_config, poll_until, sample_payload, tiny_fleet
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def wired(tiny_model: Path) -> Iterator[tuple[Daemon, MemoryLink]]:
+    link = MemoryLink("rnnsentry/status/parts")
+    config = daemon_config("mqtt://127.0.0.1:1", tiny_model, instance="parts",
+                           metrics={"enabled": False}, scoring={"warmup_steps": 20})  # fmt: skip
+    daemon = Daemon(config, link=link)
+    daemon.start()
+    try:
+        yield daemon, link
+    finally:
+        daemon.stop()
+
+
+def counted(daemon: Daemon, outcome: str) -> float:
+    value = daemon.metrics.registry.get_sample_value("rnnsentry_messages_total",
+                                                     {"outcome": outcome})  # fmt: skip
+    return value or 0.0
+
+
+def rejected(daemon: Daemon) -> float:
+    total = 0.0
+    for family in daemon.metrics.registry.collect():
+        if family.name == "rnnsentry_rejections":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+def test_a_spike_goes_in_as_a_message_and_comes_out_as_an_alert(
+    wired: tuple[Daemon, MemoryLink],
+) -> None:
+    daemon, link = wired
+    rows = tiny_fleet(n_streams=1, n_steps=80, seed=5, start_step=600).values[0]
+    rows[60] += 40.0 * np.std(rows, axis=0)  # every sensor far off at one sample
+    for t, row in enumerate(rows):
+        assert link.deliver("sensors/pump-1", sample_payload(TINY_FEATURES, row, T0 + t).encode())
+    poll_until(lambda: counted(daemon, "scored") == len(rows))
+    alerts = [json.loads(p.payload) for p in link.sent_to("rnnsentry/alerts/")]
+    raised = [a for a in alerts if a["event"] == "raised"]
+    assert [a["stream"] for a in raised] == ["pump-1"]
+    assert raised[0]["ts"] == T0 + 60 and raised[0]["instance"] == "parts"
+    assert link.sent_to("rnnsentry/alerts/")[0].qos == 1
+    assert daemon.ready() == (True, "ready")
+
+
+def test_status_says_online_then_offline_retained(tiny_model: Path) -> None:
+    link = MemoryLink("rnnsentry/status/parts")
+    config = daemon_config("mqtt://127.0.0.1:1", tiny_model, metrics={"enabled": False})
+    daemon = Daemon(config, link=link)
+    daemon.start()
+    assert link.filters == ["sensors/#"]  # what the daemon's router subscribes to
+    daemon.stop()
+    status = [(p.payload, p.retain) for p in link.sent_to("rnnsentry/status/parts")]
+    assert status == [(b"online", True), (b"offline", True)]
+    assert not link.deliver("sensors/late", b"{}")  # intake closed: the broker keeps it
+    assert daemon.ready()[0] is False
+
+
+def test_stop_scores_everything_received_before_it(tiny_model: Path) -> None:
+    """Messages delivered from another thread right up to stop are all counted: scored or
+    rejected, none left in the inbox, none dropped."""
+    link = MemoryLink()
+    config = daemon_config("mqtt://127.0.0.1:1", tiny_model, metrics={"enabled": False},
+                           batch={"max": 64, "max_wait_ms": 50.0})  # fmt: skip
+    daemon = Daemon(config, link=link)
+    daemon.start()
+    rows = tiny_fleet(n_streams=1, n_steps=50, seed=6, start_step=600).values[0]
+    delivered = 0
+
+    def feed() -> None:
+        nonlocal delivered
+        for s in range(40):
+            for t, row in enumerate(rows):
+                payload = sample_payload(TINY_FEATURES, row, T0 + t).encode()
+                if not link.deliver(f"sensors/s{s}", payload):
+                    return
+                delivered += 1
+        link.deliver("sensors/bad", b"not json")
+        delivered += 1
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    feeder.join()
+    daemon.stop()
+    assert delivered == 40 * len(rows) + 1
+    assert daemon.batcher.depth() == 0 and link.dropped == 0
+    assert counted(daemon, "scored") + rejected(daemon) == delivered
+    assert counted(daemon, "scored") == 40 * len(rows)
+
+
+def test_a_memory_link_counts_what_a_full_inbox_drops() -> None:
+    import queue
+
+    drops: list[int] = []
+    link = MemoryLink()
+    link.bind(LinkHooks(queue.Queue(maxsize=2), lambda: drops.append(1), lambda up: None))
+    link.start()
+    assert [link.deliver("t", b"x") for _ in range(3)] == [True, True, False]
+    assert link.dropped == 1 and drops == [1]
