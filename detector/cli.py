@@ -207,10 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, on_hup)
     daemon.start()
     try:
-        while not stop.wait(1.0):
+        while not (stop.wait(0.5) or daemon.failed.is_set()):
             pass
     finally:
         daemon.stop()
+    if daemon.failure:
+        log.error("stopped because %s", daemon.failure)
+        return 1
     return 0
 
 

@@ -31,6 +31,15 @@ ENV_PREFIX: Final = "RNNSENTRY_"
 class DaemonConfig:
     instance: str = "rnnsentry"  # names the status topic and the MQTT client id
     log_level: str = "INFO"
+    workers: int = 0  # scoring processes beside the one that reads the broker (0: it scores
+    # too; -1: one per core but one, at most 8)
+
+    @property
+    def scoring_processes(self) -> int:
+        """``workers`` with -1 resolved on this machine."""
+        if self.workers >= 0:
+            return self.workers
+        return max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,8 @@ def check_config(config: Config) -> list[str]:
     problems = [f"scoring: {p}" for p in config.scoring.validate()]
     if config.batch.max < 1:
         problems.append("batch.max: must be at least 1")
+    if not -1 <= config.daemon.workers <= 256:
+        problems.append("daemon.workers: must be -1 (automatic), 0 or a count up to 256")
     if config.batch.queue_size < config.batch.max:
         problems.append("batch.queue_size: must be at least batch.max")
     if config.streams.max_streams < config.batch.max:

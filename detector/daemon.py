@@ -32,12 +32,12 @@ from detector.engine import Engine
 from detector.errors import ConfigError
 from detector.link import Inbound, Link, LinkHooks
 from detector.metrics import Metrics, MetricsServer
-from detector.model import LoadedModel
 from detector.mqtt import MqttLink
+from detector.pool import WorkerPool
 from detector.publisher import Publisher
 from detector.routing import Router
-from detector.snapshot import capture, load_snapshot, write_atomic
-from detector.stage import ScoringStage
+from detector.snapshot import capture, load_snapshot, merge_captures, write_atomic
+from detector.stage import ScoringStage, load_engines
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class Daemon:
         self.stage = ScoringStage(config, self.metrics, self.publisher)
         self.link: Link | None = None
         self._given_link = link
+        processes = config.daemon.scoring_processes
+        self.pool = WorkerPool(config, self.metrics, processes) if processes else None
+        self.failed = threading.Event()  # a part stopped working: the daemon must end
         self.server: MetricsServer | None = None
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -87,9 +90,18 @@ class Daemon:
 
     # --- lifecycle ---
 
+    @property
+    def failure(self) -> str:
+        """Why the daemon cannot go on ("" while it can): a scoring process died."""
+        return self.pool.failure if self.pool is not None else ""
+
     def start(self) -> None:
         self._install(self._load_models())
-        self._restore_snapshot()
+        if self.pool is not None:  # they restore their own streams from the snapshot
+            self.pool.on_failure = lambda why: self.failed.set()
+            self.pool.start(self.router)
+        else:
+            self._restore_snapshot()
         self._start_metrics()
         self._start_worker()
         self._start_link()
@@ -101,9 +113,11 @@ class Daemon:
         self._stopping.set()
         if self._worker is not None:
             self._worker.join(timeout=30)  # it finishes the batch in hand and drains the queue
+        self._save_snapshot()
+        if self.pool is not None:
+            self.pool.stop()  # they score what they hold; their alerts are published
         if self.link is not None:
             self.link.stop()
-        self._save_snapshot()
         if self.server is not None:
             self.server.stop()
         log.info("stopped")
@@ -115,6 +129,8 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if not self.engines:
             return False, "no model loaded"
+        if self.failure:
+            return False, self.failure
         if self.link is None or not self.link.connected.is_set():
             why = f" ({self.link.last_error})" if self.link and self.link.last_error else ""
             return False, "not connected to the broker" + why
@@ -126,17 +142,7 @@ class Daemon:
 
     def _load_models(self) -> tuple[list[Engine], Router]:
         """Load and check every model file; raises ModelFileError naming the bad one."""
-        rt = self.config.runtime
-        engines: list[Engine] = []
-        routes: list[tuple[str, int]] = []
-        for i, mc in enumerate(self.config.models):
-            model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
-            engines.append(Engine(model, self.config.scoring, self.config.streams))
-            routes.extend((topic, i) for topic in mc.topics)
-        names = [e.model.name for e in engines]
-        for name in sorted({n for n in names if names.count(n) > 1}):
-            raise ConfigError(f"two models are named {name!r}: give each a name in [[models]]")
-        return engines, Router(routes)
+        return load_engines(self.config)
 
     def _install(self, loaded: tuple[list[Engine], Router]) -> None:
         engines, router = loaded
@@ -162,8 +168,16 @@ class Daemon:
         path = self.config.snapshot.path
         if not path or not self.engines:
             return
-        with self._batch_lock:
-            arrays = capture(self.engines)
+        if self.pool is not None:
+            parts = self.pool.capture()
+            if parts is None:
+                self.metrics.snapshot_failures.inc()
+                log.error("a scoring process did not hand over its state: no snapshot written")
+                return
+            arrays = merge_captures(parts)
+        else:
+            with self._batch_lock:
+                arrays = capture(self.engines)
         try:
             size = write_atomic(path, arrays)
             log.debug("snapshot of %d bytes written to %s", size, path)
@@ -207,6 +221,8 @@ class Daemon:
                 bind(hooks)
             link.set_filters(self.router.filters)
         self.link = self.publisher.link = link
+        if self.pool is not None:
+            self.pool.link = link
         link.start()
 
     # --- the worker ---
@@ -251,8 +267,12 @@ class Daemon:
                 self.metrics.messages.labels("dropped").inc(len(batch))
 
     def process(self, batch: list[Inbound]) -> None:
-        """Route, parse, step and publish one micro-batch (the scoring stage's job)."""
-        self.stage.process(batch)
+        """Route, parse, step and publish one micro-batch (the scoring stage's job), or hand
+        it to the scoring processes."""
+        if self.pool is not None:
+            self.pool.dispatch(batch)
+        else:
+            self.stage.process(batch)
 
     def _housekeeping(self) -> None:
         m = self.metrics
@@ -268,6 +288,9 @@ class Daemon:
         if now - self._last_evict >= _EVICT_EVERY_S:
             self._last_evict = now
             wall = time.time()
+            if self.pool is not None:
+                self.pool.control("evict", wall)
+                return
             with self._batch_lock:
                 m.evictions.inc(sum(e.evict_idle(wall) for e in self.engines))
                 m.streams_active.set(self.stage.streams_active())
@@ -281,6 +304,9 @@ class Daemon:
             log.error("reload failed, keeping the running model(s): %s", exc)
             return
         with self._batch_lock:  # no batch is being scored while the state moves over
+            if self.pool is not None:  # each loads the files it was checked here they hold
+                self.pool.set_router(router)
+                self.pool.control("reload")
             # The same [[models]] entry keeps its streams, whatever name the new file carries.
             for engine, previous in zip(engines, self.engines, strict=True):
                 if not engine.adopt_state(previous):

@@ -32,6 +32,24 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _INFER_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
 
+# Another process's samples: (sample name, sorted labels) -> value, as it last reported them.
+RemoteSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
+
+
+def remote_samples(metrics: Metrics) -> RemoteSamples:
+    """What a worker process reports of its metrics: every non-zero sample but the
+    ``_created`` times (counters and histograms are totals since it started)."""
+    out: RemoteSamples = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.value and not sample.name.endswith("_created"):
+                out[_key(sample.name, sample.labels)] = sample.value
+    return out
+
 
 class BatchHistogram:
     """A histogram that takes a whole array of observations in one numpy call.
@@ -173,6 +191,45 @@ class Metrics:
             self.alerts.labels(event)
         for result in ("ok", "failed"):
             self.reloads.labels(result)
+        self._remote: dict[str, RemoteSamples] = {}
+        self._remote_lock = threading.Lock()
+
+    def merge(self, source: str, samples: RemoteSamples) -> None:
+        """Take another process's latest samples (``remote_samples``): from now on every
+        sample of the same name and labels shows the sum over this process and the others."""
+        with self._remote_lock:
+            self._remote[source] = samples
+
+    def _remote_totals(self) -> RemoteSamples:
+        totals: RemoteSamples = {}
+        with self._remote_lock:
+            for samples in self._remote.values():
+                for key, value in samples.items():
+                    totals[key] = totals.get(key, 0.0) + value
+        return totals
+
+    def collect(self) -> list[Metric]:
+        """Every family of the registry, other processes' samples added in."""
+        families = list(self.registry.collect())
+        totals = self._remote_totals()
+        if totals:
+            for family in families:
+                family.samples = [
+                    s._replace(
+                        value=s.value + totals.get((s.name, tuple(sorted(s.labels.items()))), 0.0)
+                    )
+                    for s in family.samples
+                ]
+        return families
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's value over every process, as /metrics shows it (None: no such)."""
+        key = _key(name, labels or {})
+        for family in self.collect():
+            for s in family.samples:
+                if _key(s.name, s.labels) == key:
+                    return float(s.value)
+        return None
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejections.labels(reason).inc(n)
@@ -184,7 +241,7 @@ class Metrics:
             self.model_info.labels(name, cell, fingerprint).set(1)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self)  # it collects like a registry
 
 
 class MetricsServer:

@@ -106,6 +106,32 @@ def capture(engines: Sequence[Engine], created: float | None = None) -> dict[str
     return arrays
 
 
+def merge_captures(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One snapshot of several processes' captures (:func:`capture`) of the same models,
+    each holding streams the others do not: the streams of all, in one file."""
+    if len(parts) == 1:
+        return parts[0]
+    headers = [json.loads(p[HEADER_KEY].tobytes().decode("ascii")) for p in parts]
+    header = headers[0]
+    out: dict[str, np.ndarray] = {}
+    for m, model in enumerate(header["models"]):
+        mine = [h["models"][m] for h in headers]
+        ids: list[str] = []
+        for part, doc in zip(parts, mine, strict=True):
+            ids.extend(json.loads(part[doc["ids"]].tobytes().decode("ascii")))
+        out[model["ids"]] = _json_bytes(ids)
+        out[model["last_seen"]] = np.concatenate(
+            [part[doc["last_seen"]] for part, doc in zip(parts, mine, strict=True)])  # fmt: skip
+        for c, column in enumerate(model["columns"]):
+            out[column["key"]] = np.concatenate(
+                [part[doc["columns"][c]["key"]] for part, doc in zip(parts, mine, strict=True)],
+                axis=column["axis"],
+            )
+        model["streams"] = len(ids)
+    out[HEADER_KEY] = _json_bytes(header)
+    return out
+
+
 def _check_names(engines: Sequence[Engine]) -> None:
     names = [e.model.name for e in engines]
     if len(set(names)) != len(names):
@@ -172,9 +198,11 @@ def save_snapshot(path: str | Path, engines: Sequence[Engine]) -> int:
 
 
 def load_snapshot(
-    path: str | Path, engines: Sequence[Engine], now: float | None = None
-) -> dict[str, int]:
-    """Restore into fresh engines; returns {model name: streams restored}.
+    path: str | Path, engines: Sequence[Engine], now: float | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """Restore into fresh engines; returns {model name: streams restored}. ``keep``: only
+    the streams it accepts (a worker process takes its own partition).
 
     Streams idle for longer than an engine's ``idle_ttl_s`` at ``now`` are
     left out, and at most ``max_streams`` (the most recently seen) are kept.
@@ -211,7 +239,7 @@ def load_snapshot(
             log.warning("snapshot %s: model %s not restored: %s", path, name, why)
             restored[name] = 0
             continue
-        restored[name] = _restore(entry, engine, now)
+        restored[name] = _restore(entry, engine, now, keep)
     for entry in by_name.values():
         log.info("snapshot %s: model %s is not loaded now; its state is dropped",
                  path, entry.name)  # fmt: skip
@@ -248,7 +276,9 @@ def _mismatch(entry: _Saved, engine: Engine) -> str:
     return ""
 
 
-def _restore(entry: _Saved, engine: Engine, now: float) -> int:
+def _restore(
+    entry: _Saved, engine: Engine, now: float, keep: Callable[[str], bool] | None = None
+) -> int:
     """Put the saved streams into the engine's table. A column this version keeps and the
     snapshot lacks (an upgrade) starts at its initial value, as for a new stream; a saved
     column this version does not keep is dropped."""
@@ -260,23 +290,29 @@ def _restore(entry: _Saved, engine: Engine, now: float) -> int:
                  entry.name, new or "none", old or "none")  # fmt: skip
     cfg = engine.stream_config
     with np.errstate(invalid="ignore"):
-        live = np.flatnonzero(entry.last_seen >= now - cfg.idle_ttl_s)
+        live = entry.last_seen >= now - cfg.idle_ttl_s
+    others = 0  # streams another process takes
+    if keep is not None:
+        mine = np.fromiter(map(keep, entry.ids), np.bool_, count=len(entry.ids))
+        others = len(mine) - int(np.count_nonzero(mine))
+        live &= mine
+    alive = np.flatnonzero(live)
     # Newest first, so the cut at max_streams keeps the most recently seen.
-    keep = live[np.argsort(-entry.last_seen[live], kind="stable")][: table.max_streams]
-    dropped = len(entry.ids) - len(keep)
+    keep_rows = alive[np.argsort(-entry.last_seen[alive], kind="stable")][: table.max_streams]
+    dropped = len(entry.ids) - others - len(keep_rows)
     if dropped:
         log.info("model %s: %d saved streams idle past the TTL or over max_streams not restored",
                  entry.name, dropped)  # fmt: skip
-    if len(keep) == 0:
+    if len(keep_rows) == 0:
         return 0
-    rows = table.rows_for([entry.ids[i] for i in keep], now)
+    rows = table.rows_for([entry.ids[i] for i in keep_rows], now)
     table.scatter(rows, {
-        name: np.take(values, keep, axis=table.columns[name].axis)
+        name: np.take(values, keep_rows, axis=table.columns[name].axis)
         for name, values in entry.values.items()
         if name in table.columns
     })  # fmt: skip
-    table.last_seen[rows] = entry.last_seen[keep]
-    return len(keep)
+    table.last_seen[rows] = entry.last_seen[keep_rows]
+    return len(keep_rows)
 
 
 def _set_aside(path: Path, why: str) -> None:

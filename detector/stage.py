@@ -19,7 +19,7 @@ import numpy as np
 
 from detector.config import Config
 from detector.engine import DUPLICATE, MODEL_NON_FINITE, OUT_OF_ORDER, SCORED, Engine
-from detector.errors import PayloadError
+from detector.errors import ConfigError, PayloadError
 from detector.link import Inbound
 from detector.metrics import Metrics
 from detector.model import LoadedModel
@@ -69,6 +69,22 @@ class _Pending:
     ts: list[float]
     values: list[float]  # flat: the model's n_features values per sample, in feature order
     received: list[float]
+
+
+def load_engines(config: Config) -> tuple[list[Engine], Router]:
+    """Load and check every configured model file, with the router to them; raises
+    ModelFileError naming the bad file, ConfigError for two models of one name."""
+    rt = config.runtime
+    engines: list[Engine] = []
+    routes: list[tuple[str, int]] = []
+    for i, mc in enumerate(config.models):
+        model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
+        engines.append(Engine(model, config.scoring, config.streams))
+        routes.extend((topic, i) for topic in mc.topics)
+    names = [e.model.name for e in engines]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"two models are named {name!r}: give each a name in [[models]]")
+    return engines, Router(routes)
 
 
 class ScoringStage:

@@ -1,0 +1,309 @@
+"""Scoring in worker processes: the reading process hands raw messages over, partitioned.
+
+With ``[daemon] workers`` above 0, the process that reads the broker does not decode a
+payload. It routes each topic (memoised) to its stream and hands the raw message to the
+scoring process that owns the stream, ``crc32(stream) % workers``: a stream's samples all
+go to one process, in arrival order, one chunk a batch per process through a pipe. Each
+worker runs the scoring stage (:class:`~detector.stage.ScoringStage`) over its streams and
+sends back what to publish and its metrics; the reading process publishes every alert
+through its one broker connection and serves the metrics of all (:meth:`Metrics.merge`).
+
+A worker that dies is seen by the thread that reads its pipe, and the pool says so
+(``failure``); the daemon then stops and exits with an error, so that systemd or
+Kubernetes restarts it. Workers ignore SIGINT and SIGTERM (a service manager signals the
+whole group) and stop when the reading process tells them to, after scoring everything
+handed to them; a worker whose reading process is gone finds its pipe closed and ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from detector.config import Config
+from detector.link import Inbound, Link
+from detector.metrics import Metrics, RemoteSamples, remote_samples
+from detector.publisher import Publisher
+from detector.routing import Router
+from detector.snapshot import capture, load_snapshot
+from detector.stage import ScoringStage, load_engines
+
+log = logging.getLogger(__name__)
+
+_METRICS_EVERY_S: Final = 0.25  # a worker reports its metrics at most this often
+_START_TIMEOUT_S: Final = 120.0  # loading models in a fresh interpreter
+_STOP_TIMEOUT_S: Final = 60.0
+_UNROUTABLE: Final = (-1, "", -1)
+_ROUTE_MEMO_MAX: Final = 131_072
+
+
+def partition_of(stream: str, workers: int) -> int:
+    """The worker that owns ``stream``: the same for the same stream and count, on every
+    host and run (CRC-32, not Python's salted ``hash``).
+
+    >>> partition_of("pump-7", 4), partition_of("pump-7", 4) == partition_of("pump-7", 4)
+    (3, True)
+    """
+    return zlib.crc32(stream.encode("utf-8", "surrogatepass")) % workers
+
+
+class _Outbox:
+    """A worker's link: what the stage publishes waits here for the next reply."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes, int]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        self.items.append((topic, payload, qos))
+        return True
+
+    def take(self) -> list[tuple[str, bytes, int]]:
+        items, self.items = self.items, []
+        return items
+
+
+def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
+                 replies: Connection) -> None:  # fmt: skip
+    """A scoring process: messages in, publications and metrics out, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker {index}: %(message)s",
+    )
+    metrics = Metrics()
+    outbox = _Outbox()
+    publisher = Publisher(config, metrics)
+    publisher.link = outbox  # type: ignore[assignment]
+    stage = ScoringStage(config, metrics, publisher)
+    stage.install(*load_engines(config))
+    if config.snapshot.path:
+        mine = load_snapshot(config.snapshot.path, stage.engines,
+                             keep=lambda s: partition_of(s, workers) == index)  # fmt: skip
+        log.debug("restored %s", mine)
+    metrics.streams_active.set(stage.streams_active())
+    replies.send(("metrics", remote_samples(metrics)))  # the streams it restored, then:
+    replies.send(("ready", os.getpid()))
+    last_report, dirty = 0.0, False
+    while True:
+        try:
+            if dirty and not inbox.poll(_METRICS_EVERY_S):  # idle: report what it did
+                last_report, dirty = time.monotonic(), False
+                replies.send(("metrics", remote_samples(metrics)))
+            message = inbox.recv()
+        except EOFError:  # the reading process is gone: nobody to reply to
+            return
+        stop = False
+        if isinstance(message, list):
+            try:
+                stage.process(message)
+            except Exception:  # a bug must not end the worker: count and go on
+                log.exception("batch of %d messages failed", len(message))
+                metrics.messages.labels("dropped").inc(len(message))
+        else:
+            stop = _control(message, stage, metrics, replies)
+        if outbox.items:
+            replies.send(("publish", outbox.take()))
+        dirty = True
+        now = time.monotonic()
+        if stop or not isinstance(message, list) or now - last_report >= _METRICS_EVERY_S:
+            last_report, dirty = now, False
+            replies.send(("metrics", remote_samples(metrics)))
+        if stop:
+            replies.send(("stopped", None))
+            return
+
+
+def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
+             replies: Connection) -> bool:  # fmt: skip
+    """One control message; True: stop."""
+    kind = message[0]
+    if kind == "evict":
+        metrics.evictions.inc(sum(e.evict_idle(message[1]) for e in stage.engines))
+    elif kind == "reload":
+        engines, router = load_engines(stage.config)
+        for engine, previous in zip(engines, stage.engines, strict=True):
+            if not engine.adopt_state(previous):
+                log.warning("model %s changed its state shape: its streams start afresh",
+                            engine.model.name)  # fmt: skip
+        stage.install(engines, router)
+    elif kind == "capture":
+        replies.send(("capture", capture(stage.engines)))
+    elif kind == "stop":
+        return True
+    metrics.streams_active.set(stage.streams_active())
+    return False
+
+
+class WorkerPool:
+    """The reading process's side: spawns the workers, hands them messages, publishes what
+    they send back and merges their metrics into ``metrics``."""
+
+    def __init__(self, config: Config, metrics: Metrics, workers: int) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.workers = workers
+        self.link: Link | None = None
+        self.failure = ""  # why the pool stopped working ("" while it works)
+        self.on_failure: Callable[[str], None] = lambda why: None
+        self._router = Router([])
+        self._routes: dict[str, tuple[int, str, int]] = {}
+        self._processes: list[Any] = []
+        self._inboxes: list[Connection] = []
+        self._readers: list[threading.Thread] = []
+        self._send_lock = threading.Lock()  # dispatch and control messages, in order
+        self._stopping = False
+        self._stopped = [threading.Event() for _ in range(workers)]
+        self._ready = [threading.Event() for _ in range(workers)]
+        self._captures: list[Any] = [None] * workers
+        self._captured = [threading.Event() for _ in range(workers)]
+
+    def start(self, router: Router) -> None:
+        """Spawn the workers and wait until each has loaded its models and state."""
+        self._router = router
+        ctx = mp.get_context("spawn")  # no fork of a process with threads and sessions
+        for i in range(self.workers):
+            theirs, ours = ctx.Pipe(duplex=False)
+            replies, their_replies = ctx.Pipe(duplex=False)
+            process = ctx.Process(
+                target=_worker_main, args=(i, self.workers, self.config, theirs, their_replies),
+                name=f"rnnsentry-worker-{i}", daemon=True,
+            )  # fmt: skip
+            process.start()
+            theirs.close()
+            their_replies.close()
+            self._processes.append(process)
+            self._inboxes.append(ours)
+            reader = threading.Thread(target=self._read, args=(i, replies),
+                                      name=f"worker-{i}-replies", daemon=True)  # fmt: skip
+            reader.start()
+            self._readers.append(reader)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        for i, ready in enumerate(self._ready):
+            while not ready.wait(0.1):
+                if self.failure or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(self.failure or f"worker {i} did not start in time")
+
+    def set_router(self, router: Router) -> None:
+        with self._send_lock:
+            self._router = router
+            self._routes = {}
+
+    def dispatch(self, batch: list[Inbound]) -> None:
+        """Hand each message to the worker that owns its stream: one send per worker."""
+        routes, n = self._routes, self.workers
+        chunks: list[list[Inbound]] = [[] for _ in range(n)]
+        unroutable = 0
+        for message in batch:
+            route = routes.get(message[0])
+            if route is None:
+                route = self._route(message[0])
+            if route[2] < 0:
+                unroutable += 1
+                continue
+            chunks[route[2]].append(message)
+        if unroutable:
+            self.metrics.reject("unknown_route", unroutable)
+        with self._send_lock:
+            for inbox, chunk in zip(self._inboxes, chunks, strict=True):
+                if chunk:
+                    self._send(inbox, chunk)
+
+    def _route(self, topic: str) -> tuple[int, str, int]:
+        if len(self._routes) >= _ROUTE_MEMO_MAX:
+            self._routes.clear()
+        found = self._router.route(topic)
+        route = _UNROUTABLE if found is None else (*found, partition_of(found[1], self.workers))
+        self._routes[topic] = route
+        return route
+
+    def _send(self, inbox: Connection, message: Any) -> None:
+        try:
+            inbox.send(message)
+        except OSError as exc:  # the worker is gone; its reader says so
+            if not self.failure:
+                log.debug("send to a worker failed: %s", exc)
+
+    def control(self, *message: Any) -> None:
+        """A control message to every worker, after what was handed to them before."""
+        with self._send_lock:
+            for inbox in self._inboxes:
+                self._send(inbox, message)
+
+    def capture(self, timeout_s: float = _STOP_TIMEOUT_S) -> list[Any] | None:
+        """Every worker's stream state (``snapshot.capture``), or None if one did not
+        answer in time."""
+        for event in self._captured:
+            event.clear()
+        self.control("capture")
+        deadline = time.monotonic() + timeout_s
+        for event in self._captured:
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                return None
+        return list(self._captures)
+
+    def stop(self) -> None:
+        """Tell every worker to finish what it holds and stop; wait for them."""
+        self._stopping = True
+        self.control("stop")
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for i, process in enumerate(self._processes):
+            while not self._stopped[i].wait(0.05) and process.is_alive():
+                if time.monotonic() > deadline:
+                    break
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %d did not stop in time; ending it", i)
+                process.kill()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for inbox in self._inboxes:
+            inbox.close()
+
+    def alive(self) -> bool:
+        return not self.failure and all(p.is_alive() for p in self._processes)
+
+    def _read(self, index: int, replies: Connection) -> None:
+        """Reply thread of one worker: publish, merge metrics, note state and the end."""
+        while True:
+            try:
+                kind, body = replies.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "publish":
+                link = self.link
+                for topic, payload, qos in body:
+                    if link is None or not link.publish(topic, payload, qos=qos):
+                        self.metrics.publish_failures.inc()
+            elif kind == "metrics":
+                self.metrics.merge(f"worker-{index}", body)
+            elif kind == "capture":
+                self._captures[index] = body
+                self._captured[index].set()
+            elif kind == "ready":
+                self._ready[index].set()
+            elif kind == "stopped":
+                self._stopped[index].set()
+        replies.close()
+        if not self._stopped[index].is_set():
+            code = self._processes[index].exitcode if index < len(self._processes) else None
+            self._fail(f"scoring worker {index} ended unexpectedly (exit code {code})")
+
+    def _fail(self, why: str) -> None:
+        if self.failure:
+            return
+        self.failure = why
+        log.error("%s", why)
+        self.on_failure(why)
+
+
+__all__ = ["RemoteSamples", "WorkerPool", "partition_of"]
