@@ -76,7 +76,8 @@ def make_daemon(
 ) -> TimedDaemon:
     config, problems = build_config(
         {
-            "daemon": {"instance": instance, "log_level": "WARNING"},
+            # scored in this process, where each batch's decisions are timed
+            "daemon": {"instance": instance, "log_level": "WARNING", "workers": 0},
             "mqtt": {"broker": url},
             "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
             "metrics": {"enabled": False},

@@ -104,6 +104,7 @@ def make_daemon(model: Path, streams: int, batch_max: int = 512) -> Daemon:
         {
             "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
             "metrics": {"enabled": False},
+            "daemon": {"workers": 0},  # scored in this process, by process()
             "streams": {"max_streams": max(100_000, streams)},
             "batch": {"queue_size": 1_000_000, "max": batch_max},
             # a short warm-up, so that the injected anomalies may raise alerts

@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 from common import (
     BareSubscriber,
     BrokerStats,
@@ -79,6 +80,7 @@ def run_daemon(
     batch_max: int,
     rate: float = 0.0,
     max_wait_ms: float = 2.0,
+    workers: int = -1,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     RUNS[0] += 1
     config = daemon_config(
@@ -88,6 +90,7 @@ def run_daemon(
         batch_max=batch_max,
         max_streams=max(200_000, load.streams),
         batch={"max_wait_ms": max_wait_ms},
+        daemon={"workers": workers},
     )
     daemon = DaemonProcess(config)
     try:
@@ -127,6 +130,47 @@ def run_daemon(
             / max(get("rnnsentry_decision_latency_seconds_count"), 1)
         ),
     }, after
+
+
+def paired_rounds(
+    model: Any, load: Load, rounds: int, workers: list[int], nodelay: bool
+) -> list[list[object]]:
+    """The issue's protocol: two brokers; in each round a bare subscriber takes a raw
+    pre-encoded flood on one and the daemon (each ``workers`` setting) the same flood on the
+    other, the brokers swapping roles every round; the median of the rounds' ratios."""
+    brokers = [start_broker(nodelay=nodelay), start_broker(nodelay=nodelay)]
+    stats = [BrokerStats(b.port) for b in brokers]
+    snaps = [st.snapshot() for st in stats]
+    ratios: dict[int, list[float]] = {w: [] for w in workers}
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    lost: dict[int, int] = dict.fromkeys(workers, 0)
+    bare_rates: list[float] = []
+    try:
+        for r in range(rounds):
+            a, b = r % 2, 1 - r % 2
+            bare, snaps[a] = run_bare(brokers[a].port, stats[a], snaps[a], load)
+            bare_rates.append(bare["rate"])
+            for w in workers:
+                got, snaps[b] = run_daemon(model, brokers[b].url, brokers[b].port, stats[b],
+                                           snaps[b], load, 512, workers=w)  # fmt: skip
+                ratios[w].append(got["rate"] / bare["rate"])
+                rates[w].append(got["rate"])
+                lost[w] += got["dropped"] + got["missing"]
+    finally:
+        for st in stats:
+            st.close()
+        for broker in brokers:
+            broker.stop()
+    rows: list[list[object]] = []
+    for w in workers:
+        what = {-1: "default (one per core but one)", 0: "none (one process)"}.get(w, str(w))
+        rows.append([
+            f"daemon, scoring processes: {what}", f"{load.streams:,}",
+            rate_text(float(np.median(bare_rates))), rate_text(float(np.median(rates[w]))),
+            f"**{np.median(ratios[w]):.2f}**", ", ".join(f"{x:.2f}" for x in ratios[w]),
+            f"{lost[w]:,}",
+        ])  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="max_wait of the run that shows what longer waits (larger batches) give",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="paired rounds of the flood (%(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        default="-1,0",
+        help="[daemon] workers settings of the paired rounds (%(default)s)",
+    )
+    parser.add_argument(
+        "--paired-only", action="store_true", help="only the paired rounds, then stop"
+    )
     add_common_arguments(parser)
     add_broker_arguments(parser)
     args = parser.parse_args(argv)
@@ -191,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         " bare subscriber: paho 2 MQTTv5, subscription QoS 1, on_message only counts."
         " flood: as fast as the socket takes it; paced: at a fixed rate.\n"
     )
+
+    load = Load(streams=args.reference_streams,
+                rounds=max(3, math.ceil(args.messages / args.reference_streams)))  # fmt: skip
+    workers = [int(w) for w in args.workers.split(",") if w]
+    paired = paired_rounds(model, load, args.rounds, workers, not args.broker_nagle)
+    print(f"paired rounds: {args.rounds}, single-sample JSON flood, two brokers; the median"
+          " of the rounds' daemon / bare ratios (target 0.8, aim 1.0)\n")  # fmt: skip
+    print(table(["run", "streams", "bare /s (median)", "scored /s (median)", "vs bare (median)",
+                 "per round", "dropped + missing"], paired))  # fmt: skip
+    print()
+    if args.paired_only:
+        print(f"wall time {time.monotonic() - began:.0f} s; " + load_note_at_end())
+        return 0
 
     broker = start_broker(nodelay=not args.broker_nagle)
     print(broker_line(not args.broker_nagle) + "\n")

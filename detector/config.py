@@ -31,8 +31,8 @@ ENV_PREFIX: Final = "RNNSENTRY_"
 class DaemonConfig:
     instance: str = "rnnsentry"  # names the status topic and the MQTT client id
     log_level: str = "INFO"
-    workers: int = 0  # scoring processes beside the one that reads the broker (0: it scores
-    # too; -1: one per core but one, at most 8)
+    workers: int = -1  # scoring processes beside the one that reads the broker: -1, one per
+    # core but one (at least 1, at most 8); 0, none (the reading process scores too)
 
     @property
     def scoring_processes(self) -> int:

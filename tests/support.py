@@ -183,7 +183,7 @@ def daemon_config(
     if isinstance(models, Path):
         models = [{"path": str(models), "topics": ["sensors/{stream}"]}]
     doc: dict[str, Any] = {
-        "daemon": {"instance": instance},
+        "daemon": {"instance": instance, "workers": 0},  # in this process: its state is at hand
         "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-{instance}-{free_port()}",
                  "reconnect_min_s": 1, "reconnect_max_s": 1},
         "models": models,

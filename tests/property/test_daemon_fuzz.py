@@ -44,6 +44,7 @@ def daemon(tiny_model: Path, one_feature_model: Path) -> Daemon:
                    {"path": str(one_feature_model),
                     "topics": ["plant/{site}/{machine}/meter"]}],
         "metrics": {"enabled": False},
+        "daemon": {"workers": 0},  # scored in this process, by process()
         "scoring": {"warmup_steps": 2},
         "payload": {"max_bytes": MAX_BYTES, "max_samples": MAX_SAMPLES},
     })  # fmt: skip

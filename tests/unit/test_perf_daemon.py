@@ -39,6 +39,7 @@ def make_daemon(model: Path, publish_scores: bool = True) -> Daemon:
     config, problems = build_config({
         "models": [{"path": str(model), "topics": ["sensors/{stream}", "plant/{site}/{m}"]}],
         "metrics": {"enabled": False},
+        "daemon": {"workers": 0},  # scored in this process, by process()
         "scoring": {"warmup_steps": 3},
         "mqtt": {"publish_scores": publish_scores},
     })  # fmt: skip

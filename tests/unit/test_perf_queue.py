@@ -56,6 +56,7 @@ def daemon(tiny_model: Path) -> Daemon:
     config, problems = build_config({
         "models": [{"path": str(tiny_model)}],
         "metrics": {"enabled": False},
+        "daemon": {"workers": 0},  # scored in this process, by process()
         "batch": {"max": 4, "max_wait_ms": 50.0, "queue_size": 100},
     })  # fmt: skip
     assert problems == []
@@ -105,6 +106,7 @@ def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -
     config, problems = build_config({
         "models": [{"path": str(tiny_model), "topics": ["sensors/{stream}"]}],
         "metrics": {"enabled": False},
+        "daemon": {"workers": 0},  # scored in this process, by process()
         "batch": {"max": 3, "max_wait_ms": 1000.0, "queue_size": 100},
     })  # fmt: skip
     assert problems == []
