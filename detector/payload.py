@@ -5,8 +5,9 @@ list in the model's feature order, a bare number (one-feature models), and a
 JSON list of such objects (a batch for one stream, in time order). ``ts`` is
 epoch seconds or milliseconds, or ISO 8601 text; absent means receive time.
 Every failure is a :class:`~detector.errors.PayloadError` with a closed reason.
-:func:`parse_into` is the worker's fast path for the plain forms: it reads a message
-exactly as :func:`parse_message` would, or leaves it to it.
+:func:`parse_into` is the daemon's parser: it decodes a message once, reads the plain
+forms the fast way (:func:`read_plain`) and the rest the full way (:func:`read_doc`);
+:func:`parse_message` is the full reading alone.
 """
 
 from __future__ import annotations
@@ -184,14 +185,16 @@ class PlainForm:
 
     features: tuple[str, ...]
     pick: Callable[[dict[str, Any]], Any]  # values object -> its values in feature order
+    index: Mapping[str, int]  # name -> column
 
     @classmethod
     @functools.lru_cache(maxsize=64)
     def of(cls, features: tuple[str, ...]) -> PlainForm:
+        index = {name: i for i, name in enumerate(features)}
         if len(features) == 1:
             name = features[0]
-            return cls(features, lambda values: (values[name],))
-        return cls(features, operator.itemgetter(*features))
+            return cls(features, lambda values: (values[name],), index)
+        return cls(features, operator.itemgetter(*features), index)
 
 
 def _plain_sample(
@@ -273,32 +276,15 @@ def _plain_batch(
     return True
 
 
-def parse_into(
-    payload: bytes, form: PlainForm, recv_ts: float, limits: PayloadLimits,
+def read_plain(
+    doc: Any, form: PlainForm, recv_ts: float, limits: PayloadLimits,
     ts_out: list[float], values_out: list[float],
 ) -> int:  # fmt: skip
-    """The hot path: append the samples of a message in a plain form to ``ts_out`` and
-    ``values_out`` (flat, ``len(form.features)`` values a sample, in feature order; ints
-    stay ints, to become float64 in one numpy call) and return how many.
-
-    0 appends nothing and means: let :func:`parse_message` decide. It rejects the message
-    or reads what this path leaves to it (ISO timestamps, value names the model does not
-    know, a bare number). Whatever this path accepts, ``parse_message`` reads the same.
-
-    >>> ts, values, form = [], [], PlainForm.of(("a", "b"))
-    >>> parse_into(b'{"ts": 10, "values": {"b": 2, "a": 1.5}}', form, 99.0, PayloadLimits(),
-    ...            ts, values), ts, values
-    (1, [10.0], [1.5, 2])
-    >>> parse_into(b'{"ts": "2024-01-01T00:00:00Z", "values": [1, 2]}', form, 99.0,
-    ...            PayloadLimits(), ts, values)
-    0
-    """
-    if len(payload) > limits.max_bytes:
-        return 0
-    try:
-        doc = decode_json(payload)
-    except Exception:  # decode errors, NaN constants: parse_message says which
-        return 0
+    """The fast reading of a decoded message in a plain form: append its samples to
+    ``ts_out`` and ``values_out`` (flat, ``len(form.features)`` values a sample, in feature
+    order; ints stay ints, to become float64 in one numpy call) and return how many. 0
+    appends nothing: the message is not plain, and :func:`read_doc` reads it (or says why
+    not). Whatever this reading accepts, ``read_doc`` reads the same."""
     if type(doc) is not list:
         return 1 if _plain_sample(doc, form, recv_ts, ts_out, values_out) else 0
     if not doc or len(doc) > limits.max_samples:
@@ -314,6 +300,45 @@ def parse_into(
     return len(doc)
 
 
+def parse_into(
+    payload: bytes, form: PlainForm, recv_ts: float, limits: PayloadLimits,
+    ts_out: list[float], values_out: list[float],
+) -> tuple[int, int]:  # fmt: skip
+    """The daemon's parser: decode a message once, append its samples to ``ts_out`` and
+    ``values_out`` (as :func:`read_plain`) and return (samples, value names ignored); a
+    message that cannot be read raises PayloadError and appends nothing.
+
+    The plain forms take the fast reading; the rest (ISO timestamps, value names the model
+    does not know, a bare number, every rejection) the full one, on the same decoded document.
+
+    >>> ts, values, form = [], [], PlainForm.of(("a", "b"))
+    >>> parse_into(b'{"ts": 10, "values": {"b": 2, "a": 1.5}}', form, 99.0, PayloadLimits(),
+    ...            ts, values), ts, values
+    ((1, 0), [10.0], [1.5, 2])
+    >>> parse_into(b'{"ts": "1970-01-01T00:00:20Z", "values": {"a": 1, "b": 2, "z": 3}}',
+    ...            form, 99.0, PayloadLimits(), ts, values), ts
+    ((1, 1), [10.0, 20.0])
+    """
+    doc = _decode(payload, limits)
+    k = read_plain(doc, form, recv_ts, limits, ts_out, values_out)
+    if k:
+        return k, 0
+    parsed = read_doc(doc, form.features, form.index, recv_ts, limits)
+    for reading in parsed.readings:
+        ts_out.append(reading.ts)
+        values_out.extend(reading.values)
+    return len(parsed.readings), parsed.ignored_names
+
+
+def _decode(payload: bytes, limits: PayloadLimits) -> Any:
+    if len(payload) > limits.max_bytes:
+        raise PayloadError("too_large", f"{len(payload)} bytes > {limits.max_bytes}")
+    try:
+        return decode_json(payload)
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, over-long integer literals
+        raise PayloadError("decode", f"not JSON ({type(exc).__name__})") from None
+
+
 def _ts_or(recv_ts: float | None) -> float:
     if recv_ts is None:
         raise PayloadError("schema", "batch samples need a 'ts'")
@@ -327,19 +352,25 @@ def parse_message(
     recv_ts: float,
     limits: PayloadLimits = PayloadLimits(),
 ) -> ParsedMessage:
-    """Parse one payload for a model with these ``features`` (``index``: name -> column).
+    """Parse one payload for a model with these ``features`` (``index``: name -> column),
+    by the full reading alone (:func:`read_doc`).
 
     >>> m = parse_message(b'{"ts": 10, "values": {"a": 1, "b": 2, "z": 0}}', ["a", "b"],
     ...                   {"a": 0, "b": 1}, recv_ts=99.0)
     >>> m.readings[0], m.ignored_names
     (Reading(ts=10.0, values=[1.0, 2.0]), 1)
     """
-    if len(payload) > limits.max_bytes:
-        raise PayloadError("too_large", f"{len(payload)} bytes > {limits.max_bytes}")
-    try:
-        doc: Any = decode_json(payload)
-    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, over-long integer literals
-        raise PayloadError("decode", f"not JSON ({type(exc).__name__})") from None
+    return read_doc(_decode(payload, limits), features, index, recv_ts, limits)
+
+
+def read_doc(
+    doc: Any,
+    features: Sequence[str],
+    index: Mapping[str, int],
+    recv_ts: float,
+    limits: PayloadLimits = PayloadLimits(),
+) -> ParsedMessage:
+    """The full reading of a decoded message: every form, every rejection with its reason."""
     if isinstance(doc, list):
         if not doc:
             raise PayloadError("schema", "empty batch")

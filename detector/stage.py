@@ -23,7 +23,7 @@ from detector.errors import ConfigError, PayloadError
 from detector.link import Inbound
 from detector.metrics import Metrics
 from detector.model import LoadedModel
-from detector.payload import PlainForm, parse_into, parse_message
+from detector.payload import PlainForm, parse_into
 from detector.publisher import Publisher
 from detector.routing import Router
 
@@ -121,8 +121,7 @@ class ScoringStage:
         """Route, parse, step and publish one micro-batch.
 
         The loop runs once per message, so it stays small: a memoised route, then
-        ``parse_into`` for the plain payload forms; anything else (rejections included)
-        goes through ``parse_message``, which says why.
+        ``parse_into``, which decodes once and says why when it rejects.
         """
         m = self.metrics
         pending: dict[int, _Pending] = {}
@@ -137,41 +136,24 @@ class ScoringStage:
             p = pending.get(target)
             if p is None:
                 p = pending[target] = _Pending([], [], [], [])
-            k = parse_into(payload, forms[target], received, limits, p.ts, p.values)
+            try:
+                k, ignored = parse_into(payload, forms[target], received, limits, p.ts, p.values)
+            except PayloadError as exc:
+                m.reject(exc.reason)
+                self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
+                continue
+            if ignored:
+                m.ignored_values.inc(ignored)
             if k == 1:
                 p.streams.append(stream)
                 p.received.append(received)
-            elif k:
+            else:
                 p.streams.extend([stream] * k)
                 p.received.extend([received] * k)
-            else:
-                self._parse_slowly(topic, payload, received, engines[target].model, stream, p)
         for target, p in pending.items():
             if p.streams:
                 self._step(engines[target], p)
         m.streams_active.set(self.streams_active())
-
-    def _parse_slowly(
-        self, topic: str, payload: bytes, received: float, model: LoadedModel, stream: str,
-        p: _Pending,
-    ) -> None:  # fmt: skip
-        """The full parser: rejections with their reason, ignored value names, ISO times."""
-        m = self.metrics
-        try:
-            parsed = parse_message(
-                payload, model.meta.features, model.feature_index, received, self.config.payload
-            )
-        except PayloadError as exc:
-            m.reject(exc.reason)
-            self._rejection_log.note(exc.reason, f"{topic}: {exc.detail}")
-            return
-        if parsed.ignored_names:
-            m.ignored_values.inc(parsed.ignored_names)
-        for reading in parsed.readings:
-            p.streams.append(stream)
-            p.ts.append(reading.ts)
-            p.values.extend(reading.values)
-            p.received.append(received)
 
     def _step(self, engine: Engine, p: _Pending) -> None:
         m = self.metrics

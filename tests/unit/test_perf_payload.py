@@ -1,6 +1,7 @@
-"""The hot path's parser agrees with the full one: ``parse_into`` either reads a message
-exactly as ``parse_message`` does or leaves it alone, and ``decode_json`` is ``json.loads``
-with NaN and Infinity rejected."""
+"""The parser's two readings agree: the fast one (``read_plain``) either reads a message
+exactly as the full one (``parse_message``, ``read_doc``) does or leaves it alone;
+``parse_into`` gives what the full reading gives, whichever took the message; and
+``decode_json`` is ``json.loads`` with NaN and Infinity rejected."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from detector.payload import (
     decode_json,
     parse_into,
     parse_message,
+    read_plain,
 )
 
 PROPS = settings(database=None, deadline=None, max_examples=400,
@@ -77,12 +79,20 @@ payloads = (
 @example(payload=b'{"ts": 1e999, "values": [1, 2, 3]}')
 @example(payload=b'{"ts": 1704067200000, "values": {"c": 3, "b": 2.5, "a": -1}}')
 @example(payload=b'[{"ts": 1, "values": [1, 2, 3]}, {"values": [1, 2, 3]}]')
-def test_parse_into_reads_a_message_as_parse_message_does_or_not_at_all(payload: bytes) -> None:
+def test_the_fast_reading_reads_a_message_as_the_full_one_does_or_not_at_all(
+    payload: bytes,
+) -> None:
     ts: list[float] = [-1.0]  # what was there before stays
     flat: list[float] = [-2.0, -3.0, -4.0]
-    n = parse_into(payload, PlainForm.of(FEATURES), RECV_TS, LIMITS, ts, flat)
+    try:
+        doc = decode_json(payload)
+    except (ValueError, RecursionError, PayloadError):
+        return  # not a document: neither reading sees it
+    n = read_plain(doc, PlainForm.of(FEATURES), RECV_TS, LIMITS, ts, flat)
     if n == 0:
         assert ts == [-1.0] and flat == [-2.0, -3.0, -4.0]
+        return
+    if len(payload) > LIMITS.max_bytes:
         return
     parsed = parse_message(payload, FEATURES, INDEX, RECV_TS, LIMITS)  # raises if it would
     assert parsed.ignored_names == 0
@@ -131,7 +141,29 @@ def test_decode_json_rejects_non_finite_constants(payload: bytes) -> None:
     assert err.value.reason == "non_finite"
 
 
-def test_parse_into_leaves_what_it_does_not_read_to_parse_message() -> None:
+@PROPS
+@given(payload=payloads)
+def test_parse_into_gives_what_the_full_reading_gives(payload: bytes) -> None:
+    ts: list[float] = [-1.0]
+    flat: list[float] = [-2.0, -3.0, -4.0]
+    try:
+        want = parse_message(payload, FEATURES, INDEX, RECV_TS, LIMITS)
+    except PayloadError as exc:
+        with pytest.raises(PayloadError) as err:
+            parse_into(payload, PlainForm.of(FEATURES), RECV_TS, LIMITS, ts, flat)
+        assert err.value.reason == exc.reason
+        assert ts == [-1.0] and flat == [-2.0, -3.0, -4.0]  # nothing appended
+        return
+    n, ignored = parse_into(payload, PlainForm.of(FEATURES), RECV_TS, LIMITS, ts, flat)
+    assert (n, ignored) == (len(want.readings), want.ignored_names)
+    assert ts[1:] == [r.ts for r in want.readings]
+    assert np.array_equal(
+        np.array(flat[3:], np.float64),
+        np.array([v for r in want.readings for v in r.values], np.float64),
+    )
+
+
+def test_the_fast_reading_leaves_what_it_does_not_read_to_the_full_one() -> None:
     form = PlainForm.of(FEATURES)
     leave = [
         b'{"ts": "2024-01-01T00:00:00Z", "values": [1, 2, 3]}',  # ISO time
@@ -144,7 +176,7 @@ def test_parse_into_leaves_what_it_does_not_read_to_parse_message() -> None:
     for payload in leave:
         ts: list[float] = []
         flat: list[float] = []
-        assert parse_into(payload, form, RECV_TS, LIMITS, ts, flat) == 0, payload
+        assert read_plain(decode_json(payload), form, RECV_TS, LIMITS, ts, flat) == 0, payload
         assert ts == [] and flat == []
 
 
@@ -152,6 +184,9 @@ def test_plain_form_of_one_feature_picks_a_one_tuple() -> None:
     ts: list[float] = []
     flat: list[float] = []
     form = PlainForm.of(("only",))
-    assert parse_into(b'{"ts": 5, "values": {"only": 2}}', form, RECV_TS, LIMITS, ts, flat) == 1
+    assert parse_into(b'{"ts": 5, "values": {"only": 2}}', form, RECV_TS, LIMITS, ts, flat) == (
+        1,
+        0,
+    )
     assert (ts, flat) == ([5.0], [2])
     assert math.isclose(PlainForm.of(("only",)).pick({"only": 1.5})[0], 1.5)
