@@ -300,6 +300,9 @@ def read_plain(
     return len(doc)
 
 
+_ONE_SAMPLE: Final = (1, 0)
+
+
 def parse_into(
     payload: bytes, form: PlainForm, recv_ts: float, limits: PayloadLimits,
     ts_out: list[float], values_out: list[float],
@@ -319,10 +322,19 @@ def parse_into(
     ...            form, 99.0, PayloadLimits(), ts, values), ts
     ((1, 1), [10.0, 20.0])
     """
-    doc = _decode(payload, limits)
-    k = read_plain(doc, form, recv_ts, limits, ts_out, values_out)
-    if k:
-        return k, 0
+    if len(payload) > limits.max_bytes:
+        raise PayloadError("too_large", f"{len(payload)} bytes > {limits.max_bytes}")
+    try:
+        doc = decode_json(payload)
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, over-long integer literals
+        raise PayloadError("decode", f"not JSON ({type(exc).__name__})") from None
+    if type(doc) is not list:  # the usual message, read here without another call
+        if _plain_sample(doc, form, recv_ts, ts_out, values_out):
+            return _ONE_SAMPLE
+    else:
+        k = read_plain(doc, form, recv_ts, limits, ts_out, values_out)
+        if k:
+            return k, 0
     parsed = read_doc(doc, form.features, form.index, recv_ts, limits)
     for reading in parsed.readings:
         ts_out.append(reading.ts)
