@@ -4,6 +4,7 @@ back (the MQTT 5 session outlives the process)."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from detector.localbroker import Mosquitto
 from tests.support import (
+    EXIT_TIMEOUT_S,
     TINY_FEATURES,
     DaemonProcess,
     Listener,
@@ -71,3 +73,40 @@ def test_kill_9_leaves_the_retained_will_and_a_restart_scores_the_input_sent_mea
             listener.close()
         for daemon in daemons:
             daemon.stop(signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_scoring_process_that_dies_ends_the_daemon_with_an_error(
+    mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path
+) -> None:
+    """So that systemd or Kubernetes restarts it: exit 1, the reason in the log, offline."""
+    daemon = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance="e2e-worker-dies",
+                           env={"RNNSENTRY_DAEMON__WORKERS": "2"})  # fmt: skip
+    try:
+        status = Listener(mosquitto.port, ["rnnsentry/status/e2e-worker-dies"])
+        assert wait_for(status.messages, lambda m: True)[1] == b"online"
+        scorers = [p for p in _children(daemon.proc.pid)
+                   if "spawn_main" in (Path(f"/proc/{p}/cmdline").read_bytes()
+                                            .decode(errors="replace"))]  # fmt: skip
+        assert len(scorers) == 2, scorers
+        os.kill(scorers[0], signal.SIGKILL)
+        assert daemon.proc.wait(timeout=EXIT_TIMEOUT_S) == 1
+        log = daemon.log_path.read_text()
+        assert "scoring worker" in log and "ended unexpectedly" in log
+        assert wait_for(status.messages, lambda m: m[1] == b"offline")[1] == b"offline"
+        status.close()
+    finally:
+        daemon.stop(signal.SIGKILL)
