@@ -110,7 +110,7 @@ def counts(daemon: Daemon) -> tuple[int, int, int]:
         for o in ("scored", "rejected", "dropped")
     }
     done = sum(values.values())
-    return done, values["scored"], done + daemon.inbox.qsize()
+    return done, values["scored"], done + len(daemon.inbox)
 
 
 def histogram_quantiles(daemon: Daemon, qs: tuple[float, ...] = (50, 99, 99.9)) -> list[float]:

@@ -7,7 +7,9 @@
    ``process`` per micro-batch of batch.max (512) over 10,000 streams. Timed without a
    profiler (onnxruntime's share from a timer around ``InferenceSession.run``), then under
    cProfile, split by the module the time is spent in.
-3. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
+3. The reading process's cost of handing messages over to scoring processes
+   (``WorkerPool.dispatch``) per message, for 1, 2 and 4 processes that only read.
+4. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
    lists it.
 
     .venv/bin/python bench/step.py [--streams 10000] [--messages 200000] [--seconds 0.3]
@@ -151,20 +153,16 @@ def module_of(filename: str) -> str:
 
 def split_profile(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
     """Seconds entered into each module from outside it (so including what it calls in
-    other modules), and "publish": the ``_publish_*`` calls made by ``_step``."""
+    other modules); "publish" is the publisher's."""
     raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
     total = 0.0
     entry: dict[str, float] = {}
-    for (filename, _, name), (_, _, tt, _, callers) in raw.items():
+    for (filename, _, _), (_, _, tt, _, callers) in raw.items():
         total += tt
         mod = module_of(filename)
-        for (cfile, _, cname), caller_stat in callers.items():
-            key = None
+        for (cfile, _, _), caller_stat in callers.items():
             if module_of(cfile) != mod:
-                key = mod
-            elif mod == "detector/daemon.py" and cname == "_step" and name.startswith("_publish"):
-                key = "publish"
-            if key is not None:
+                key = "publish" if mod == "detector/publisher.py" else mod
                 entry[key] = entry.get(key, 0.0) + caller_stat[3]
     return total, entry
 
@@ -223,7 +221,7 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
     stats = pstats.Stats(profiler)
     total, entry = split_profile(stats)
     names = {
-        "detector/daemon.py": "daemon: process / _step (excluding the rows below)",
+        "detector/daemon.py": "daemon and stage: process / _step (excluding the rows below)",
         "detector/routing.py": "route topic -> stream",
         "detector/payload.py": "parse (json + validation)",
         "detector/engine.py": "engine (rounds, masks, results; excluding the rows below)",
@@ -233,7 +231,7 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
         "onnxruntime": "onnxruntime session.run",
         "metrics": "metrics (prometheus_client)",
         "detector/metrics.py": "metrics (rnnsentry's own)",
-        "publish": "publishing alerts (_publish_*: JSON + hand-over)",
+        "publish": "publishing alerts (the publisher: JSON + hand-over)",
     }
     rows = []
     ours = {k: v for k, v in entry.items() if k in names}
@@ -281,6 +279,58 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
             ],
         )
     )
+
+
+def _discard(conn: Any) -> None:
+    """A stand-in scoring process: takes what is handed over and drops it."""
+    try:
+        while True:
+            conn.recv_bytes()
+    except EOFError:
+        return
+
+
+def handover_cost(model: Path, streams: int, messages: int) -> None:
+    """The reading process's cost of handing messages to scoring processes
+    (``WorkerPool.dispatch``: route, partition, pickle, write a pipe), per message, with
+    processes that only read."""
+    import multiprocessing as mp
+
+    from detector.pool import WorkerPool
+
+    load = Load(streams=streams, rounds=max(4, messages // streams))
+    inbound = inbound_messages(load)
+    config, problems = build_config({
+        "models": [{"path": str(model), "topics": ["sensors/{stream}"]}],
+        "metrics": {"enabled": False},
+    })  # fmt: skip
+    assert not problems, problems
+    ctx = mp.get_context("spawn")
+    rows = []
+    for workers in (1, 2, 4):
+        daemon = Daemon(config)
+        pool = WorkerPool(config, daemon.metrics, workers)
+        pool._router = daemon._load_models()[1]
+        readers = []
+        for _ in range(workers):
+            ours, theirs = ctx.Pipe(duplex=False)
+            reader = ctx.Process(target=_discard, args=(ours,), daemon=True)
+            reader.start()
+            ours.close()
+            readers.append(reader)
+            pool._inboxes.append(theirs)
+        batches = batches_of(inbound, 64)  # what a 2 ms wait gathers at ~30,000 messages/s
+        t0 = time.perf_counter()
+        for batch in batches:
+            pool.dispatch(batch)
+        seconds = time.perf_counter() - t0
+        for conn in pool._inboxes:
+            conn.close()
+        for reader in readers:
+            reader.join(10)
+        rows.append((f"{workers}", f"{len(inbound):,}", f"**{seconds / len(inbound) * 1e6:.2f}**"))
+    print(table(["scoring processes", "messages (batches of 64)", "**hand-over µs / message**"],
+                rows))  # fmt: skip
 
 
 def cuda_part(paths: dict[str, Path], seconds: float) -> None:
@@ -331,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print("the daemon's worker on queued single-sample messages (gru, batch.max 512):\n")
     worker_profile(paths["gru"], args.streams, args.messages)
+    print()
+    print("the hand-over to scoring processes (`WorkerPool.dispatch`), processes that only read:\n")
+    handover_cost(paths["gru"], args.streams, args.messages)
     print()
     cuda_part(paths, args.seconds)
     print(f"\nwall time {time.monotonic() - began:.0f} s; " + load_note_at_end())

@@ -21,12 +21,11 @@ stream's samples in arrival order. ``bench/throughput.py`` measures the design.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 
-from detector.batcher import Batcher
+from detector.batcher import Batcher, Inbox
 from detector.config import Config, read_password
 from detector.engine import Engine
 from detector.errors import ConfigError
@@ -77,7 +76,7 @@ class Daemon:
         self.instance = config.daemon.instance
 
     @property
-    def inbox(self) -> queue.Queue[Inbound]:
+    def inbox(self) -> Inbox:
         return self.batcher.inbox
 
     @property

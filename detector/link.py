@@ -19,11 +19,18 @@ from typing import Protocol
 Inbound = tuple[str, bytes, float]  # topic, payload, receive time (epoch seconds)
 
 
+class Sink(Protocol):
+    """Where a link puts what it receives (the daemon's inbox; any ``queue.Queue``)."""
+
+    def put_nowait(self, item: Inbound) -> None:
+        """Take one message, or raise ``queue.Full``."""
+
+
 @dataclass(frozen=True)
 class LinkHooks:
     """What the daemon gives a link: where messages go, and what to tell it."""
 
-    inbox: queue.Queue[Inbound]
+    inbox: Sink
     on_drop: Callable[[], None]  # a message was received with the inbox full: counted, lost
     on_connection: Callable[[bool], None]  # connected (True) or not
     on_queued: Callable[[float], None] | None = None  # after each message queued, its time

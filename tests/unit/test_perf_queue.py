@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.batcher import drain_into
+from detector.batcher import Inbox
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.link import Inbound
@@ -23,32 +23,37 @@ def item(i: int, received: float | None = None) -> Inbound:
     return (f"sensors/s{i}", b"{}", float(i) if received is None else received)
 
 
-def test_drain_takes_in_order_up_to_batch_max_and_keeps_the_rest() -> None:
-    inbox: queue.Queue[Inbound] = queue.Queue(maxsize=10)
+def test_take_is_in_order_up_to_n_and_keeps_the_rest() -> None:
+    inbox = Inbox(maxsize=10)
     for i in range(5):
         inbox.put_nowait(item(i))
-    batch = [item(-1)]
-    drain_into(inbox, batch, 3)
-    assert batch == [item(-1), item(0), item(1)]
-    rest: list[Inbound] = []
-    drain_into(inbox, rest, 10)
-    assert rest == [item(2), item(3), item(4)] and inbox.empty()
-    drain_into(inbox, rest, 10)  # nothing left: nothing changes
-    assert len(rest) == 3
+    assert inbox.take(3) == [item(0), item(1), item(2)]
+    assert inbox.take(10) == [item(3), item(4)] and len(inbox) == 0
+    assert inbox.take(10) == []  # nothing left: nothing changes
 
 
-def test_drain_makes_room_for_a_blocked_put() -> None:
-    inbox: queue.Queue[Inbound] = queue.Queue(maxsize=1)
+def test_a_full_inbox_refuses_until_taken_from() -> None:
+    inbox = Inbox(maxsize=2)
     inbox.put_nowait(item(0))
-    put = threading.Thread(target=lambda: inbox.put(item(1), timeout=WAIT_S))
-    put.start()
-    deadline = time.monotonic() + WAIT_S
-    batch: list[Inbound] = []
-    while len(batch) < 2 and time.monotonic() < deadline:
-        drain_into(inbox, batch, 2)
-        time.sleep(0.001)
-    put.join(WAIT_S)
-    assert batch == [item(0), item(1)]
+    inbox.put_nowait(item(1))
+    with pytest.raises(queue.Full):
+        inbox.put_nowait(item(2))
+    assert inbox.take(1) == [item(0)]
+    inbox.put_nowait(item(2))
+    assert inbox.take(5) == [item(1), item(2)]
+
+
+def test_a_waiting_taker_is_woken_by_a_put_and_not_before() -> None:
+    inbox = Inbox(maxsize=10)
+    began = time.monotonic()
+    assert not inbox.wait(0.05)  # nothing came: it waited its time
+    assert time.monotonic() - began >= 0.04
+    later = threading.Timer(0.02, lambda: inbox.put_nowait(item(7)))
+    later.start()
+    began = time.monotonic()
+    assert inbox.wait(WAIT_S)
+    later.join()
+    assert time.monotonic() - began < WAIT_S / 2 and inbox.take(1) == [item(7)]
 
 
 @pytest.fixture
@@ -128,13 +133,13 @@ def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -
     for k in range(2):
         daemon.inbox.put_nowait(message("a", 1.0 + k))
         daemon.on_queued(now)
-    assert daemon.inbox.qsize() == 2 and scored() == 0  # neither full nor old: left queued
+    assert len(daemon.inbox) == 2 and scored() == 0  # neither full nor old: left queued
     daemon.inbox.put_nowait(message("a", 3.0))
     daemon.on_queued(now)
-    assert daemon.inbox.empty() and scored() == 3  # batch.max reached: scored in order
+    assert not len(daemon.inbox) and scored() == 3  # batch.max reached: scored in order
     daemon.inbox.put_nowait(message("b", 1.0))
     daemon.on_queued(now + 1.0)  # the next arrival, a max_wait later, finds it due
-    assert daemon.inbox.empty() and scored() == 4
+    assert not len(daemon.inbox) and scored() == 4
     assert sorted(daemon.engines[0].table.streams()) == ["a", "b"]
 
 
