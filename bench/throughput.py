@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paired-only", action="store_true", help="only the paired rounds, then stop"
     )
+    parser.add_argument(
+        "--paired-model",
+        default="lstm,32",
+        metavar="CELL,HIDDEN",
+        help="the paired rounds' model, over 8 features: `rnnsentry train`'s default shape"
+        " (%(default)s)",
+    )
     add_common_arguments(parser)
     add_broker_arguments(parser)
     args = parser.parse_args(argv)
@@ -250,9 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(streams=args.reference_streams,
                 rounds=max(3, math.ceil(args.messages / args.reference_streams)))  # fmt: skip
     workers = [int(w) for w in args.workers.split(",") if w]
-    paired = paired_rounds(model, load, args.rounds, workers, not args.broker_nagle)
-    print(f"paired rounds: {args.rounds}, single-sample JSON flood, two brokers; the median"
-          " of the rounds' daemon / bare ratios (target 0.8, aim 1.0)\n")  # fmt: skip
+    cell, hidden = args.paired_model.split(",")
+    paired_model = bench_model(cell, int(hidden), 8)
+    paired = paired_rounds(paired_model, load, args.rounds, workers, not args.broker_nagle)
+    print(f"paired rounds: {args.rounds}, single-sample JSON flood, two brokers, {cell} 1x"
+          f"{hidden} over 8 features, default settings; the median of the rounds' daemon /"
+          " bare ratios (target 0.8, aim 1.0)\n")  # fmt: skip
     print(table(["run", "streams", "bare /s (median)", "scored /s (median)", "vs bare (median)",
                  "per round", "dropped + missing"], paired))  # fmt: skip
     print()

@@ -129,7 +129,11 @@ def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
     if kind == "evict":
         metrics.evictions.inc(sum(e.evict_idle(message[1]) for e in stage.engines))
     elif kind == "reload":
-        engines, router = load_engines(stage.config)
+        try:  # the reading process checked the files; one may have changed since
+            engines, router = load_engines(stage.config)
+        except Exception as exc:
+            log.error("reload failed here, keeping the running model(s): %s", exc)
+            return False
         for engine, previous in zip(engines, stage.engines, strict=True):
             if not engine.adopt_state(previous):
                 log.warning("model %s changed its state shape: its streams start afresh",
