@@ -10,8 +10,8 @@ through its one broker connection and serves the metrics of all (:meth:`Metrics.
 
 A worker that dies is seen by the thread that reads its pipe, and the pool says so
 (``failure``); the daemon then stops and exits with an error, so that systemd or
-Kubernetes restarts it. Workers ignore SIGINT and SIGTERM (a service manager signals the
-whole group) and stop when the reading process tells them to, after scoring everything
+Kubernetes restarts it. Workers ignore SIGINT, SIGTERM and SIGHUP (a service manager may
+signal the whole group) and stop or reload when the reading process tells them to, after scoring everything
 handed to them; a worker whose reading process is gone finds its pipe closed and ends.
 """
 
@@ -73,8 +73,9 @@ class _Outbox:
 def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
                  replies: Connection) -> None:  # fmt: skip
     """A scoring process: messages in, publications and metrics out, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # the reading process acts on them
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format=f"%(asctime)s %(levelname)s worker {index}: %(message)s",

@@ -166,3 +166,19 @@ def test_metrics_of_every_process_are_served_as_one(
     _, body = scrape(daemon.server.port)
     assert metric_value(body, "rnnsentry_streams_active") == 8
     assert metric_value(body, "rnnsentry_decision_latency_seconds_count") == 8 * 25
+
+
+def test_workers_leave_termination_and_reload_signals_to_the_reading_process(
+    tiny_model: Path, stop_after: list[Daemon]
+) -> None:
+    """A service manager may signal the whole group; only the reading process acts."""
+    daemon, link = pooled(tiny_model, 1)
+    stop_after.append(daemon)
+    assert daemon.pool is not None
+    pid = daemon.pool._processes[0].pid
+    assert pid is not None
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(pid, sig)
+    feed(link, streams=2, steps=10)
+    poll_until(lambda: scored(daemon) == 20)
+    assert daemon.pool.alive() and not daemon.failed.is_set()
