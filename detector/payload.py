@@ -86,6 +86,8 @@ class ParsedMessage:
 class PayloadLimits:
     max_bytes: int = 65536
     max_samples: int = 1000  # samples in one batch message
+    max_ahead_s: float = 300.0  # a sample's ts this far past its receipt is bad_timestamp
+    # (clock skew allowed for); so is a ts at or before 1970-01-01
 
 
 def _number(value: object, what: str) -> float:

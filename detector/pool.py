@@ -11,8 +11,9 @@ through its one broker connection and serves the metrics of all (:meth:`Metrics.
 A worker that dies is seen by the thread that reads its pipe, and the pool says so
 (``failure``); the daemon then stops and exits with an error, so that systemd or
 Kubernetes restarts it. Workers ignore SIGINT, SIGTERM and SIGHUP (a service manager may
-signal the whole group) and stop or reload when the reading process tells them to, after scoring everything
-handed to them; a worker whose reading process is gone finds its pipe closed and ends.
+signal the whole group) and stop or reload when the reading process tells them to, stopping
+after scoring everything handed to them; a worker whose reading process is gone finds its
+pipe closed and ends.
 """
 
 from __future__ import annotations

@@ -159,7 +159,22 @@ class ScoringStage:
         m = self.metrics
         n = len(p.streams)
         x = np.array(p.values, dtype=np.float64).reshape(n, engine.model.meta.n_features)
-        result = engine.process(p.streams, np.array(p.ts, dtype=np.float64), x)
+        ts = np.array(p.ts, dtype=np.float64)
+        # A time far ahead of its receipt, or before 1970, would become the stream's last
+        # time and have every later sample rejected as out of order: refused here.
+        received = np.array(p.received, dtype=np.float64)
+        sane = (ts > 0.0) & (ts <= received + self.config.payload.max_ahead_s)
+        if not sane.all():
+            bad = int(n - np.count_nonzero(sane))
+            m.reject("bad_timestamp", bad)
+            why = f"{bad} sample(s) in one batch: a time before 1970 or too far ahead of now"
+            self._rejection_log.note("bad_timestamp", why, bad)
+            keep = np.flatnonzero(sane)
+            p = _Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [])
+            x, ts, received, n = x[keep], ts[keep], received[keep], len(keep)
+            if not n:
+                return
+        result = engine.process(p.streams, ts, x)
         decided = time.time()
         m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
         m.inference_seconds.observe_many(np.asarray(result.call_seconds, dtype=np.float64))
@@ -176,7 +191,7 @@ class ScoringStage:
             m.gap_resets.inc(result.gap_resets)
         if result.evicted:
             m.evictions.inc(result.evicted)
-        m.decision_latency.observe_many(decided - np.array(p.received, dtype=np.float64))
+        m.decision_latency.observe_many(decided - received)
         for event in result.events:
             self.publisher.alert(engine.model, event, decided)
         self.publisher.scores(p.streams, p.ts, result, scored)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +118,33 @@ def test_a_memory_link_counts_what_a_full_inbox_drops() -> None:
     link.start()
     assert [link.deliver("t", b"x") for _ in range(3)] == [True, True, False]
     assert link.dropped == 1 and drops == [1]
+
+
+def test_an_absurd_time_is_refused_and_does_not_silence_its_stream(
+    wired: tuple[Daemon, MemoryLink],
+) -> None:
+    """Five samples, one stamped year 9999, twenty more: the one is bad_timestamp, the
+    twenty are scored (it did not become the stream's last time)."""
+    daemon, link = wired
+    now = time.time()
+    rows = tiny_fleet(n_streams=1, n_steps=26, seed=7, start_step=600).values[0]
+
+    def send(row: np.ndarray, ts: object) -> None:
+        doc = {"ts": ts, "values": dict(zip(TINY_FEATURES, map(float, row), strict=True))}
+        assert link.deliver("sensors/pump-1", json.dumps(doc).encode(), received=now)
+
+    for t in range(5):
+        send(rows[t], now - 100 + t)
+    send(rows[5], "9999-12-31T23:59:59Z")
+    for t in range(6, 26):
+        send(rows[t], now - 100 + t)
+    for absurd in (-1e9, 0, 1e10, 1e297, "0001-01-01T00:00:00Z", now + 3600):
+        send(rows[0], absurd)
+    send(rows[0], now + 60)  # a clock a minute fast: accepted
+    poll_until(lambda: counted(daemon, "scored") == 26)
+
+    def reason(name: str) -> float:
+        return daemon.metrics.value("rnnsentry_rejections_total", {"reason": name}) or 0.0
+
+    poll_until(lambda: reason("bad_timestamp") == 7)
+    assert reason("out_of_order") == 0
