@@ -40,6 +40,7 @@ REJECTION_REASONS: Final = (
     "out_of_order",  # timestamp older than the stream's last one
     "duplicate",  # timestamp equal to the stream's last one
     "unknown_route",  # topic matches no model's template
+    "unpublishable",  # the stream's alert or score topic would break MQTT's limits
     "bad_timestamp",  # ts not a time, not after 1970, or too far ahead of its receipt
     "model_non_finite",  # the network produced NaN/inf for this sample (state kept)
 )

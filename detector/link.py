@@ -127,6 +127,13 @@ class MemoryLink:
             self._hooks.on_connection(False)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        """Keep it, or raise ValueError for what an MQTT client refuses (as paho does): a
+        wildcard in the topic, or a topic over 65,535 bytes."""
+        name = topic.encode("utf-8", "surrogatepass")
+        if b"+" in name or b"#" in name:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(name) > 65_535:
+            raise ValueError("Publish topic is too long.")
         with self._lock:  # the daemon's threads may publish at once
             self.published.append(Published(topic, payload, qos, retain))
         return True

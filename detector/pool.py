@@ -32,7 +32,7 @@ from typing import Any, Final
 from detector.config import Config
 from detector.link import Inbound, Link
 from detector.metrics import Metrics, RemoteSamples, remote_samples
-from detector.publisher import Publisher
+from detector.publisher import Publisher, publishable
 from detector.routing import Router
 from detector.snapshot import capture, load_snapshot
 from detector.stage import ScoringStage, load_engines
@@ -208,17 +208,22 @@ class WorkerPool:
         """Hand each message to the worker that owns its stream: one send per worker."""
         routes, n = self._routes, self.workers
         chunks: list[list[Inbound]] = [[] for _ in range(n)]
-        unroutable = 0
+        unroutable = unpublishable = 0
         for message in batch:
             route = routes.get(message[0])
             if route is None:
                 route = self._route(message[0])
             if route[2] < 0:
-                unroutable += 1
+                if route[2] == -1:
+                    unroutable += 1
+                else:
+                    unpublishable += 1
                 continue
             chunks[route[2]].append(message)
         if unroutable:
             self.metrics.reject("unknown_route", unroutable)
+        if unpublishable:
+            self.metrics.reject("unpublishable", unpublishable)
         with self._send_lock:
             for inbox, chunk in zip(self._inboxes, chunks, strict=True):
                 if chunk:
@@ -228,7 +233,12 @@ class WorkerPool:
         if len(self._routes) >= _ROUTE_MEMO_MAX:
             self._routes.clear()
         found = self._router.route(topic)
-        route = _UNROUTABLE if found is None else (*found, partition_of(found[1], self.workers))
+        if found is None:
+            route = _UNROUTABLE
+        elif not publishable(found[1], self.config.mqtt):
+            route = (-2, found[1], -2)
+        else:
+            route = (*found, partition_of(found[1], self.workers))
         self._routes[topic] = route
         return route
 

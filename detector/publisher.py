@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from detector.config import Config
+from detector.config import Config, MqttConfig
 from detector.engine import AlertEvent, BatchResult
 from detector.link import Link
 from detector.metrics import Metrics
@@ -32,6 +32,29 @@ def iso_time(ts: float) -> str:
     '2024-01-01T00:00:00.250Z'
     """
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+MAX_TOPIC_BYTES = 65_535  # MQTT's limit on a topic name, in UTF-8 bytes
+
+
+def publishable(stream: str, mqtt: MqttConfig) -> bool:
+    """Whether the topics of ``stream``'s alerts and scores are MQTT topic names: at most
+    65,535 bytes of UTF-8, no wildcard and no NUL. A stream whose alerts could not be sent
+    is refused before it is scored.
+
+    >>> publishable("north/p7", MqttConfig()), publishable("x" * 70_000, MqttConfig())
+    (True, False)
+    """
+    if "+" in stream or "#" in stream or "\x00" in stream:
+        return False
+    for template in (mqtt.alert_topic, mqtt.score_topic):
+        try:
+            size = len(template.format(stream=stream).encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate from a topic that was not UTF-8
+            return False
+        if size > MAX_TOPIC_BYTES:
+            return False
+    return True
 
 
 class Publisher:
@@ -92,5 +115,10 @@ class Publisher:
     def _send(self, topic: str, doc: dict[str, object], qos: int) -> None:
         if self.link is None:
             return
-        if not self.link.publish(topic, json.dumps(doc).encode(), qos=qos):
+        try:
+            sent = self.link.publish(topic, json.dumps(doc).encode(), qos=qos)
+        except (ValueError, TypeError) as exc:  # the client refuses it: counted, not fatal
+            log.warning("cannot publish on %.80r: %s", topic, exc)
+            sent = False
+        if not sent:
             self.metrics.publish_failures.inc()

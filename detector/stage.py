@@ -24,7 +24,7 @@ from detector.link import Inbound
 from detector.metrics import Metrics
 from detector.model import LoadedModel
 from detector.payload import PlainForm, parse_into
-from detector.publisher import Publisher
+from detector.publisher import Publisher, publishable
 from detector.routing import Router
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ _STATUS_REASON = {OUT_OF_ORDER: "out_of_order", DUPLICATE: "duplicate",
                   MODEL_NON_FINITE: "model_non_finite"}  # fmt: skip
 _REJECTION_LOG_EVERY_S = 10.0
 _UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
+_UNPUBLISHABLE: Final = -2  # a memoised "its stream's alerts could not be published"
 _ROUTE_MEMO_MAX = 131_072  # topics remembered (~200 bytes each, 26 MB at most); cleared when full
 
 
@@ -114,6 +115,8 @@ class ScoringStage:
         if len(memo) >= _ROUTE_MEMO_MAX:
             memo.clear()
         route = self.router.route(topic)
+        if route is not None and not publishable(route[1], self.config.mqtt):
+            route = (_UNPUBLISHABLE, route[1])
         memo[topic] = _UNROUTABLE if route is None else route
         return memo[topic]
 
@@ -130,8 +133,9 @@ class ScoringStage:
         for topic, payload, received in batch:
             target, stream = routes.get(topic) or self._route(topic)
             if target < 0:
-                m.reject("unknown_route")
-                self._rejection_log.note("unknown_route", repr(topic))
+                why = "unknown_route" if target == -1 else "unpublishable"
+                m.reject(why)
+                self._rejection_log.note(why, f"{topic[:200]!r}")
                 continue
             p = pending.get(target)
             if p is None:

@@ -182,3 +182,19 @@ def test_workers_leave_termination_and_reload_signals_to_the_reading_process(
     feed(link, streams=2, steps=10)
     poll_until(lambda: scored(daemon) == 20)
     assert daemon.pool.alive() and not daemon.failed.is_set()
+
+
+def test_the_reading_process_refuses_what_no_worker_could_publish(
+    tiny_model: Path, stop_after: list[Daemon]
+) -> None:
+    daemon, link = pooled(tiny_model, 2)
+    stop_after.append(daemon)
+    rows = tiny_fleet(n_streams=1, n_steps=5, seed=5, start_step=600).values[0]
+    for t, row in enumerate(rows):
+        payload = sample_payload(TINY_FEATURES, row, T0 + t).encode()
+        link.deliver("sensors/" + "y" * 65_520, payload)
+        link.deliver("nowhere/at-all", payload)
+        link.deliver("sensors/fine", payload)
+    poll_until(lambda: scored(daemon) == 5)
+    assert daemon.metrics.value("rnnsentry_rejections_total", {"reason": "unpublishable"}) == 5
+    assert daemon.metrics.value("rnnsentry_rejections_total", {"reason": "unknown_route"}) == 5

@@ -148,3 +148,24 @@ def test_an_absurd_time_is_refused_and_does_not_silence_its_stream(
 
     poll_until(lambda: reason("bad_timestamp") == 7)
     assert reason("out_of_order") == 0
+
+
+def test_a_stream_whose_alerts_could_not_be_sent_is_refused_alone(
+    wired: tuple[Daemon, MemoryLink],
+) -> None:
+    """A stream id so long that its alert topic would pass MQTT's 65,535 bytes is refused
+    under its own reason; the other streams of the same batch are scored and alert."""
+    daemon, link = wired
+    now = time.time()
+    rows = tiny_fleet(n_streams=1, n_steps=40, seed=8, start_step=600).values[0]
+    rows[30] += 40.0 * np.std(rows, axis=0)
+    huge = "sensors/" + "x" * 65_520  # a topic the broker takes; its alert topic is too long
+    for t, row in enumerate(rows):
+        payload = sample_payload(TINY_FEATURES, row, now - 100 + t).encode()
+        link.deliver(huge, payload, received=now)
+        link.deliver("sensors/neighbour", payload, received=now)
+    poll_until(lambda: counted(daemon, "scored") == 40)
+    assert daemon.metrics.value("rnnsentry_rejections_total", {"reason": "unpublishable"}) == 40
+    assert counted(daemon, "dropped") == 0
+    raised = [json.loads(p.payload) for p in link.sent_to("rnnsentry/alerts/")]
+    assert [a["stream"] for a in raised if a["event"] == "raised"] == ["neighbour"]
