@@ -92,7 +92,7 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; "0.0.0.0" (or an address) to serve others
     port: int = 9108
 
 
@@ -236,8 +236,13 @@ def check_config(config: Config) -> list[str]:
         problems.append("mqtt.qos: must be 0 or 1")
     if "{stream}" not in config.mqtt.alert_topic:
         problems.append("mqtt.alert_topic: must contain {stream}")
-    if urlsplit(config.mqtt.broker).scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls", ""):
+    broker = urlsplit(config.mqtt.broker if "://" in config.mqtt.broker
+                      else f"mqtt://{config.mqtt.broker}")  # fmt: skip
+    if broker.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):
         problems.append("mqtt.broker: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if "@" in broker.netloc:  # credentials in the URL: never used, and it would be logged
+        problems.append("mqtt.broker: no user or password in the URL; give mqtt.username and"
+                        " mqtt.password_file (or the mqtt_password credential)")  # fmt: skip
     if not 0 <= config.metrics.port < 65536:
         problems.append("metrics.port: must be 0..65535")
     for i, model in enumerate(config.models):

@@ -244,15 +244,45 @@ class Metrics:
         return generate_latest(self)  # it collects like a registry
 
 
+MAX_CONNECTIONS = 32  # HTTP connections served at once; more are closed at once
+IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: this one is refused, the rest go on
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+    """A small threaded HTTP server for /metrics, /healthz and /readyz: at most
+    MAX_CONNECTIONS at once, each closed after IDLE_TIMEOUT_S of silence."""
 
     def __init__(
         self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
     ) -> None:
         handler = _make_handler(metrics, ready)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host, port), handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )
@@ -272,6 +302,11 @@ class MetricsServer:
 
 def _make_handler(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> Any:
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT_S  # the socket's: a silent client is let go
+
+        def version_string(self) -> str:
+            return "rnnsentry"  # no library or Python version for a scanner to read
+
         def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -19,6 +19,7 @@ from detector.errors import REJECTION_REASONS, PayloadError
 from detector.link import Inbound
 from detector.metrics import OUTCOMES
 from detector.payload import parse_message
+from detector.publisher import publishable
 from tests.support import TINY_FEATURES, train_tiny_model
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
@@ -154,6 +155,10 @@ def _expected(daemon: Daemon, batch: list[Inbound]) -> tuple[int, Counter[str]]:
         if route is None:
             samples += 1
             reasons["unknown_route"] += 1
+            continue
+        if not publishable(route[1], daemon.config.mqtt):  # a wildcard, or far too long
+            samples += 1
+            reasons["unpublishable"] += 1
             continue
         model = daemon.engines[route[0]].model
         try:

@@ -10,6 +10,7 @@ import pytest
 from detector.config import (
     BatchConfig,
     Config,
+    DaemonConfig,
     ModelConfig,
     MqttConfig,
     build_config,
@@ -158,6 +159,8 @@ def test_check_config_passes_the_defaults() -> None:
         (Config(mqtt=MqttConfig(qos=2)), "mqtt.qos"),
         (Config(mqtt=MqttConfig(alert_topic="alerts/all")), "mqtt.alert_topic"),
         (Config(mqtt=MqttConfig(broker="http://h:1")), "mqtt.broker"),
+        (Config(mqtt=MqttConfig(broker="mqtts://user:s3cret@h:8883")), "mqtt.broker"),
+        (Config(daemon=DaemonConfig(workers=-2)), "daemon.workers"),
         (Config(models=[ModelConfig(path="m", topics=["sensors/all"])]), "models[0].topics"),
         (
             Config(models=[ModelConfig("m"), ModelConfig("n", topics=["{stream}/x/{stream}"])]),
@@ -169,6 +172,12 @@ def test_check_config_names_the_bad_key(config: Config, key: str) -> None:
     problems = check_config(config)
     assert len(problems) == 1, problems
     assert problems[0].startswith(key)
+
+
+def test_a_password_in_the_broker_url_is_refused_and_not_repeated() -> None:
+    problems = check_config(Config(mqtt=MqttConfig(broker="mqtts://user:s3cret@h:8883")))
+    assert problems and "s3cret" not in " ".join(problems) and "password_file" in problems[0]
+    assert check_config(Config(mqtt=MqttConfig(broker="localhost:1883"))) == []
 
 
 def test_check_config_max_streams_below_batch_max() -> None:
