@@ -167,7 +167,7 @@ def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from detector.config import load_config, merge, read_toml
-    from detector.daemon import Daemon
+    from detector.daemon import Daemon, preflight
 
     flags = _run_flags(args)
     if args.topic and not args.model:
@@ -179,14 +179,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         flags["models"] = [merge(models[0], {"topics": args.topic})]
     config, problems = load_config(args.config, flags=flags)
     if args.check_config:
+        if not config.models:
+            problems.append("models: no model configured (give --model or [[models]])")
+        elif not problems:  # what start would meet: files, secrets, the port
+            problems.extend(preflight(config))
         for problem in problems:
             print(problem)
-        if not config.models:
-            print("models: no model configured (give --model or [[models]])")
-        return 1 if problems or not config.models else 0
+        return 1 if problems else 0
     if problems:
         raise ConfigError("; ".join(problems))
     logging.getLogger().setLevel(config.daemon.log_level.upper())
+    problems = preflight(config)  # before anything starts: one line, exit 2
+    if problems:
+        raise ConfigError("; ".join(problems))
     daemon = Daemon(config)
     stop = threading.Event()
     signals = {"count": 0}

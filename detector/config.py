@@ -236,6 +236,18 @@ def check_config(config: Config) -> list[str]:
         problems.append("mqtt.qos: must be 0 or 1")
     if "{stream}" not in config.mqtt.alert_topic:
         problems.append("mqtt.alert_topic: must contain {stream}")
+    instance = config.daemon.instance
+    if not instance or any(c in instance for c in "+#\x00"):
+        problems.append("daemon.instance: must be non-empty, without '+', '#' or NUL: it names"
+                        " the status topic and the MQTT client id")  # fmt: skip
+    else:
+        try:
+            status = config.mqtt.status_topic.format(instance=instance)
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"mqtt.status_topic: only {{instance}} may be filled in ({exc!r})")
+        else:
+            if any(c in status for c in "+#") or not status:
+                problems.append("mqtt.status_topic: a topic name, without '+' or '#'")
     broker = urlsplit(config.mqtt.broker if "://" in config.mqtt.broker
                       else f"mqtt://{config.mqtt.broker}")  # fmt: skip
     if broker.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):

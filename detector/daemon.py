@@ -21,14 +21,17 @@ stream's samples in arrival order. ``bench/throughput.py`` measures the design.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from detector.batcher import Batcher, Inbox
 from detector.config import Config, read_password
 from detector.engine import Engine
-from detector.errors import ConfigError
+from detector.errors import ConfigError, RnnsentryError
 from detector.link import Inbound, Link, LinkHooks
 from detector.metrics import Metrics, MetricsServer
 from detector.mqtt import MqttLink
@@ -41,6 +44,38 @@ from detector.stage import ScoringStage, load_engines
 log = logging.getLogger(__name__)
 
 _EVICT_EVERY_S = 10.0
+
+
+def preflight(config: Config) -> list[str]:
+    """What ``run`` would stop on at start, beyond ``check_config``: model files that do not
+    load, a password file that cannot be read, a metrics port in use, a snapshot that cannot
+    be read. One line each, naming the setting."""
+    problems: list[str] = []
+    try:
+        load_engines(config)
+    except RnnsentryError as exc:
+        problems.append(str(exc))
+    try:
+        read_password(config.mqtt)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    mc = config.metrics
+    if mc.enabled and mc.port:
+        probe = socket.socket(socket.AF_INET6 if ":" in mc.host else socket.AF_INET)
+        try:
+            probe.bind((mc.host, mc.port))
+        except OSError as exc:
+            problems.append(f"metrics.port: cannot listen on {mc.host}:{mc.port} ({exc.strerror})")
+        finally:
+            probe.close()
+    path = config.snapshot.path
+    if path:
+        where = Path(path)
+        if where.exists() and not os.access(where, os.R_OK):
+            problems.append(f"snapshot.path: cannot read {path}")
+        elif not os.access(where.parent if where.parent != Path() else Path("."), os.W_OK):
+            problems.append(f"snapshot.path: cannot write in {where.parent}")
+    return problems
 
 
 class Daemon:
@@ -95,15 +130,25 @@ class Daemon:
         return self.pool.failure if self.pool is not None else ""
 
     def start(self) -> None:
+        """Start every part, or none: a part that cannot start ends those started before it
+        and its error (ConfigError: one line, naming the setting) goes to the caller."""
         self._install(self._load_models())
-        if self.pool is not None:  # they restore their own streams from the snapshot
-            self.pool.on_failure = lambda why: self.failed.set()
-            self.pool.start(self.router)
-        else:
-            self._restore_snapshot()
         self._start_metrics()
-        self._start_worker()
-        self._start_link()
+        try:
+            if self.pool is not None:  # they restore their own streams from the snapshot
+                self.pool.on_failure = lambda why: self.failed.set()
+                self.pool.start(self.router)
+            else:
+                self._restore_snapshot()
+            self._start_worker()
+            self._start_link()
+        except BaseException:
+            self._stopping.set()
+            if self.pool is not None:
+                self.pool.stop()
+            if self.server is not None:
+                self.server.stop()
+            raise
 
     def stop(self) -> None:
         """Stop intake, drain what was received, say offline, disconnect, snapshot, close."""
@@ -187,7 +232,12 @@ class Daemon:
     def _start_metrics(self) -> None:
         mc = self.config.metrics
         if mc.enabled:
-            self.server = MetricsServer(self.metrics, mc.host, mc.port, self.ready)
+            try:
+                self.server = MetricsServer(self.metrics, mc.host, mc.port, self.ready)
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics.port: cannot listen on {mc.host}:{mc.port} ({exc.strerror})"
+                ) from None
             self.server.start()
             log.info("metrics on http://%s:%d/metrics", mc.host, self.server.port)
 

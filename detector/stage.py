@@ -19,7 +19,7 @@ import numpy as np
 
 from detector.config import Config
 from detector.engine import DUPLICATE, MODEL_NON_FINITE, OUT_OF_ORDER, SCORED, Engine
-from detector.errors import ConfigError, PayloadError
+from detector.errors import ConfigError, ModelFileError, PayloadError
 from detector.link import Inbound
 from detector.metrics import Metrics
 from detector.model import LoadedModel
@@ -79,7 +79,10 @@ def load_engines(config: Config) -> tuple[list[Engine], Router]:
     engines: list[Engine] = []
     routes: list[tuple[str, int]] = []
     for i, mc in enumerate(config.models):
-        model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
+        try:
+            model = LoadedModel.load(mc.path, mc.name or None, rt.providers, rt.intra_op_threads)
+        except ModelFileError as exc:  # named by its setting, as every start-up error is
+            raise ModelFileError(f"models[{i}].path: {exc}") from None
         engines.append(Engine(model, config.scoring, config.streams))
         routes.extend((topic, i) for topic in mc.topics)
     names = [e.model.name for e in engines]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -177,7 +178,7 @@ def test_daemon_alerts_on_a_spike_counts_it_and_stops_cleanly(
     assert daemon_process.stop(signal.SIGTERM) == 0
 
 
-def test_check_config_prints_every_problem_with_its_key(tmp_path: Path) -> None:
+def test_check_config_prints_every_problem_with_its_key(tiny_model: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
         '[mqtt]\nbrokr = "mqtt://x:1"\nqos = 2\n'
@@ -191,12 +192,49 @@ def test_check_config_prints_every_problem_with_its_key(tmp_path: Path) -> None:
         assert key in done.stdout, (key, done.stdout)
 
     good = tmp_path / "good.toml"
-    good.write_text('[[models]]\npath = "m.onnx"\n')
+    good.write_text(f'[metrics]\nport = 0\n[[models]]\npath = "{tiny_model}"\n')
     done = rnnsentry("run", "--config", str(good), "--check-config")
     assert done.returncode == 0, done.stdout
 
 
-def test_the_documented_example_config_is_valid() -> None:
+def test_check_config_finds_what_run_would_stop_on(tiny_model: Path, tmp_path: Path) -> None:
+    """The files, the secret, the port, the names: every problem a start would meet, one
+    line each; and run itself stops on each with one line and exit 2."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    cases = {
+        "models[0]": f'[metrics]\nport = 0\n[[models]]\npath = "{broken}"\n',
+        "mqtt.password_file": f'[mqtt]\nusername = "u"\npassword_file = "{tmp_path / "none"}"\n'
+        f'[metrics]\nport = 0\n[[models]]\npath = "{tiny_model}"\n',
+        "metrics.port": f'[metrics]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[[models]]\npath = "{tiny_model}"\n',
+        "mqtt.status_topic": '[mqtt]\nstatus_topic = "status/{stream}"\n[metrics]\nport = 0\n'
+        f'[[models]]\npath = "{tiny_model}"\n',
+        "daemon.instance": '[daemon]\ninstance = "x/#"\n[metrics]\nport = 0\n'
+        f'[[models]]\npath = "{tiny_model}"\n',
+    }
+    try:
+        for key, text in cases.items():
+            config = tmp_path / f"{key}.toml"
+            config.write_text(text)
+            checked = rnnsentry("run", "--config", str(config), "--check-config")
+            assert checked.returncode == 1 and key in checked.stdout, (key, checked.stdout)
+            ran = rnnsentry("run", "--config", str(config), timeout=60)
+            errors = [line for line in ran.stderr.splitlines() if "error" in line.lower()]
+            assert ran.returncode == 2 and "Traceback" not in ran.stderr, (key, ran.stderr)
+            assert len(errors) == 1 and errors[0].startswith("rnnsentry: error: "), ran.stderr
+            assert key in errors[0], (key, errors)
+    finally:
+        busy.close()
+
+
+def test_the_documented_example_config_is_valid(tiny_model: Path) -> None:
+    """As written, with a model file that exists and a port of the system's choosing."""
     example = Path(__file__).resolve().parents[2] / "deploy" / "rnnsentry.toml"
-    done = rnnsentry("run", "--config", str(example), "--check-config")
+    done = rnnsentry("run", "--config", str(example), "--model", str(tiny_model),
+                     "--metrics-port", "0", "--check-config")  # fmt: skip
     assert done.returncode == 0, done.stdout
