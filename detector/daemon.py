@@ -362,6 +362,7 @@ class Daemon:
                     log.warning("model %s changed its state shape: its streams start afresh",
                                 engine.model.name)  # fmt: skip
             self._install((engines, router))
+            self.metrics.streams_active.set(self.stage.streams_active())  # some may be gone
         link = self.link
         if link is not None and set(router.filters) != set(link.filters):
             link.set_filters(router.filters)

@@ -9,6 +9,8 @@ streams by one sample in a single onnxruntime call.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,21 @@ class StepOutput:
     states: list[np.ndarray]  # each [L, B, H], in meta.state_names order
 
 
+def _warn_if_others_may_write(path: Path) -> None:
+    """A model file that any user may replace, or another user owns, decides what this
+    daemon calls normal: say so (it still loads; the operator decides)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return
+    if info.st_mode & stat.S_IWOTH:
+        log.warning("model file %s is writable by every user on this machine: anyone could"
+                    " replace the model (chmod o-w)", path)  # fmt: skip
+    if hasattr(os, "getuid") and info.st_uid not in (0, os.getuid()):
+        log.warning("model file %s belongs to another user (uid %d), who may replace it",
+                    path, info.st_uid)  # fmt: skip
+
+
 class LoadedModel:
     """One model artifact ready to step streams."""
 
@@ -75,6 +92,7 @@ class LoadedModel:
         intra_op_threads: int = 1,
     ) -> LoadedModel:
         data, meta = read_artifact(path)
+        _warn_if_others_may_write(Path(path))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

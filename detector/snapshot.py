@@ -328,6 +328,8 @@ def _set_aside(path: Path, why: str) -> None:
 
 def parse_snapshot(data: bytes) -> tuple[float, list[_Saved]]:
     """The creation time and every model's saved state; SnapshotCorrupt if unreadable."""
+    if not data.startswith(b"PK\x03\x04"):  # numpy would guess at pickled data
+        raise SnapshotCorrupt("not a snapshot file (it does not start as a zip archive)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             members = set(npz.files)

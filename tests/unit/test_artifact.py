@@ -353,3 +353,23 @@ def test_the_level_spread_is_optional_and_checked() -> None:
         doc["calibration"]["level_streams"] = bad
         with pytest.raises(ModelFileError, match="level_streams"):
             meta_from_dict(doc)
+
+
+def test_a_model_file_anyone_may_write_is_loaded_with_a_warning(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+    import stat
+
+    from detector.model import LoadedModel
+
+    path = tmp_path / "open.onnx"
+    shutil.copy(tiny_model, path)
+    with caplog.at_level(logging.WARNING, logger="detector.model"):
+        LoadedModel.load(path)
+    assert "writable by every user" not in caplog.text
+    path.chmod(path.stat().st_mode | stat.S_IWOTH)
+    with caplog.at_level(logging.WARNING, logger="detector.model"):
+        LoadedModel.load(path)
+    assert "writable by every user" in caplog.text and str(path) in caplog.text

@@ -169,3 +169,32 @@ def test_a_stream_whose_alerts_could_not_be_sent_is_refused_alone(
     assert counted(daemon, "dropped") == 0
     raised = [json.loads(p.payload) for p in link.sent_to("rnnsentry/alerts/")]
     assert [a["stream"] for a in raised if a["event"] == "raised"] == ["neighbour"]
+
+
+def test_a_reload_that_drops_every_stream_says_so_in_streams_active(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A new model of another state shape starts every stream afresh: the gauge follows."""
+    import shutil
+
+    from tests.support import train_tiny_model
+
+    path = tmp_path / "model.onnx"
+    shutil.copy(tiny_model, path)
+    link = MemoryLink()
+    config = daemon_config("mqtt://127.0.0.1:1", path, metrics={"enabled": False})
+    daemon = Daemon(config, link=link)
+    daemon.start()
+    try:
+        rows = tiny_fleet(n_streams=3, n_steps=2, seed=9, start_step=600).values
+        for s in range(3):
+            link.deliver(f"sensors/p{s}", sample_payload(TINY_FEATURES, rows[s, 0], T0).encode())
+        poll_until(lambda: daemon.metrics.value("rnnsentry_streams_active") == 3)
+        train_tiny_model(tmp_path / "wider.onnx", cell="gru", hidden=12, epochs=1)
+        shutil.copy(tmp_path / "wider.onnx", path)
+        daemon.request_reload()
+        poll_until(lambda: daemon.metrics.value("rnnsentry_reloads_total",
+                                                {"result": "ok"}) == 1)  # fmt: skip
+        assert daemon.metrics.value("rnnsentry_streams_active") == 0
+    finally:
+        daemon.stop()

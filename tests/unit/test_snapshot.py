@@ -336,6 +336,16 @@ def test_an_unreadable_file_is_set_aside(
     assert "unreadable" in caplog.text and str(aside) in caplog.text
 
 
+def test_random_bytes_are_called_what_they_are(
+    model: LoadedModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.npz"
+    path.write_bytes(np.random.default_rng(3).bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="detector.snapshot"):
+        assert load_snapshot(path, [engine(model)], now=T0) == {}
+    assert "not a snapshot file" in caplog.text and "pickle" not in caplog.text
+
+
 # --- writing ---
 
 
