@@ -122,6 +122,10 @@ class Engine:
         columns["log_var"] = Column((f,), np.float32, 0.0)
         columns["has_pred"] = Column((), np.bool_, False)
         columns["last_ts"] = Column((), np.float64, math.nan)
+        # Restored from a snapshot and not stepped since: the time since its last sample
+        # includes the daemon's own absence (the samples scored after the snapshot, the
+        # restart), not a silence of the sensor's, so the next sample is not a gap.
+        columns["resumed"] = Column((), np.bool_, False)
         for name, (shape, dtype, fill) in scorer_column_specs(f).items():
             columns[name] = Column(shape, dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
@@ -173,10 +177,11 @@ class Engine:
         result.evicted += table.evicted - evicted
         result.new_streams += len(table) - before + (table.evicted - evicted)
         last = table.arrays["last_ts"][rows]
+        resumed = table.arrays["resumed"][rows]
         with np.errstate(invalid="ignore"):
             ooo = ts < last
             dup = ts == last
-            gap = (ts - last) > self.max_gap_s
+            gap = ((ts - last) > self.max_gap_s) & ~resumed
         result.status[idx[ooo]] = OUT_OF_ORDER
         result.status[idx[dup]] = DUPLICATE
         if gap.any():
@@ -189,6 +194,8 @@ class Engine:
             idx, rows, ts, x = idx[keep], rows[keep], ts[keep], x[keep]
             streams = [streams[j] for j in np.flatnonzero(keep)]
 
+        if resumed.any():
+            table.arrays["resumed"][rows] = False  # from its first sample on, as any stream
         cols = table.gather(rows)
         model = self.model
         z_train = model.normalise(x)
@@ -256,6 +263,10 @@ class Engine:
             raw_score=float(scores.raw[k]),
             top=top,
         )
+
+    def mark_resumed(self, rows: np.ndarray) -> None:
+        """These rows were restored from a snapshot: their next sample is no gap."""
+        self.table.arrays["resumed"][rows] = True
 
     def adopt_state(self, old: Engine) -> bool:
         """Take over ``old``'s streams if its per-stream arrays have the same shapes.

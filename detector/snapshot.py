@@ -312,6 +312,7 @@ def _restore(
         if name in table.columns
     })  # fmt: skip
     table.last_seen[rows] = entry.last_seen[keep_rows]
+    engine.mark_resumed(rows)
     return len(keep_rows)
 
 

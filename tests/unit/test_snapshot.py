@@ -79,7 +79,7 @@ def assert_same_streams(a: Engine, b: Engine, streams: list[str] | None = None) 
     rows_b = np.array([b.table.index[s] for s in streams], dtype=np.int64)
     cols_a, cols_b = a.table.gather(rows_a), b.table.gather(rows_b)
     assert cols_a.keys() == cols_b.keys()
-    for name in cols_a:
+    for name in cols_a.keys() - {"resumed"}:  # a restore marks its streams (mark_resumed)
         np.testing.assert_array_equal(cols_a[name], cols_b[name], strict=True)
     np.testing.assert_array_equal(a.table.last_seen[rows_a], b.table.last_seen[rows_b])
 
@@ -197,7 +197,7 @@ def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
     rows = newer.table.rows_for(["p1", "p2"], T0)
     assert newer.table.arrays["spare"][rows].tolist() == [7.5, 7.5]
     old_rows = live.table.rows_for(["p1", "p2"], T0)
-    for name in live.table.columns:
+    for name in live.table.columns.keys() - {"resumed"}:  # a restore marks its streams
         np.testing.assert_array_equal(
             np.take(newer.table.arrays[name], rows, axis=newer.table.columns[name].axis),
             np.take(live.table.arrays[name], old_rows, axis=live.table.columns[name].axis),
@@ -422,3 +422,23 @@ def test_saving_again_replaces_the_file(model: LoadedModel, tmp_path: Path) -> N
     restored = engine(model)
     assert load_snapshot(path, [restored], now=T0) == {"pump": 2}
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]
+
+
+def test_the_time_a_restore_rewinds_is_not_a_gap(model: LoadedModel, tmp_path: Path) -> None:
+    """Samples scored after the snapshot, then a crash and a restart: the next sample comes
+    long after the restored state's last one, which is the daemon's absence, not the
+    sensor's; a silence after that is a gap again."""
+    live = engine(model)
+    run(live, batches(model, ["p1", "p2"], 5, 0, seed=21))
+    save_snapshot(tmp_path / "s.npz", [live])
+    fresh = engine(model)
+    load_snapshot(tmp_path / "s.npz", [fresh], now=T0 + 5)
+    limit = fresh.max_gap_s
+    assert limit is not None and math.isfinite(limit)
+    late = T0 + 5 + 6 * limit  # e.g. a minute of snapshot interval plus the restart
+    names, _, x = batches(model, ["p1", "p2"], 1, 9, seed=22)[0]
+    first = fresh.process(names[:2], np.array([late, late]), x[:2], now=late)
+    assert first.gap_resets == 0
+    later = late + 6 * limit  # the sensors then fall silent: that is a gap
+    again = fresh.process(names[:2], np.array([later, later]), x[:2], now=later)
+    assert again.gap_resets == 2
