@@ -54,6 +54,7 @@ class AlertEvent:
     event: str  # "raised" | "cleared" | "update"
     episode: int
     ts: float
+    episode_ts: float  # the sample time its episode was raised at (NaN: from before it was kept)
     likelihood: float
     score: float  # log-scaled, see detector.scoring.log_score
     raw_score: float
@@ -124,8 +125,11 @@ class Engine:
         columns["last_ts"] = Column((), np.float64, math.nan)
         # Restored from a snapshot and not stepped since: the time since its last sample
         # includes the daemon's own absence (the samples scored after the snapshot, the
-        # restart), not a silence of the sensor's, so the next sample is not a gap.
+        # restart), not a silence of the sensor's, so the next sample is not a gap; it steps
+        # the network without being scored against the prediction saved with the state.
         columns["resumed"] = Column((), np.bool_, False)
+        columns["episode_ts"] = Column((), np.float64, math.nan)  # the sample time of the
+        # current (or last) alert's raise: with the stream, its id, unique across restarts
         for name, (shape, dtype, fill) in scorer_column_specs(f).items():
             columns[name] = Column(shape, dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
@@ -181,7 +185,9 @@ class Engine:
         with np.errstate(invalid="ignore"):
             ooo = ts < last
             dup = ts == last
-            gap = ((ts - last) > self.max_gap_s) & ~resumed
+            gap = (ts - last) > self.max_gap_s
+        absent = gap & resumed  # the daemon's own absence, not the sensor's silence
+        gap &= ~resumed
         result.status[idx[ooo]] = OUT_OF_ORDER
         result.status[idx[dup]] = DUPLICATE
         if gap.any():
@@ -194,9 +200,13 @@ class Engine:
             idx, rows, ts, x = idx[keep], rows[keep], ts[keep], x[keep]
             streams = [streams[j] for j in np.flatnonzero(keep)]
 
-        if resumed.any():
-            table.arrays["resumed"][rows] = False  # from its first sample on, as any stream
         cols = table.gather(rows)
+        if resumed.any():
+            if absent.any():
+                # The prediction it holds was for a sample that came while the daemon was
+                # away: this sample steps the network but is not scored against it.
+                cols["has_pred"] = cols["has_pred"] & ~absent[keep]
+            cols["resumed"] = np.zeros_like(cols["resumed"])
         model = self.model
         z_train = model.normalise(x)
         z = self.scorer.model_inputs(cols, z_train)  # over the stream's own input spread
@@ -230,6 +240,8 @@ class Engine:
         cols["mean"], cols["log_var"] = out.mean, out.log_var
         cols["has_pred"] = np.ones(len(rows), np.bool_)
         cols["last_ts"] = ts
+        if scores.raised.any():
+            cols["episode_ts"] = np.where(scores.raised, ts, cols["episode_ts"])
         table.scatter(rows, cols)
 
         result.raw[idx] = scores.raw
@@ -238,11 +250,14 @@ class Engine:
         result.active[idx] = scores.active
         result.std_errors[idx] = scores.std_errors
         for k in np.flatnonzero(scores.raised | scores.cleared | scores.updated):
-            result.events.append(self._event(int(k), idx, streams, ts, scores))
+            result.events.append(
+                self._event(int(k), idx, streams, ts, scores, float(cols["episode_ts"][k]))
+            )
 
     def _event(
-        self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any
-    ) -> AlertEvent:
+        self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any,
+        episode_ts: float,
+    ) -> AlertEvent:  # fmt: skip
         features = self.model.meta.features
         errors, parts = scores.std_errors[k], scores.contributions[k]
         total = float(np.sum(parts))
@@ -258,6 +273,7 @@ class Engine:
             event="raised" if scores.raised[k] else "cleared" if scores.cleared[k] else "update",
             episode=int(scores.episode[k]),
             ts=float(ts[k]),
+            episode_ts=episode_ts,
             likelihood=float(scores.likelihood[k]),
             score=float(scores.score[k]),
             raw_score=float(scores.raw[k]),

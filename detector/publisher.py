@@ -34,6 +34,22 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def alert_id(event: AlertEvent) -> str:
+    """The id every event of one alert carries: the stream and the sample time its episode
+    was raised at, unique across restarts (a stream's times only grow), and the same again
+    if the same sample is scored again after a crash. Episodes raised before the time was
+    kept fall back to the stream's episode count.
+
+    >>> from dataclasses import replace
+    >>> e = AlertEvent(0, "pump-7", "cleared", 3, 1700000060.0, 1700000001.5, 0.5, 0.1, 2.0, [])
+    >>> alert_id(e), alert_id(replace(e, episode_ts=math.nan))
+    ('pump-7@1700000001.5', 'pump-7#3')
+    """
+    if math.isnan(event.episode_ts):
+        return f"{event.stream}#{event.episode}"
+    return f"{event.stream}@{event.episode_ts!r}"
+
+
 MAX_TOPIC_BYTES = 65_535  # MQTT's limit on a topic name, in UTF-8 bytes
 
 
@@ -71,7 +87,7 @@ class Publisher:
         doc = {
             "stream": event.stream,
             "event": event.event,
-            "alert_id": f"{event.stream}#{event.episode}",
+            "alert_id": alert_id(event),
             "episode": event.episode,
             "ts": event.ts,
             "time": iso_time(event.ts),

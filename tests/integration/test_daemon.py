@@ -91,7 +91,7 @@ def test_a_spike_raises_an_alert_with_its_payload(
     assert shares == sorted(shares, reverse=True) and 0.5 < shares[0] <= 1.0
     assert sum(shares) <= 1.0 + 1e-3
     assert alert["fingerprint"] == daemon.engines[0].model.meta.fingerprint
-    assert alert["alert_id"] == "pump-1#1"
+    assert alert["alert_id"] == f"pump-1@{alert['ts']!r}"  # the raise's own sample time
 
     def scored() -> float | None:
         value = metric_value(_metrics(daemon), "rnnsentry_messages_total", {"outcome": "scored"})
@@ -106,7 +106,7 @@ def test_a_spike_raises_an_alert_with_its_payload(
     for t, row in enumerate(values[100:200], start=100):
         publisher.send("sensors/pump-1", sample_payload(TINY_FEATURES, row, 1000.0 + t), qos=0)
     cleared = listener.json_on("rnnsentry/alerts/pump-1", lambda d: d["event"] == "cleared")
-    assert cleared["alert_id"] == "pump-1#1" and cleared["episode"] == 1
+    assert cleared["alert_id"] == alert["alert_id"] and cleared["episode"] == 1
     assert cleared["ts"] > alert["ts"]
     assert cleared["likelihood"] < daemon.config.scoring.clear_threshold
     assert metric_value(body, "rnnsentry_streams_active") == 1

@@ -439,6 +439,39 @@ def test_the_time_a_restore_rewinds_is_not_a_gap(model: LoadedModel, tmp_path: P
     names, _, x = batches(model, ["p1", "p2"], 1, 9, seed=22)[0]
     first = fresh.process(names[:2], np.array([late, late]), x[:2], now=late)
     assert first.gap_resets == 0
+    assert np.isnan(first.raw).all()  # not scored against the prediction of long ago ...
+    then = fresh.process(names[:2], np.array([late + 1, late + 1]), x[:2], now=late + 1)
+    assert np.isfinite(then.raw).all()  # ... but the next sample is, with no warm-up
+    assert (then.likelihood > 0).all()
     later = late + 6 * limit  # the sensors then fall silent: that is a gap
     again = fresh.process(names[:2], np.array([later, later]), x[:2], now=later)
     assert again.gap_resets == 2
+
+
+def test_alert_ids_do_not_repeat_after_a_crash_and_a_restore(
+    model: LoadedModel, tmp_path: Path
+) -> None:
+    """Alerts raised after the last snapshot are forgotten by a crash; the ones raised after
+    the restore must not take their ids (the episode count alone would)."""
+    from detector.publisher import alert_id
+    from tests.support import tiny_fleet
+
+    rows = tiny_fleet(n_streams=1, n_steps=200, seed=12, start_step=600).values[0]
+    for spike in (30, 70, 130, 170):
+        rows[spike] += 40.0 * rows[:20].std(axis=0)
+
+    def raised(eng: Engine, steps: range) -> set[str]:
+        out = set()
+        for t in steps:
+            result = eng.process(["p1"], np.array([T0 + t]), rows[t : t + 1], now=T0 + t)
+            out |= {alert_id(e) for e in result.events if e.event == "raised"}
+        return out
+
+    live = engine(model)
+    raised(live, range(10))
+    save_snapshot(tmp_path / "s.npz", [live])
+    before = raised(live, range(10, 100))
+    restored = engine(model)  # the crash: what was raised after the snapshot is gone
+    load_snapshot(tmp_path / "s.npz", [restored], now=T0 + 100)
+    after = raised(restored, range(100, 200))
+    assert len(before) == 2 and after and not before & after
