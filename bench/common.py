@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import signal
 import socket
 import struct
@@ -544,6 +545,11 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self.proc.returncode in (0, -signal.SIGTERM):  # a clean stop: nothing to look at
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            print(f"the daemon exited with {self.proc.returncode}; its log: {self.dir}",
+                  file=sys.stderr)  # fmt: skip
 
 
 # --- measuring a rate ---
