@@ -156,12 +156,9 @@ def run_demo(args: argparse.Namespace) -> int:
         seen = _replay(client, live, interval, alerts, t0)
         time.sleep(0.5)
         seen.extend(_drain(alerts, interval, t0))
-        scored = daemon.metrics.registry.get_sample_value(
-            "rnnsentry_messages_total", {"outcome": "scored"}
-        )
-        rejected = daemon.metrics.registry.get_sample_value(
-            "rnnsentry_messages_total", {"outcome": "rejected"}
-        )
+        # every process's counts (the scoring processes report theirs)
+        scored = daemon.metrics.value("rnnsentry_messages_total", {"outcome": "scored"})
+        rejected = daemon.metrics.value("rnnsentry_messages_total", {"outcome": "rejected"})
     finally:
         client.disconnect()
         client.loop_stop()

@@ -169,6 +169,8 @@ def _expected(daemon: Daemon, batch: list[Inbound]) -> tuple[int, Counter[str]]:
             reasons[exc.reason] += 1
             continue
         samples += len(parsed.readings)
+        ahead = received + daemon.config.payload.max_ahead_s  # the stage's time window
+        reasons["bad_timestamp"] += sum(not 0.0 < r.ts <= ahead for r in parsed.readings)
     return samples, reasons
 
 
