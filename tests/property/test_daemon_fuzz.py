@@ -205,3 +205,55 @@ def test_a_value_beyond_float32_is_rejected_as_non_finite(daemon: Daemon, value:
     outcomes_after, reasons_after = _counts(daemon)
     assert outcomes_after["rejected"] - outcomes_before["rejected"] == 1
     assert reasons_after["non_finite"] - reasons_before["non_finite"] == 1
+
+
+# --- a stream's sequence: bad samples never take good ones down ---
+
+_streams = itertools.count()
+BAD_SAMPLES = {
+    "far future": lambda ts: {"ts": ts + 10**6, "values": [1.0, 2.0, 3.0, 4.0]},
+    "year 9999": lambda ts: {"ts": "9999-12-31T23:59:59Z", "values": [1.0, 2.0, 3.0, 4.0]},
+    "huge epoch": lambda ts: {"ts": 1e297, "values": [1.0, 2.0, 3.0, 4.0]},
+    "before 1970": lambda ts: {"ts": -1e9, "values": [1.0, 2.0, 3.0, 4.0]},
+    "zero": lambda ts: {"ts": 0, "values": [1.0, 2.0, 3.0, 4.0]},
+    "not a time": lambda ts: {"ts": "soon", "values": [1.0, 2.0, 3.0, 4.0]},
+    "short": lambda ts: {"ts": ts, "values": [1.0, 2.0]},
+    "no values": lambda ts: {"ts": ts},
+    "beyond float32": lambda ts: {"ts": ts, "values": [1.0, 2.0, 3.0, 1e39]},
+}
+
+
+@FUZZ
+@given(
+    plan=st.lists(st.one_of(st.just("good"), st.sampled_from(sorted(BAD_SAMPLES))),
+                  min_size=1, max_size=30),
+    cuts=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=30),
+)  # fmt: skip
+def test_a_good_sample_is_never_rejected_because_of_a_bad_one_before_it(
+    daemon: Daemon, plan: list[str], cuts: list[int]
+) -> None:
+    """Any interleaving of good samples (in time order) and bad ones on one stream, in any
+    batching: every good one is scored, every bad one rejected."""
+    k = next(_streams)
+    stream, base = f"sensors/seq-{k}", 1_700_000_000.0 + 10_000.0 * k
+    messages: list[Inbound] = []
+    t = 0
+    for kind in plan:
+        ts = base + t  # this stream's next time, received as it is sent
+        if kind == "good":
+            doc: Any = {"ts": ts, "values": [1.0 + t % 3, 2.0, 3.0, 4.0]}
+            t += 1
+        else:
+            doc = BAD_SAMPLES[kind](ts)
+        messages.append((stream, json.dumps(doc).encode(), ts))
+    good = plan.count("good")
+    before, _ = _counts(daemon)
+    at = 0
+    for cut in itertools.cycle(cuts):  # batches of the drawn sizes, in order
+        if at >= len(messages):
+            break
+        daemon.process(messages[at : at + cut])
+        at += cut
+    after, _ = _counts(daemon)
+    assert after["scored"] - before["scored"] == good
+    assert after["rejected"] - before["rejected"] == len(plan) - good
