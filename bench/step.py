@@ -310,7 +310,7 @@ def handover_cost(model: Path, streams: int, messages: int) -> None:
     for workers in (1, 2, 4):
         daemon = Daemon(config)
         pool = WorkerPool(config, daemon.metrics, workers)
-        pool._router = daemon._load_models()[1]
+        pool.set_router(daemon._load_models()[1])
         readers = []
         for _ in range(workers):
             ours, theirs = ctx.Pipe(duplex=False)

@@ -32,18 +32,16 @@ from typing import Any, Final
 from detector.config import Config
 from detector.link import Inbound, Link
 from detector.metrics import Metrics, RemoteSamples, remote_samples
-from detector.publisher import Publisher, publishable
+from detector.publisher import Publisher
 from detector.routing import Router
 from detector.snapshot import capture, load_snapshot
-from detector.stage import ScoringStage, load_engines
+from detector.stage import REFUSED, Routes, ScoringStage, load_engines
 
 log = logging.getLogger(__name__)
 
 _METRICS_EVERY_S: Final = 0.25  # a worker reports its metrics at most this often
 _START_TIMEOUT_S: Final = 120.0  # loading models in a fresh interpreter
 _STOP_TIMEOUT_S: Final = 60.0
-_UNROUTABLE: Final = (-1, "", -1)
-_ROUTE_MEMO_MAX: Final = 131_072
 
 
 def partition_of(stream: str, workers: int) -> int:
@@ -160,8 +158,7 @@ class WorkerPool:
         self.link: Link | None = None
         self.failure = ""  # why the pool stopped working ("" while it works)
         self.on_failure: Callable[[str], None] = lambda why: None
-        self._router = Router([])
-        self._routes: dict[str, tuple[int, str, int]] = {}
+        self._routes = self._routes_of(Router([]))
         self._processes: list[Any] = []
         self._inboxes: list[Connection] = []
         self._readers: list[threading.Thread] = []
@@ -174,7 +171,7 @@ class WorkerPool:
 
     def start(self, router: Router) -> None:
         """Spawn the workers and wait until each has loaded its models and state."""
-        self._router = router
+        self._routes = self._routes_of(router)
         ctx = mp.get_context("spawn")  # no fork of a process with threads and sessions
         for i in range(self.workers):
             theirs, ours = ctx.Pipe(duplex=False)
@@ -201,46 +198,30 @@ class WorkerPool:
 
     def set_router(self, router: Router) -> None:
         with self._send_lock:
-            self._router = router
-            self._routes = {}
+            self._routes = self._routes_of(router)
+
+    def _routes_of(self, router: Router) -> Routes:
+        n = self.workers
+        return Routes(router, self.config.mqtt, lambda stream: partition_of(stream, n))
 
     def dispatch(self, batch: list[Inbound]) -> None:
         """Hand each message to the worker that owns its stream: one send per worker."""
-        routes, n = self._routes, self.workers
-        chunks: list[list[Inbound]] = [[] for _ in range(n)]
-        unroutable = unpublishable = 0
+        routes, resolve, shards = self._routes.memo, self._routes.resolve, self._routes.shards
+        chunks: list[list[Inbound]] = [[] for _ in range(self.workers)]
+        refused: dict[int, int] = {}
         for message in batch:
-            route = routes.get(message[0])
-            if route is None:
-                route = self._route(message[0])
-            if route[2] < 0:
-                if route[2] == -1:
-                    unroutable += 1
-                else:
-                    unpublishable += 1
+            topic = message[0]
+            target = (routes.get(topic) or resolve(topic))[0]
+            if target < 0:
+                refused[target] = refused.get(target, 0) + 1
                 continue
-            chunks[route[2]].append(message)
-        if unroutable:
-            self.metrics.reject("unknown_route", unroutable)
-        if unpublishable:
-            self.metrics.reject("unpublishable", unpublishable)
+            chunks[shards[topic]].append(message)
+        for target, count in refused.items():
+            self.metrics.reject(REFUSED[target], count)
         with self._send_lock:
             for inbox, chunk in zip(self._inboxes, chunks, strict=True):
                 if chunk:
                     self._send(inbox, chunk)
-
-    def _route(self, topic: str) -> tuple[int, str, int]:
-        if len(self._routes) >= _ROUTE_MEMO_MAX:
-            self._routes.clear()
-        found = self._router.route(topic)
-        if found is None:
-            route = _UNROUTABLE
-        elif not publishable(found[1], self.config.mqtt):
-            route = (-2, found[1], -2)
-        else:
-            route = (*found, partition_of(found[1], self.workers))
-        self._routes[topic] = route
-        return route
 
     def _send(self, inbox: Connection, message: Any) -> None:
         try:

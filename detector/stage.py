@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
-from detector.config import Config
+from detector.config import Config, MqttConfig
 from detector.engine import DUPLICATE, MODEL_NON_FINITE, OUT_OF_ORDER, SCORED, Engine
 from detector.errors import ConfigError, ModelFileError, PayloadError
 from detector.link import Inbound
@@ -32,9 +33,41 @@ log = logging.getLogger(__name__)
 _STATUS_REASON = {OUT_OF_ORDER: "out_of_order", DUPLICATE: "duplicate",
                   MODEL_NON_FINITE: "model_non_finite"}  # fmt: skip
 _REJECTION_LOG_EVERY_S = 10.0
-_UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
-_UNPUBLISHABLE: Final = -2  # a memoised "its stream's alerts could not be published"
 _ROUTE_MEMO_MAX = 131_072  # topics remembered (~200 bytes each, 26 MB at most); cleared when full
+# Route targets below 0 are refusals, each with its rejection reason.
+REFUSED: Final = {-1: "unknown_route", -2: "unpublishable"}
+_UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
+
+
+class Routes:
+    """Each topic's (model index, stream), memoised: a model index of -1 when no template
+    matches, -2 when the stream's alerts could not be published (see REFUSED). With
+    ``shard``, ``shards`` also holds the process that owns each routed topic's stream. The
+    loop that routes a message takes ``memo.get(topic) or resolve(topic)``."""
+
+    def __init__(self, router: Router, mqtt: MqttConfig,
+                 shard: Callable[[str], int] | None = None) -> None:  # fmt: skip
+        self.router = router
+        self.mqtt = mqtt
+        self.shard = shard
+        self.memo: dict[str, tuple[int, str]] = {}
+        self.shards: dict[str, int] = {}
+
+    def resolve(self, topic: str) -> tuple[int, str]:
+        if len(self.memo) >= _ROUTE_MEMO_MAX:
+            self.memo.clear()
+            self.shards.clear()
+        found = self.router.route(topic)
+        if found is None:
+            route = _UNROUTABLE
+        elif not publishable(found[1], self.mqtt):
+            route = (-2, found[1])
+        else:
+            route = found
+            if self.shard is not None:
+                self.shards[topic] = self.shard(found[1])
+        self.memo[topic] = route
+        return route
 
 
 class RateLimitedLog:
@@ -101,27 +134,17 @@ class ScoringStage:
         self.engines: list[Engine] = []
         self.router = Router([])
         self._forms: list[PlainForm] = []
-        self._route_memo: dict[str, tuple[int, str]] = {}
+        self.routes = Routes(self.router, config.mqtt)
         self._rejection_log = RateLimitedLog(_REJECTION_LOG_EVERY_S)
 
     def install(self, engines: list[Engine], router: Router) -> None:
         """Serve these models from the next batch on; the route memo starts afresh."""
         self.engines, self.router = engines, router
         self._forms = [PlainForm.of(tuple(e.model.meta.features)) for e in engines]
-        self._route_memo = {}
+        self.routes = Routes(router, self.config.mqtt)
 
     def streams_active(self) -> int:
         return sum(len(e.table) for e in self.engines)
-
-    def _route(self, topic: str) -> tuple[int, str]:
-        memo = self._route_memo
-        if len(memo) >= _ROUTE_MEMO_MAX:
-            memo.clear()
-        route = self.router.route(topic)
-        if route is not None and not publishable(route[1], self.config.mqtt):
-            route = (_UNPUBLISHABLE, route[1])
-        memo[topic] = _UNROUTABLE if route is None else route
-        return memo[topic]
 
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch.
@@ -132,11 +155,12 @@ class ScoringStage:
         m = self.metrics
         pending: dict[int, _Pending] = {}
         limits = self.config.payload
-        engines, forms, routes = self.engines, self._forms, self._route_memo
+        engines, forms = self.engines, self._forms
+        routes, resolve = self.routes.memo, self.routes.resolve
         for topic, payload, received in batch:
-            target, stream = routes.get(topic) or self._route(topic)
+            target, stream = routes.get(topic) or resolve(topic)
             if target < 0:
-                why = "unknown_route" if target == -1 else "unpublishable"
+                why = REFUSED[target]
                 m.reject(why)
                 self._rejection_log.note(why, f"{topic[:200]!r}")
                 continue

@@ -159,11 +159,11 @@ def test_fast_and_full_parsing_leave_the_same_everything(
 def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
     d = make_daemon(tiny_model, publish_scores=False)
     d.process([("sensors/a", b'{"values": [1, 2, 3, 4]}', T0)])
-    memo = d.stage._route_memo
+    memo = d.stage.routes.memo
     assert memo == {"sensors/a": (0, "a")}
     d._install(d._load_models())  # a reload brings a new router
     d.process([("nowhere", b"{}", T0 + 1)])
-    fresh = d.stage._route_memo
+    fresh = d.stage.routes.memo
     assert fresh is not memo and fresh == {"nowhere": stage_module._UNROUTABLE}
     assert (
         d.metrics.registry.get_sample_value(
@@ -178,7 +178,7 @@ def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyP
     d = make_daemon(tiny_model, publish_scores=False)
     for i in range(10):
         d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
-        assert len(d.stage._route_memo) <= 3
+        assert len(d.stage.routes.memo) <= 3
     assert len(d.engines[0].table) == 10
 
 
