@@ -32,6 +32,7 @@ from detector.batcher import Batcher, Inbox
 from detector.config import Config, read_password
 from detector.engine import Engine
 from detector.errors import ConfigError, RnnsentryError
+from detector.journal import AlertJournal, apply_journal, journal_path, read_journals, remove_stale
 from detector.link import Inbound, Link, LinkHooks
 from detector.metrics import Metrics, MetricsServer
 from detector.mqtt import MqttLink
@@ -100,6 +101,9 @@ class Daemon:
         self._given_link = link
         processes = config.daemon.scoring_processes
         self.pool = WorkerPool(config, self.metrics, processes) if processes else None
+        if config.snapshot.path and self.pool is None:  # the workers keep their own
+            self.publisher.journal = AlertJournal(journal_path(config.snapshot.path, 0),
+                                                  self.metrics.snapshot_failures.inc)  # fmt: skip
         self.failed = threading.Event()  # a part stopped working: the daemon must end
         self.server: MetricsServer | None = None
         self._worker: threading.Thread | None = None
@@ -162,6 +166,8 @@ class Daemon:
             self.pool.stop()  # they score what they hold; their alerts are published
         if self.link is not None:
             self.link.stop()
+        if self.publisher.journal is not None:
+            self.publisher.journal.close()
         if self.server is not None:
             self.server.stop()
         log.info("stopped")
@@ -204,6 +210,10 @@ class Daemon:
                 raise ConfigError(f"snapshot.path: cannot read {path}: {exc.strerror}") from None
             if restored:
                 log.info("restored stream state from %s: %s", path, restored)
+            changed = apply_journal(read_journals(path), self.engines, time.time())
+            if changed:
+                log.info("alert journal: %d stream(s) resume the alert they last published",
+                         changed)  # fmt: skip
             self.metrics.streams_active.set(self.stage.streams_active())
 
     def _save_snapshot(self) -> None:
@@ -222,12 +232,22 @@ class Daemon:
         else:
             with self._batch_lock:
                 arrays = capture(self.engines)
+                journal = self.publisher.journal
+                if journal is not None:
+                    journal.mark()
         try:
             size = write_atomic(path, arrays)
             log.debug("snapshot of %d bytes written to %s", size, path)
         except OSError as exc:
             self.metrics.snapshot_failures.inc()
             log.error("cannot write the snapshot %s: %s", path, exc)
+            return
+        # The snapshot holds what the journals said up to its capture: trim them.
+        if self.pool is not None:
+            self.pool.control("compact")
+        elif journal is not None:
+            journal.compact()
+        remove_stale(path, self.pool.workers if self.pool is not None else 1)
 
     def _start_metrics(self) -> None:
         mc = self.config.metrics
@@ -341,8 +361,7 @@ class Daemon:
                 self.pool.control("evict", wall)
                 return
             with self._batch_lock:
-                m.evictions.inc(sum(e.evict_idle(wall) for e in self.engines))
-                m.streams_active.set(self.stage.streams_active())
+                self.stage.evict_idle(wall)
 
     def _reload(self) -> None:
         """Validate every new model file first; swap only if all load (worker thread)."""

@@ -60,6 +60,7 @@ class AlertEvent:
     raw_score: float
     top: list[tuple[str, float, float]]  # (feature, standardised error at this sample, share
     # of the alert's average), the largest shares first
+    reason: str = ""  # why a cleared alert ended other than by calm: "evicted" (stream dropped)
 
 
 @dataclass
@@ -133,6 +134,9 @@ class Engine:
         for name, (shape, dtype, fill) in scorer_column_specs(f).items():
             columns[name] = Column(shape, dtype, fill)
         self.table = StateTable(columns, self.stream_config.max_streams)
+        self.table.on_remove = self._closing
+        # Cleared events of active streams that were evicted, for the next caller to publish.
+        self.pending_events: list[AlertEvent] = []
         # Reset on a gap: the network's memory and the scorer's averages, not the stream's
         # long-run statistics or its alert episode.
         self._gap_reset = [*meta.state_names, "mean", "log_var", "has_pred",
@@ -179,6 +183,8 @@ class Engine:
         before, evicted = len(table), table.evicted
         rows = table.rows_for(streams, now)
         result.evicted += table.evicted - evicted
+        if self.pending_events:
+            result.events.extend(self.take_pending())
         result.new_streams += len(table) - before + (table.evicted - evicted)
         last = table.arrays["last_ts"][rows]
         resumed = table.arrays["resumed"][rows]
@@ -280,6 +286,45 @@ class Engine:
             top=top,
         )
 
+    def _closing(self, rows: np.ndarray) -> None:
+        """Rows about to be evicted: an active alert among them is cleared, so that every
+        raised alert has its cleared even when its stream is forgotten."""
+        a, ids = self.table.arrays, self.table.ids
+        for row in rows[a["active"][rows]].tolist():
+            self.pending_events.append(AlertEvent(
+                index=-1, stream=str(ids[row]), event="cleared",
+                episode=int(a["episodes"][row]), ts=float(a["last_ts"][row]),
+                episode_ts=float(a["episode_ts"][row]), likelihood=math.nan, score=0.0,
+                raw_score=math.nan, top=[], reason="evicted",
+            ))  # fmt: skip
+
+    def take_pending(self) -> list[AlertEvent]:
+        """The cleared events of evicted streams not yet handed out."""
+        events, self.pending_events = self.pending_events, []
+        return events
+
+    def adopt_alert(self, stream: str, raised: bool, episode: int, episode_ts: float,
+                    ts: float, now: float) -> bool:  # fmt: skip
+        """Set a stream's alert to what was last published of it (the alert journal), if
+        that came at or after the stream's state (a restore from an older snapshot). A
+        raised alert of a stream the state does not hold makes its row. True: changed."""
+        table = self.table
+        row = table.index.get(stream)
+        if row is None:
+            if not raised:
+                return False
+            row = int(table.rows_for([stream], now)[0])
+        a = table.arrays
+        if ts < a["last_ts"][row]:  # the state is newer than the event
+            return False
+        if bool(a["active"][row]) == raised and a["episode_ts"][row] == episode_ts:
+            return False
+        a["active"][row] = raised
+        a["below"][row] = 0
+        a["episodes"][row] = max(int(a["episodes"][row]), episode)
+        a["episode_ts"][row] = episode_ts
+        return True
+
     def mark_resumed(self, rows: np.ndarray) -> None:
         """These rows were restored from a snapshot: their next sample is no gap."""
         self.table.arrays["resumed"][rows] = True
@@ -293,7 +338,11 @@ class Engine:
         same = self.table.columns == old.table.columns
         if same:
             self.table = old.table
+            self.table.on_remove = self._closing
+            self.pending_events = old.take_pending()
         return same
 
     def evict_idle(self, now: float) -> int:
+        """Forget streams idle for ``idle_ttl_s``; their open alerts wait in
+        ``pending_events``."""
         return self.table.evict_idle(now, self.stream_config.idle_ttl_s)

@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from detector.config import Config
+from detector.journal import AlertJournal, apply_journal, journal_path, read_journals
 from detector.link import Inbound, Link
 from detector.metrics import Metrics, RemoteSamples, remote_samples
 from detector.publisher import Publisher
@@ -86,9 +87,15 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
     stage = ScoringStage(config, metrics, publisher)
     stage.install(*load_engines(config))
     if config.snapshot.path:
-        mine = load_snapshot(config.snapshot.path, stage.engines,
-                             keep=lambda s: partition_of(s, workers) == index)  # fmt: skip
+
+        def keep(stream: str) -> bool:
+            return partition_of(stream, workers) == index
+
+        mine = load_snapshot(config.snapshot.path, stage.engines, keep=keep)
         log.debug("restored %s", mine)
+        apply_journal(read_journals(config.snapshot.path), stage.engines, time.time(), keep)
+        publisher.journal = AlertJournal(journal_path(config.snapshot.path, index),
+                                         metrics.snapshot_failures.inc)  # fmt: skip
     metrics.streams_active.set(stage.streams_active())
     replies.send(("metrics", remote_samples(metrics)))  # the streams it restored, then:
     replies.send(("ready", os.getpid()))
@@ -109,7 +116,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
                 log.exception("batch of %d messages failed", len(message))
                 metrics.messages.labels("dropped").inc(len(message))
         else:
-            stop = _control(message, stage, metrics, replies)
+            stop = _control(message, stage, metrics, replies, publisher.journal)
         if outbox.items:
             replies.send(("publish", outbox.take()))
         dirty = True
@@ -118,16 +125,18 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
             last_report, dirty = now, False
             replies.send(("metrics", remote_samples(metrics)))
         if stop:
+            if publisher.journal is not None:
+                publisher.journal.close()
             replies.send(("stopped", None))
             return
 
 
 def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
-             replies: Connection) -> bool:  # fmt: skip
+             replies: Connection, journal: AlertJournal | None) -> bool:  # fmt: skip
     """One control message; True: stop."""
     kind = message[0]
     if kind == "evict":
-        metrics.evictions.inc(sum(e.evict_idle(message[1]) for e in stage.engines))
+        stage.evict_idle(message[1])
     elif kind == "reload":
         try:  # the reading process checked the files; one may have changed since
             engines, router = load_engines(stage.config)
@@ -140,7 +149,12 @@ def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
                             engine.model.name)  # fmt: skip
         stage.install(engines, router)
     elif kind == "capture":
+        if journal is not None:
+            journal.mark()
         replies.send(("capture", capture(stage.engines)))
+    elif kind == "compact":  # the snapshot of the last capture is written
+        if journal is not None:
+            journal.compact()
     elif kind == "stop":
         return True
     metrics.streams_active.set(stage.streams_active())

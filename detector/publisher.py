@@ -18,6 +18,7 @@ import numpy as np
 
 from detector.config import Config, MqttConfig
 from detector.engine import AlertEvent, BatchResult
+from detector.journal import AlertJournal
 from detector.link import Link
 from detector.metrics import Metrics
 from detector.model import LoadedModel
@@ -82,6 +83,7 @@ class Publisher:
         self.threshold = config.scoring.threshold
         self.instance = config.daemon.instance
         self.link: Link | None = None
+        self.journal: AlertJournal | None = None  # raised and cleared, kept for a restart
 
     def alert(self, model: LoadedModel, event: AlertEvent, decided: float) -> None:
         doc = {
@@ -104,10 +106,14 @@ class Publisher:
             "fingerprint": model.meta.fingerprint,
             "instance": self.instance,
         }
+        if event.reason:
+            doc["reason"] = event.reason
         self.metrics.alerts.labels(event.event).inc()
         if event.event != "update":
             log.info("alert %s %s (likelihood %.6f)", event.event, doc["alert_id"],
                      event.likelihood)  # fmt: skip
+        if self.journal is not None:  # first: a crash after it still finds the event
+            self.journal.record(model.name, event)
         self._send(self.mqtt.alert_topic.format(stream=event.stream), doc, qos=1)
 
     def scores(

@@ -146,6 +146,16 @@ class ScoringStage:
     def streams_active(self) -> int:
         return sum(len(e.table) for e in self.engines)
 
+    def evict_idle(self, now: float) -> None:
+        """Forget streams idle for their TTL; an alert open on one is cleared."""
+        m = self.metrics
+        m.evictions.inc(sum(e.evict_idle(now) for e in self.engines))
+        decided = time.time()
+        for engine in self.engines:
+            for event in engine.take_pending():
+                self.publisher.alert(engine.model, event, decided)
+        m.streams_active.set(self.streams_active())
+
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch.
 

@@ -8,7 +8,7 @@ streams unseen for a TTL. The owner (one worker thread) needs no locks.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ class StateTable:
         self.index: dict[str, int] = {}
         self.free: list[int] = list(range(self.capacity - 1, -1, -1))
         self.evicted = 0
+        self.on_remove: Callable[[np.ndarray], None] | None = None  # told of rows it drops
 
     def __len__(self) -> int:
         return len(self.index)
@@ -114,7 +115,9 @@ class StateTable:
         self.remove_rows(victims)
 
     def remove_rows(self, rows: Iterable[int]) -> None:
-        rows = list(rows)
+        rows = [r for r in rows if self.ids[r] is not None]
+        if rows and self.on_remove is not None:
+            self.on_remove(np.asarray(rows, dtype=np.int64))
         for row in rows:
             stream = self.ids[row]
             if stream is None:
