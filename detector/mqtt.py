@@ -111,8 +111,13 @@ class MqttLink:
         from now on is not acknowledged: the broker delivers it again to the next run."""
         self._intake_open = False
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Publish ``offline``, disconnect cleanly (no Last Will) and stop paho's thread."""
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Publish ``offline``, disconnect cleanly (no Last Will) and stop paho's thread.
+
+        Under a flood the broker's acknowledgement of ``offline`` waits behind everything it
+        queued for us, so the wait is short: the broker takes packets in order, and if the
+        connection is reset before it reads them it publishes the Last Will, ``offline``
+        too."""
         self.stop_intake()
         self._closing = True
         if self.connected.is_set():
