@@ -63,6 +63,9 @@ def preflight(config: Config) -> list[str]:
     mc = config.metrics
     if mc.enabled and mc.port:
         probe = socket.socket(socket.AF_INET6 if ":" in mc.host else socket.AF_INET)
+        # As the server binds: the closed connections of a run just ended (TIME_WAIT) do
+        # not hold the port, a listener does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((mc.host, mc.port))
         except OSError as exc:
