@@ -1,9 +1,8 @@
-"""A broker on a free loopback port for the demo, the tests and the benchmarks.
+"""A mosquitto on a free loopback port for the demo, the tests and the benchmarks.
 
 :class:`Mosquitto` runs the real mosquitto binary with a generated config and
-can be restarted on the same port; :func:`start_local_broker` falls back to the
-in-process :class:`~detector.embedded_broker.EmbeddedBroker` when mosquitto is
-not installed. Never used by ``rnnsentry run``, which talks to your broker.
+can be restarted on the same port; where mosquitto is not installed it raises
+:class:`MosquittoMissing`. Never used by ``rnnsentry run``, which talks to your broker.
 """
 
 from __future__ import annotations
@@ -17,9 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 START_TIMEOUT_S = 10.0
+# Debian installs mosquitto in /usr/sbin, which is not on an ordinary user's PATH.
+SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin")
+INSTALL_HINT = "sudo apt-get install mosquitto"
+
+
+class MosquittoMissing(FileNotFoundError):
+    """No mosquitto binary on PATH nor in SBIN_DIRS."""
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary's path: on PATH, else in one of SBIN_DIRS (None: not installed)."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    return shutil.which("mosquitto", path=path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,13 +57,6 @@ def wait_accepting(
             if time.monotonic() > deadline or not alive():
                 raise TimeoutError(f"nothing accepts connections on {host}:{port}") from None
             time.sleep(0.05)
-
-
-class LocalBroker(Protocol):
-    @property
-    def port(self) -> int: ...
-
-    def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,9 @@ class Mosquitto:
         password_file: str | None = None,
         allow_anonymous: bool | None = None,
     ) -> None:
-        binary = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
+        binary = find_mosquitto()
         if binary is None:
-            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+            raise MosquittoMissing(f"mosquitto is not installed ({INSTALL_HINT})")
         self.binary = binary
         self.host = "127.0.0.1"
         self._port = port or free_port()
@@ -209,17 +211,3 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_local_broker(prefer_mosquitto: bool = True) -> tuple[LocalBroker, str]:
-    """Start mosquitto if installed, else the embedded broker; returns (broker, kind)."""
-    if prefer_mosquitto:
-        try:
-            return Mosquitto().start(), "mosquitto"
-        except FileNotFoundError:
-            pass
-    from detector.embedded_broker import EmbeddedBroker
-
-    broker = EmbeddedBroker()
-    broker.start()
-    return broker, "embedded"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto
+from detector.localbroker import Mosquitto, find_mosquitto
 from tests.support import TINY_FEATURES, InProcessDaemons, train_tiny_model
 
 
@@ -24,7 +23,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def mosquitto() -> Iterator[Mosquitto]:
     """A real mosquitto on a free loopback port, torn down after the test."""
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+    if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed here (make setup installs it as root)")
     broker = Mosquitto().start()
     try:

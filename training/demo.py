@@ -1,9 +1,9 @@
 """``rnnsentry demo``: the whole path on one machine in about a minute.
 
 Generates a synthetic pump fleet, trains a small GRU on normal data, starts a
-local broker (mosquitto, or the embedded one where only pip works) and the
-daemon, replays the fleet in real time with injected anomalies, prints alerts
-as they are raised and cleared, and ends with a summary of what was caught.
+local mosquitto (or uses ``--broker``) and the daemon, replays the fleet in real
+time with injected anomalies, prints alerts as they are raised and cleared, and
+ends with a summary of what was caught. Without mosquitto it says what to install.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.config import build_config
 from detector.daemon import Daemon
-from detector.localbroker import LocalBroker, free_port, start_local_broker
+from detector.errors import RnnsentryError
+from detector.localbroker import INSTALL_HINT, Mosquitto, find_mosquitto, free_port
 from training.evaluate import first_raise
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
@@ -41,11 +42,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--broker", metavar="mqtt://HOST:PORT", help="use this broker, start none")
-    p.add_argument(
-        "--embedded-broker",
-        action="store_true",
-        help="use the embedded broker even if mosquitto is installed",
-    )
     p.add_argument("--work-dir", metavar="DIR", help="where the model goes (default: a temp dir)")
 
 
@@ -70,6 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.duration <= 0 or args.rate <= 0 or args.streams < 1:
         raise SystemExit("rnnsentry demo: --duration, --rate and --streams must be positive")
+    if not args.broker and find_mosquitto() is None:  # said before training, in one line
+        raise RnnsentryError(f"the demo needs mosquitto (or --broker URL): {INSTALL_HINT}")
     logging.getLogger("detector").setLevel(logging.WARNING)
     interval = 1.0 / args.rate
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="rnnsentry-demo-"))
@@ -122,13 +120,13 @@ def run_demo(args: argparse.Namespace) -> int:
     )
 
     # 3. Broker, daemon, and a client that watches the alerts.
-    broker: LocalBroker | None = None
+    broker: Mosquitto | None = None
     if args.broker:
         broker_url = args.broker
     else:
-        broker, kind = start_local_broker(prefer_mosquitto=not args.embedded_broker)
-        broker_url = f"mqtt://127.0.0.1:{broker.port}"
-        _say(f"[demo] {kind} broker on {broker_url}")
+        broker = Mosquitto().start()
+        broker_url = broker.url
+        _say(f"[demo] mosquitto on {broker_url}")
     metrics_port = args.metrics_port or free_port()
     config, problems = build_config(
         {

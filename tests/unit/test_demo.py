@@ -6,10 +6,13 @@ a spike on steps 100..102 and a drift on steps 200..259; GRACE_STEPS is 30.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import detector.localbroker as localbroker
+from detector.cli import main
 from training.demo import GRACE_STEPS, _Seen, _summary, judge
 
 SPIKE = SimpleNamespace(stream=0, kind="spike", start=100, end=103)
@@ -72,3 +75,14 @@ def test_summary_prints_caught_late_missed_and_false(capsys: pytest.CaptureFixtu
     assert f"  late                 1 (raised within {GRACE_STEPS} steps after the end)\n" in out
     assert "  missed               0\n" in out
     assert "  false alerts         1\n" in out
+
+
+def test_without_mosquitto_the_demo_says_what_to_install_in_one_line_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no mosquitto on PATH
+    monkeypatch.setattr(localbroker, "SBIN_DIRS", ())
+    assert main(["demo", "--duration", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "sudo apt-get install mosquitto" in err
+    assert "training" not in out  # said before any work
