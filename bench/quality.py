@@ -50,9 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import build_config, merge, read_toml
+from detector.config import StreamConfig, build_config, merge, read_toml
 from detector.csvdata import read_csv
-from detector.engine import StreamConfig
 from detector.errors import ConfigError, RnnsentryError
 from detector.model import LoadedModel
 from detector.replay import replay_table

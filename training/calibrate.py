@@ -16,9 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from detector.artifact import Calibration, Normalisation
+from detector.artifact import Normalisation
 from detector.errors import DataError
-from detector.scoring import ScoringConfig, ewma_var_share, short_average, student_t_score
+from detector.scoring import (
+    Calibration,
+    ScoringConfig,
+    ewma_var_share,
+    short_average,
+    student_t_score,
+)
 from training.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detector.artifact import Calibration
 from detector.scoring import (
     Scorer,
     ScoringConfig,
@@ -17,6 +16,7 @@ from detector.scoring import (
     scorer_column_specs,
     scorer_columns,
 )
+from detector.scoring.calibration import Calibration
 from detector.state import Column, StateTable
 
 PROPS = settings(

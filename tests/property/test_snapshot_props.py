@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detector.engine import Engine, StreamConfig
+from detector.config import StreamConfig
+from detector.engine import Engine
 from detector.model import LoadedModel
 from detector.snapshot import load_snapshot, save_snapshot
 

@@ -14,7 +14,6 @@ from onnx import TensorProto, helper
 from detector.artifact import (
     FORMAT_VERSION,
     METADATA_KEY,
-    Calibration,
     ModelMeta,
     Normalisation,
     expected_io,
@@ -25,6 +24,7 @@ from detector.artifact import (
     split_model_bytes,
 )
 from detector.errors import ModelFileError
+from detector.scoring.calibration import Calibration
 
 FEATURES = ["flow", "pressure"]
 

@@ -181,7 +181,7 @@ def test_a_password_in_the_broker_url_is_refused_and_not_repeated() -> None:
 
 
 def test_check_config_max_streams_below_batch_max() -> None:
-    from detector.engine import StreamConfig
+    from detector.config import StreamConfig
 
     problems = check_config(Config(streams=StreamConfig(max_streams=10)))
     assert problems == ["streams.max_streams: must be at least batch.max"]

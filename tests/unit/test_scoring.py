@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from detector.artifact import Calibration
 from detector.scoring import (
     Scorer,
     ScoringConfig,
@@ -23,6 +22,7 @@ from detector.scoring import (
     standardised_errors,
     top_features,
 )
+from detector.scoring.calibration import Calibration
 from detector.scoring.stats import student_tail
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

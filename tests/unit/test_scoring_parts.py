@@ -13,8 +13,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from detector.artifact import Calibration
 from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_columns
+from detector.scoring.calibration import Calibration
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.sensors import Stuck
 from detector.scoring.surprise import StepTail, student_t_score

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from detector.engine import BatchResult, Engine, StreamConfig
+from detector.config import StreamConfig
+from detector.engine import BatchResult, Engine
 from detector.model import LoadedModel
 from detector.scoring import ColumnSpec, Scorer, ScoringConfig
 from detector.snapshot import SNAPSHOT_VERSION, load_snapshot, save_snapshot
