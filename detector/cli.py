@@ -30,15 +30,15 @@ log = logging.getLogger("rnnsentry")
 
 # Commands whose code needs torch: name -> (module, add-arguments fn, run fn, help).
 _TRAINING_COMMANDS = {
-    "train": ("training.cli", "add_train_arguments", "run_train",
+    "train": ("training.trainer.cli", "add_train_arguments", "run_train",
               "fit a recurrent model on CSV data and export it to ONNX"),
-    "synth": ("training.synth", "add_synth_arguments", "run_synth",
+    "synth": ("training.evaluation.synth", "add_synth_arguments", "run_synth",
               "write a synthetic sensor fleet with labelled anomalies to CSV"),
-    "evaluate": ("training.evaluate", "add_evaluate_arguments", "run_evaluate",
+    "evaluate": ("training.evaluation.evaluate", "add_evaluate_arguments", "run_evaluate",
                  "score replay output against labels (point-wise, event and NAB scores)"),
-    "demo": ("training.demo", "add_demo_arguments", "run_demo",
+    "demo": ("training.demo.scenario", "add_demo_arguments", "run_demo",
              "train, start a broker and the daemon, replay a fleet with anomalies"),
-    "plot": ("training.plot", "add_plot_arguments", "run_plot",
+    "plot": ("training.evaluation.plot", "add_plot_arguments", "run_plot",
              "draw replay output: features, anomaly score and threshold, alerts, labelled windows"),
 }  # fmt: skip
 
@@ -234,7 +234,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if labelled and not args.plot:
         raise ConfigError("--windows, --labels and --key go with --plot")
     if args.plot:
-        from training import plot  # only now: the daemon's commands never load matplotlib
+        from training.evaluation import (
+            plot,  # only now: the daemon's commands never load matplotlib
+        )
 
         plot.require_matplotlib("--plot")
         labels = plot.load_labels(windows=args.windows, key=args.key, labels=args.labels,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto, find_mosquitto
 from tests.support import TINY_FEATURES, InProcessDaemons, train_tiny_model
+from training.demo.localbroker import Mosquitto, find_mosquitto
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from detector.daemon import Daemon
-from detector.localbroker import Mosquitto, free_port
 from tests.support import (
     MESSAGE_TIMEOUT_S,
     TINY_FEATURES,
@@ -24,6 +23,7 @@ from tests.support import (
     scrape,
     tiny_fleet,
 )
+from training.demo.localbroker import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
 

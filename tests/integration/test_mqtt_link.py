@@ -14,7 +14,6 @@ import pytest
 
 from detector.daemon import Daemon
 from detector.link import Inbound, LinkHooks
-from detector.localbroker import Mosquitto, free_port
 from detector.mqtt import MqttLink
 from tests.support import (
     CONNECT_TIMEOUT_S,
@@ -31,6 +30,7 @@ from tests.support import (
     tiny_fleet,
     wait_for,
 )
+from training.demo.localbroker import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
 

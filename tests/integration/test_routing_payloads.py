@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from detector.daemon import Daemon
-from detector.localbroker import Mosquitto
 from tests.support import (
     MESSAGE_TIMEOUT_S,
     TINY_FEATURES,
@@ -28,6 +27,7 @@ from tests.support import (
     scrape,
     tiny_fleet,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.integration
 

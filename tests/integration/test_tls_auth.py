@@ -15,7 +15,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.daemon import Daemon
-from detector.localbroker import Mosquitto, TlsFiles
 from tests.support import (
     CONNECT_TIMEOUT_S,
     MESSAGE_TIMEOUT_S,
@@ -29,6 +28,7 @@ from tests.support import (
     scrape,
     tiny_fleet,
 )
+from training.demo.localbroker import Mosquitto, TlsFiles
 
 pytestmark = pytest.mark.integration
 

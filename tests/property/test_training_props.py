@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from training.data import fill_missing, robust_scale
-from training.model import RecurrentForecaster
-from training.synth import generate_fleet
-from training.train import iter_windows
+from training.evaluation.synth import generate_fleet
+from training.trainer.data import fill_missing, robust_scale
+from training.trainer.model import RecurrentForecaster
+from training.trainer.train import iter_windows
 
 PROPS = settings(
     database=None, deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]

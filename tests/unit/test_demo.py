@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import detector.localbroker as localbroker
+import training.demo.localbroker as localbroker
 from detector.cli import main
-from training.demo import GRACE_STEPS, _Seen, _summary, judge
+from training.demo.scenario import GRACE_STEPS, _Seen, _summary, judge
 
 SPIKE = SimpleNamespace(stream=0, kind="spike", start=100, end=103)
 DRIFT = SimpleNamespace(stream=0, kind="drift", start=200, end=260)

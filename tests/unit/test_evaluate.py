@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from detector.errors import DataError
-from training.evaluate import (
+from training.evaluation.evaluate import (
     EventOutcome,
     Labelled,
     evaluate,
@@ -38,7 +38,7 @@ from training.evaluate import (
     report_markdown,
     windows_to_events,
 )
-from training.nab import (
+from training.evaluation.nab import (
     PROFILES,
     nab_corpus,
     nab_file_score,

@@ -23,8 +23,8 @@ from detector.cli import main
 from detector.config import load_config
 from detector.errors import DataError, RnnsentryError
 from tests.support import TINY_FEATURES
-from training import plot
-from training.plot import (
+from training.evaluation import plot
+from training.evaluation.plot import (
     MAX_FEATURES,
     alert_lines,
     load_labels,
@@ -263,7 +263,8 @@ def test_daemon_commands_do_not_load_matplotlib() -> None:
     code = (
         "import sys, detector.cli, detector.daemon, detector.replay;"
         " detector.cli.build_parser('replay');"
-        " bad = [m for m in ('matplotlib', 'torch', 'training.plot') if m in sys.modules];"
+        " bad = [m for m in ('matplotlib', 'torch', 'training.evaluation.plot')"
+        "        if m in sys.modules];"
         " sys.exit(str(bad) if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

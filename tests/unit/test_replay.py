@@ -11,7 +11,7 @@ import numpy as np
 from detector.model import LoadedModel
 from detector.replay import replay_csv
 from detector.scoring import ScoringConfig, log_score
-from training.synth import generate_fleet
+from training.evaluation.synth import generate_fleet
 
 
 def test_alert_score_is_the_likelihood_the_alert_rule_watches(

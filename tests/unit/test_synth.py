@@ -1,4 +1,4 @@
-"""training.synth: deterministic pumps, anomalies exactly where labelled, CSV files."""
+"""training.evaluation.synth: deterministic pumps, anomalies exactly where labelled, CSV files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from detector.csvdata import infer_interval, read_csv
-from training.synth import (
+from training.evaluation.synth import (
     ANOMALY_KINDS,
     add_synth_arguments,
     generate_fleet,

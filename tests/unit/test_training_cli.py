@@ -12,8 +12,8 @@ import pytest
 
 from detector.artifact import read_artifact
 from detector.cli import main
-from training.cli import add_train_arguments, run_train
-from training.synth import generate_fleet, write_csv
+from training.evaluation.synth import generate_fleet, write_csv
+from training.trainer.cli import add_train_arguments, run_train
 
 FEATURES = ["flow", "pressure"]
 FAST = ["--hidden", "8", "--epochs", "2", "--window", "32", "--burn-in", "4", "--quiet"]
@@ -128,13 +128,16 @@ def test_bad_input_is_one_error_line_and_exit_code_2(
 
 
 def test_importing_the_cli_and_synth_does_not_import_torch() -> None:
-    code = "import sys, training.cli, training.synth; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, training.trainer.cli, training.evaluation.synth;"
+        " assert 'torch' not in sys.modules"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
 def test_train_rows_takes_the_first_rows_of_each_stream(tmp_path: Path) -> None:
-    from training.data import load_csv_streams
+    from training.trainer.data import load_csv_streams
 
     data = tmp_path / "fleet.csv"
     fleet = generate_fleet(2, 120, features=FEATURES, seed=1)

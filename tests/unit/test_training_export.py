@@ -1,4 +1,4 @@
-"""training.export / calibrate / pipeline: the one-step ONNX file the daemon loads."""
+"""training.trainer.export / calibrate / pipeline: the one-step ONNX file the daemon loads."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from detector.artifact import (
 from detector.model import LoadedModel
 from detector.replay import replay_table
 from detector.scoring import ScoringConfig
-from training import fit_and_export
-from training.calibrate import stream_scores
-from training.export import (
+from training.evaluation.synth import generate_fleet
+from training.trainer import fit_and_export
+from training.trainer.calibrate import stream_scores
+from training.trainer.export import (
     PARITY_MIN_STEPS,
     ParityError,
     build_step_graph,
@@ -34,8 +35,7 @@ from training.export import (
     make_session,
     parity_sequence,
 )
-from training.synth import generate_fleet
-from training.train import TrainOptions, train
+from training.trainer.train import TrainOptions, train
 
 FEATURES = ["flow", "pressure", "temperature"]
 
@@ -209,7 +209,7 @@ def test_metadata_changes_do_not_touch_the_graph_fingerprint(
 
 
 def test_within_std_ignores_the_streams_levels() -> None:
-    from training.calibrate import within_std
+    from training.trainer.calibrate import within_std
 
     rng = np.random.default_rng(3)
     parts = [rng.normal(level, 2.0, 4000) for level in (0.0, 50.0, -20.0)]
@@ -218,7 +218,7 @@ def test_within_std_ignores_the_streams_levels() -> None:
 
 
 def test_the_average_spread_is_measured_but_never_below_independent_steps() -> None:
-    from training.calibrate import summarise
+    from training.trainer.calibrate import summarise
 
     rng = np.random.default_rng(5)
     window = 20
@@ -241,7 +241,7 @@ def test_the_average_spread_is_measured_but_never_below_independent_steps() -> N
 
 
 def test_the_level_spread_is_what_sampling_does_not_explain() -> None:
-    from training.calibrate import summarise
+    from training.trainer.calibrate import summarise
 
     rng = np.random.default_rng(8)
     # Streams of one level: their means differ by sampling noise alone.

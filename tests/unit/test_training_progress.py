@@ -1,11 +1,11 @@
-"""training.progress: redrawn in place on a terminal, one plain line per epoch elsewhere."""
+"""training.trainer.progress: redrawn in place on a terminal, one plain line per epoch elsewhere."""
 
 from __future__ import annotations
 
 import io
 import math
 
-from training.progress import EpochProgress, epoch_line
+from training.trainer.progress import EpochProgress, epoch_line
 
 
 class FakeTerminal(io.StringIO):

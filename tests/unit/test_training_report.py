@@ -10,10 +10,10 @@ import pytest
 
 from detector.artifact import read_artifact
 from detector.cli import main
-from training.cli import DEFAULTS
-from training.report import plot_losses
-from training.synth import generate_fleet, write_csv
-from training.train import EpochStats
+from training.evaluation.synth import generate_fleet, write_csv
+from training.trainer.cli import DEFAULTS
+from training.trainer.report import plot_losses
+from training.trainer.train import EpochStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--hidden", "8", "--epochs", "3", "--patience", "0", "--window", "32", "--burn-in", "4"]

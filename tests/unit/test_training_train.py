@@ -1,4 +1,4 @@
-"""training.model and training.train: shapes, carried state, clipping, stopping, seeds."""
+"""training.trainer.model and .train: shapes, carried state, clipping, stopping, seeds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from detector.errors import ConfigError, DataError
-from training.cli import DEFAULTS
-from training.model import LOG_VAR_MAX, LOG_VAR_MIN, RecurrentForecaster
-from training.train import (
+from training.trainer.cli import DEFAULTS
+from training.trainer.model import LOG_VAR_MAX, LOG_VAR_MIN, RecurrentForecaster
+from training.trainer.train import (
     EpochStats,
     TrainOptions,
     clip_gradients,
@@ -135,7 +135,7 @@ def test_early_stopping_stops_and_restores_the_best_weights() -> None:
     val = [h.val_loss for h in result.history]
     assert result.best_epoch == 1 + int(np.argmin(val))
     assert result.epochs_run == result.best_epoch + options.patience
-    from training.data import normalise
+    from training.trainer.data import normalise
 
     held_out = [normalise(v, result.normalisation).astype(np.float32) for v in result.val_streams]
     assert evaluate(result.model, held_out, options.burn_in) == pytest.approx(

@@ -26,8 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.errors import RnnsentryError
-from detector.localbroker import INSTALL_HINT, Mosquitto, find_mosquitto, free_port
-from training.evaluate import first_raise
+from training.demo.localbroker import INSTALL_HINT, Mosquitto, find_mosquitto, free_port
+from training.evaluation.evaluate import first_raise
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
@@ -60,9 +60,9 @@ def _say(text: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from training import fit_and_export
-    from training.synth import generate_fleet
-    from training.train import TrainOptions
+    from training.evaluation.synth import generate_fleet
+    from training.trainer import fit_and_export
+    from training.trainer.train import TrainOptions
 
     if args.duration <= 0 or args.rate <= 0 or args.streams < 1:
         raise SystemExit("rnnsentry demo: --duration, --rate and --streams must be positive")

@@ -19,7 +19,7 @@ from typing import Any
 
 from detector.artifact import ModelMeta
 from detector.errors import RnnsentryError
-from training.train import EpochStats, TrainResult, speed
+from training.trainer.train import EpochStats, TrainResult, speed
 
 log = logging.getLogger(__name__)
 

@@ -150,8 +150,8 @@ def run_train(args: argparse.Namespace) -> int:
         importlib.import_module("torch")
     except ImportError:
         raise RnnsentryError("training needs torch: pip install 'rnnsentry[train]'") from None
-    from training.pipeline import train_csv
-    from training.train import TrainOptions
+    from training.trainer.pipeline import train_csv
+    from training.trainer.train import TrainOptions
 
     options = TrainOptions(**options_from_args(args))
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

@@ -15,7 +15,7 @@ way, so an alert is raised where the trace crosses the raise line. ``anomaly_sco
 another average and the lines say nothing about it. An output written before replay had
 an ``alert_score`` column is drawn with ``anomaly_score`` in its place and a note saying so.
 
-Labels come from the readers of :mod:`training.evaluate` (NAB windows JSON, a SKAB 0/1
+Labels come from the readers of :mod:`training.evaluation.evaluate` (NAB windows JSON, a SKAB 0/1
 column). matplotlib is imported only when drawing, with its Agg backend (no pyplot).
 """
 
@@ -35,7 +35,7 @@ from detector.csvdata import Table, read_csv
 from detector.errors import ConfigError, DataError, RnnsentryError
 from detector.replay import OUTPUT_COLUMNS
 from detector.scoring import ScoringConfig, log_score
-from training.evaluate import (
+from training.evaluation.evaluate import (
     event_outcomes,
     label_runs,
     match_key,
@@ -43,7 +43,7 @@ from training.evaluate import (
     read_windows,
     windows_to_events,
 )
-from training.nab import Event
+from training.evaluation.nab import Event
 
 MAX_FEATURES: Final = 8  # feature panels drawn when none are named
 DPI: Final = 100
@@ -128,7 +128,7 @@ class PlotResult:
     raised: tuple[int, ...]  # rows where an alert is raised, marked
     windows: tuple[Event, ...]  # labelled windows, shaded on every panel
     windows_caught: int  # labelled windows with an alert raised inside them
-    windows_late: int  # ... raised only after they ended (training.evaluate.event_outcomes)
+    windows_late: int  # ... raised only after they ended (evaluate.event_outcomes)
     size: tuple[int, int]  # the PNG's width and height in pixels
     note: str = ""  # what the picture lacks, drawn on it and printed
 

@@ -2,7 +2,7 @@
 
 ``train(streams, options)`` fills gaps (NaN: forward fill within a stream, back fill
 of a leading gap, an all-NaN column is a DataError naming it; see
-:mod:`training.data`), holds out the last ``val_fraction`` of every stream for
+:mod:`training.trainer.data`), holds out the last ``val_fraction`` of every stream for
 validation, fits the normalisation on the rest, cuts each stream into a few long
 consecutive lanes (each starts cold, its first ``burn_in`` steps unscored), batches
 lanes side by side, and trains with the hidden state carried (detached) from one
@@ -30,9 +30,9 @@ from torch import nn
 
 from detector.artifact import CELLS, Normalisation
 from detector.errors import ConfigError, DataError, RnnsentryError
-from training.data import fill_missing, fit_normalisation, normalise, split_rows
-from training.model import RecurrentForecaster, State, detach_state
-from training.progress import EpochProgress
+from training.trainer.data import fill_missing, fit_normalisation, normalise, split_rows
+from training.trainer.model import RecurrentForecaster, State, detach_state
+from training.trainer.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from detector.artifact import (
     state_names,
 )
 from detector.errors import RnnsentryError
-from training.model import LOG_VAR_HALF_RANGE, LOG_VAR_MID, RecurrentForecaster
+from training.trainer.model import LOG_VAR_HALF_RANGE, LOG_VAR_MID, RecurrentForecaster
 
 log = logging.getLogger(__name__)
 

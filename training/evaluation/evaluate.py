@@ -5,8 +5,8 @@ labelled events as inclusive row ranges) and returns a :class:`Report`: point-wi
 of ``alert``; per event, whether an alert was raised inside it (caught, with the delay from
 its first row), only after it ended (late) or not at all (missed), over all events and per
 event class; and NAB scores of ``anomaly_score`` (three profiles, one threshold per profile
-optimised over the corpus: :mod:`training.nab`). Readers build events from NAB window JSON
-or a SKAB 0/1 column. ``rnnsentry evaluate`` is the command line; bad input: DataError.
+optimised over the corpus: :mod:`training.evaluation.nab`). Readers build events from NAB
+window JSON or a SKAB 0/1 column. ``rnnsentry evaluate`` is the command line; bad input: DataError.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from detector.csvdata import read_csv
 from detector.errors import DataError
 from detector.payload import parse_timestamp
-from training.nab import PROFILES, Event, NabResult, nab_corpus, nab_probation_rows
+from training.evaluation.nab import PROFILES, Event, NabResult, nab_corpus, nab_probation_rows
 
 # ---------------------------------------------------------------------------------------
 # Point-wise and event metrics of a 0/1 prediction.

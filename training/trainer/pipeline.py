@@ -2,7 +2,7 @@
 
 ``fit_and_export`` trains on streams, writes the one-step ONNX graph with its metadata
 (fails loudly when parity is off) and returns the :class:`ModelMeta` read back from
-the file; ``train_csv`` does the same from CSV files through :mod:`training.data`.
+the file; ``train_csv`` does the same from CSV files through :mod:`training.trainer.data`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 
 from detector.artifact import FORMAT_VERSION, ModelMeta
 from detector.errors import DataError
-from training.calibrate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, calibrate
-from training.data import fingerprint, load_csv_streams
-from training.export import build_step_graph, check_parity, parity_sequence, write_artifact
-from training.train import TrainOptions, TrainResult, speed, torch_threads, train
+from training.trainer.calibrate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, calibrate
+from training.trainer.data import fingerprint, load_csv_streams
+from training.trainer.export import build_step_graph, check_parity, parity_sequence, write_artifact
+from training.trainer.train import TrainOptions, TrainResult, speed, torch_threads, train
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,14 @@ def fit_and_export(
     """Train on ``streams`` (each [T, F] raw units, columns in ``features`` order) and write
     a checked model file to ``out_path``; returns its metadata as the daemon reads it.
 
-    With ``report_dir``, also writes the training report there (:mod:`training.report`).
+    With ``report_dir``, also writes the training report there (:mod:`training.trainer.report`).
     """
     began = time.perf_counter()
     features = list(features)
     if not features or len(set(features)) != len(features):
         raise DataError("feature names must be a non-empty list of distinct names")
     if report_dir is not None:
-        from training.report import check_report_dir
+        from training.trainer.report import check_report_dir
 
         check_report_dir(report_dir)  # fail before training, not after
     info = {"report_dir": str(report_dir) if report_dir is not None else None}
@@ -177,7 +177,7 @@ def fit_and_export(
         training_info=info,
     )
     if report_dir is not None:
-        from training.report import write_report
+        from training.trainer.report import write_report
 
         done = time.perf_counter()
         timings = {"export_s": done - trained, "fit_and_export_s": done - began}

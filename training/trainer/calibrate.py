@@ -25,7 +25,7 @@ from detector.scoring import (
     short_average,
     student_t_score,
 )
-from training.export import make_session, onnx_rollout
+from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Read top-down: the log-variance clamp, the Gaussian head (with a linear skip from
 x_t), the recurrent stack (torch's fused GRU/LSTM/RNN, batch first), then the model.
 States are tuples in :func:`detector.artifact.state_names` order, each [L, B, H];
-:mod:`training.export` writes the same equations as one ONNX step.
+:mod:`training.trainer.export` writes the same equations as one ONNX step.
 """
 
 from __future__ import annotations
