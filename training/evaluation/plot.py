@@ -30,9 +30,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from detector.cli import add_label_arguments
 from detector.csvdata import Table, read_csv
 from detector.errors import ConfigError, DataError, RnnsentryError
+from detector.labelargs import add_label_arguments
 from detector.replay import OUTPUT_COLUMNS
 from detector.scoring import ScoringConfig, log_score
 from training.evaluation.evaluate import (
