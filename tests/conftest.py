@@ -1,4 +1,8 @@
-"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models, daemons."""
+"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models, daemons.
+
+Test files mirror the packages: the tests of ``detector/engine.py`` are in
+``tests/detector/test_engine.py`` (README.md here says the whole rule).
+"""
 
 from __future__ import annotations
 

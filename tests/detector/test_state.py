@@ -222,3 +222,12 @@ def test_nbytes_counts_every_array() -> None:
     t = table(max_streams=10)
     per_row = 8 + 8 + 4 * F + 4 * L * H + 8  # x, n, mean, h, last_seen
     assert t.nbytes() == 10 * per_row
+
+
+def test_rows_for_gives_one_row_a_stream_and_marks_every_one_seen() -> None:
+    table = StateTable({"x": Column((), np.float64, 0.0)}, max_streams=8, initial_capacity=2)
+    first = table.rows_for(["a", "b"], now=1.0)
+    rows = table.rows_for(["b", "c", "c", "a", "d"], now=2.0)  # grows; "c" twice
+    assert rows[0] == first[1] and rows[3] == first[0] and rows[1] == rows[2]
+    assert len(set(rows.tolist())) == 4 and len(table) == 4
+    assert (table.last_seen[rows] == 2.0).all()

@@ -1,4 +1,5 @@
-"""detector.scoring: the maths against hand computations, and the alert state machine."""
+"""detector.scoring.scorer: the parts composed, against hand computations: likelihood, the
+alert state machine, onsets, the input spread as the scorer applies it, its configuration."""
 
 from __future__ import annotations
 
@@ -14,16 +15,13 @@ from detector.scoring import (
     StepScores,
     ewma_alpha,
     gaussian_nll,
-    gaussian_tail,
     huber_consistency,
     learn_input_var,
     scorer_columns,
     short_average,
-    standardised_errors,
     top_features,
 )
 from detector.scoring.calibration import Calibration
-from detector.scoring.stats import student_tail
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -54,109 +52,6 @@ def fresh_columns(b: int, f: int = 1) -> dict[str, np.ndarray]:
     return scorer_columns(b, f)
 
 
-# --- pure maths ---
-
-
-def test_gaussian_nll_matches_a_hand_computation() -> None:
-    z = np.array([[1.0, -2.0, 0.3], [0.0, 0.0, 0.0]])
-    mean = np.array([[0.5, 0.0, 0.3], [1.0, -1.0, 2.0]])
-    log_var = np.array([[0.0, math.log(4.0), -1.0], [0.5, 0.0, math.log(0.25)]])
-    expected = []
-    for i in range(2):
-        total = 0.0
-        for j in range(3):
-            var = math.exp(log_var[i, j])
-            pdf = math.exp(-((z[i, j] - mean[i, j]) ** 2) / (2 * var)) / math.sqrt(
-                2 * math.pi * var
-            )
-            total -= math.log(pdf)
-        expected.append(total)
-    out = gaussian_nll(z, mean, log_var)
-    assert out.shape == (2,)
-    np.testing.assert_allclose(out, expected, rtol=1e-12)
-
-
-def test_gaussian_nll_first_row_by_formula() -> None:
-    # 0.5*(log 2pi + 0 + 0.25) + 0.5*(log 2pi + log 4 + 1)
-    expected = 2 * HALF_LOG_2PI + 0.125 + 0.5 * math.log(4.0) + 0.5
-    got = gaussian_nll(np.array([[1.0, -2.0]]), np.array([[0.5, 0.0]]),
-                       np.array([[0.0, math.log(4.0)]]))  # fmt: skip
-    assert float(got[0]) == pytest.approx(expected, rel=1e-12)
-
-
-def test_standardised_errors_are_signed_sigma_units() -> None:
-    out = standardised_errors(
-        np.array([[1.0, -2.0, 5.0]]),
-        np.array([[0.5, 0.0, 5.0]]),
-        np.array([[0.0, math.log(4.0), 3.0]]),
-    )
-    np.testing.assert_allclose(out, [[0.5, -1.0, 0.0]], rtol=1e-12, atol=0)
-
-
-def test_gaussian_tail_against_erfc_over_a_grid() -> None:
-    grid = np.linspace(-8.0, 8.0, 3201)
-    got = gaussian_tail(grid)
-    for z, q in zip(grid.tolist(), got.tolist(), strict=True):
-        exact = 0.5 * math.erfc(z / math.sqrt(2.0))
-        assert abs(q - exact) <= 1e-6 * exact, (z, q, exact)
-
-
-@pytest.mark.parametrize("z", [-8.0, -3.0, -0.5, 0.0, 0.5, 3.0, 5.0, 8.0])
-def test_gaussian_tail_named_points(z: float) -> None:
-    exact = 0.5 * math.erfc(z / math.sqrt(2.0))
-    assert float(gaussian_tail(np.array([z]))[0]) == pytest.approx(exact, rel=1e-6)
-
-
-def test_gaussian_tail_far_tails_stay_in_range_and_monotone() -> None:
-    z = np.linspace(-40.0, 40.0, 2001)
-    q = gaussian_tail(z)
-    assert np.all((q >= 0.0) & (q <= 1.0))
-    assert np.all(np.diff(q) <= 0.0)
-    assert float(q[0]) == 1.0
-    assert float(gaussian_tail(np.array([12.0]))[0]) > 0.0  # no underflow yet at 12 sigma
-
-
-def test_gaussian_tail_is_symmetric() -> None:
-    z = np.linspace(0.1, 6.0, 60)
-    np.testing.assert_allclose(gaussian_tail(-z), 1.0 - gaussian_tail(z), rtol=1e-12)
-    # At 0 both sides come from the same fitted value: symmetric to the fit's accuracy.
-    assert float(gaussian_tail(np.array([0.0]))[0]) == pytest.approx(0.5, rel=1e-7)
-
-
-@pytest.mark.parametrize(
-    ("t", "dof", "tail"),  # Student t tables: the 2.5 % and 0.05 % points
-    [(2.228, 10, 0.025), (2.086, 20, 0.025), (4.587, 10, 0.0005), (3.850, 20, 0.0005)],
-)
-def test_student_tail_named_points(t: float, dof: float, tail: float) -> None:
-    assert float(student_tail(np.array([t]), dof)[0]) == pytest.approx(tail, rel=0.03)
-    assert float(student_tail(np.array([-t]), dof)[0]) == pytest.approx(1.0 - tail, rel=1e-3)
-
-
-def test_student_tail_is_heavier_with_fewer_degrees_and_gaussian_with_many() -> None:
-    t = np.full(4, 5.0)
-    tails = student_tail(t, np.array([3.0, 10.0, 100.0, np.inf]))
-    assert np.all(np.diff(tails) < 0)
-    assert float(tails[3]) == float(gaussian_tail(np.array([5.0]))[0])
-
-
-def test_ewma_alpha() -> None:
-    assert ewma_alpha(1) == 1.0
-    assert ewma_alpha(3) == 0.5
-    assert ewma_alpha(9) == pytest.approx(0.2)
-
-
-@pytest.mark.parametrize("window", [1, 2, 5, 30])
-def test_short_average_matches_a_hand_loop(window: int) -> None:
-    rng = np.random.default_rng(window)
-    raw = rng.normal(3.0, 2.0, size=50)
-    alpha = 2.0 / (window + 1.0)
-    expected = [raw[0]]
-    for i, value in enumerate(raw[1:], start=2):  # a plain mean of the first values
-        step = max(alpha, 1.0 / i)
-        expected.append(expected[-1] * (1.0 - step) + step * value)
-    np.testing.assert_allclose(short_average(raw, window), expected, rtol=1e-12)
-
-
 def test_short_average_is_what_the_scorer_keeps() -> None:
     rng = np.random.default_rng(7)
     z = rng.normal(0.0, 1.5, size=(40, 1))
@@ -169,24 +64,6 @@ def test_short_average_is_what_the_scorer_keeps() -> None:
         raws.append(float(s.raw[0]))
         kept.append(float(cols["short_avg"][0]))
     np.testing.assert_allclose(kept, short_average(np.array(raws), 4), rtol=1e-12)
-
-
-def test_huber_consistency_matches_a_numerical_integral() -> None:
-    u = np.linspace(-12.0, 12.0, 240_001)
-    density = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
-    for clip in (0.5, 1.5, 3.0):
-        integral = float(np.sum(np.minimum(u * u, clip * clip) * density) * (u[1] - u[0]))
-        assert huber_consistency(clip) == pytest.approx(integral, abs=1e-6)
-
-
-def test_the_input_spread_moves_a_bounded_step_and_skips_missing_values() -> None:
-    var = np.array([[1.0, 4.0, 2.0]])
-    # a spike of 100 spreads counts as 1.5 of them (clip), then over the consistency factor
-    learn_input_var(var, np.array([[100.0, 0.0, math.nan]]), 0.1, 1.5)
-    k = huber_consistency(1.5)
-    assert var[0, 0] == pytest.approx(1.0 + 0.1 * (2.25 / k - 1.0))  # 1.189
-    assert var[0, 1] == pytest.approx(4.0 * 0.9)  # a value at the centre: shrinks by alpha
-    assert var[0, 2] == 2.0  # NaN: unchanged
 
 
 def test_a_stream_parked_at_its_centre_keeps_a_floor_under_its_spread() -> None:
@@ -202,17 +79,6 @@ def test_a_stream_parked_at_its_centre_keeps_a_floor_under_its_spread() -> None:
     cols = fresh_columns(1)
     cols["input_var"][:] = var
     assert scorer.model_inputs(cols, np.array([[0.5]]))[0, 0] == pytest.approx(5.0)
-
-
-def test_the_input_spread_settles_on_the_variance_of_gaussian_values() -> None:
-    """Consistent: for N(0, s^2) values the clipped, rescaled mean square tends to s^2, for
-    a stream that varies more (s = 3) or less (s = 0.5) than in training."""
-    rng = np.random.default_rng(4)
-    for s in (3.0, 0.5):
-        var = np.ones((1, 1))
-        for z in rng.normal(0.0, s, 30_000):
-            learn_input_var(var, np.array([[z]]), ewma_alpha(2000), 1.5)
-        assert var[0, 0] == pytest.approx(s * s, rel=0.1)
 
 
 def test_the_model_inputs_are_the_values_over_the_stream_spread() -> None:
@@ -484,26 +350,6 @@ def test_onset_hold_caps_the_scores_of_the_steps_after_an_onset_then_lets_go() -
     assert [bool(r.raised[0]) for r in plain.run(steps)] == [
         bool(r.raised[0]) for r in held_run.run(steps)
     ]
-
-
-def test_student_t_score_is_near_the_gaussian_close_in_and_logarithmic_far_out() -> None:
-    from detector.scoring import STUDENT_T_DOF, student_t_score
-
-    def score(e: float) -> float:
-        return float(student_t_score(np.array([[e]]), np.zeros((1, 1)), np.zeros((1, 1)))[0])
-
-    nu = STUDENT_T_DOF
-    assert score(0.0) == 0.0
-    for e in (0.1, 0.5):  # within a fraction of a standard deviation: about e^2 / 2
-        assert score(e) == pytest.approx(0.5 * e * e, rel=0.1)
-    # far out, each tenfold error adds about (nu + 1) log 100 / 2, not a hundredfold score
-    step = 0.5 * (nu + 1) * math.log(100.0)
-    assert score(1000.0) - score(100.0) == pytest.approx(step, rel=0.01)
-    assert score(100.0) < 0.01 * 0.5 * 100.0**2
-    # it sums over features and uses the predicted scale: e = (z - mean) / sigma
-    both = student_t_score(np.array([[2.0, 6.0]]), np.array([[0.0, 2.0]]),
-                           np.log(np.array([[1.0, 4.0]])))  # fmt: skip
-    assert float(both[0]) == pytest.approx(2 * score(2.0))
 
 
 def test_the_scorer_computes_the_raw_score_its_calibration_names() -> None:

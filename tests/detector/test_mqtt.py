@@ -169,19 +169,3 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
         assert topic == "sensors/late" and json.loads(payload)["ts"] == 2.0
     finally:
         second.stop()
-
-
-def test_a_stopped_broker_leaves_nothing_in_the_temp_dir() -> None:
-    """Each start stages a config (and secrets) in a folder of its own; stop removes it and
-    keeps the log to read, so a test run leaves no folders behind."""
-    broker = Mosquitto()
-    assert broker.dir is None  # made but never started: nothing on disk
-    broker.start()
-    folder = broker.dir
-    assert folder is not None and (folder / "mosquitto.conf").exists()
-    broker.restart()
-    assert not folder.exists()  # the first run's folder went with it
-    second = broker.dir
-    broker.stop()
-    assert second is not None and not second.exists() and broker.dir is None
-    assert "mosquitto" in broker.log_tail()  # the last run's log, from memory

@@ -1,6 +1,6 @@
-"""The parser's fast reading changes nothing that can be observed: the same messages through
-``parse_into`` or through the full reading alone leave the same stream state, counters and
-alerts; the route memo follows the router; the state table's vectorised ``rows_for``."""
+"""detector.stage, the scoring stage: the parser's fast reading changes nothing that can be
+observed (the same messages through ``parse_into`` or through the full reading alone leave
+the same stream state, counters and alerts), and the route memo follows the router."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import detector.stage as stage_module
 from detector.config import build_config
 from detector.daemon import Daemon
-from detector.engine import _rounds
 from detector.link import Inbound
 from detector.payload import PayloadLimits, PlainForm, parse_message
-from detector.state import Column, StateTable
 from tests.support import TINY_FEATURES, tiny_fleet
 
 T0 = 1_700_000_000.0
@@ -180,31 +176,3 @@ def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyP
         d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
         assert len(d.stage.routes.memo) <= 3
     assert len(d.engines[0].table) == 10
-
-
-def test_rows_for_gives_one_row_a_stream_and_marks_every_one_seen() -> None:
-    table = StateTable({"x": Column((), np.float64, 0.0)}, max_streams=8, initial_capacity=2)
-    first = table.rows_for(["a", "b"], now=1.0)
-    rows = table.rows_for(["b", "c", "c", "a", "d"], now=2.0)  # grows; "c" twice
-    assert rows[0] == first[1] and rows[3] == first[0] and rows[1] == rows[2]
-    assert len(set(rows.tolist())) == 4 and len(table) == 4
-    assert (table.last_seen[rows] == 2.0).all()
-
-
-def _rounds_by_counting(streams: list[str]) -> list[list[int]]:
-    """The plain definition: a sample's round is how many samples of its stream came first."""
-    seen: dict[str, int] = {}
-    rounds: list[list[int]] = []
-    for i, stream in enumerate(streams):
-        k = seen.get(stream, 0)
-        seen[stream] = k + 1
-        if k == len(rounds):
-            rounds.append([])
-        rounds[k].append(i)
-    return rounds or [[]]
-
-
-@settings(database=None, deadline=None)
-@given(streams=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=60))
-def test_rounds_split_repeated_streams_in_order(streams: list[str]) -> None:
-    assert [r.tolist() for r in _rounds(streams)] == _rounds_by_counting(streams)
