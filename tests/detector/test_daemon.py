@@ -1,6 +1,6 @@
 """The daemon's parts wired together over an in-memory link: from a received message to a
 published alert, the status it says, and a stop that loses nothing. The MQTT link itself is
-tested against mosquitto in tests/integration."""
+tested against mosquitto in test_mqtt.py and test_daemon_broker.py."""
 
 from __future__ import annotations
 
