@@ -25,7 +25,7 @@ broker:
 	      mosquitto mosquitto-clients prometheus; \
 	  else \
 	    echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients prometheus'"; \
-	    echo "(the demo falls back to its embedded broker; the integration tests need mosquitto)"; \
+	    echo "(the demo and the integration tests need mosquitto; the rules' tests need promtool)"; \
 	  fi; }
 
 demo: setup

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.localbroker import Mosquitto, free_port
+from training.demo.localbroker import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(tempfile.gettempdir()) / "rnnsentry-bench-models"
@@ -61,9 +61,9 @@ def bench_model(cell: str = "gru", hidden: int = 64, features: int = 8) -> Path:
             return path
         except ModelFileError:
             path.unlink()  # made by an older exporter: train again
-    from training import fit_and_export
-    from training.synth import generate_fleet
-    from training.train import TrainOptions
+    from training.evaluation.synth import generate_fleet
+    from training.trainer import fit_and_export
+    from training.trainer.train import TrainOptions
 
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
     fleet = generate_fleet(8, 2000, features=feature_names(features), seed=0)
@@ -83,7 +83,7 @@ def bench_model(cell: str = "gru", hidden: int = 64, features: int = 8) -> Path:
 
 def value_pool(features: int, pumps: int = 16, steps: int = 1200) -> np.ndarray:
     """[pumps, steps, features] normal synthetic readings (what the model was fitted on)."""
-    from training.synth import generate_fleet
+    from training.evaluation.synth import generate_fleet
 
     return generate_fleet(
         pumps, steps, features=feature_names(features), seed=1, start_step=50_000

@@ -42,8 +42,8 @@ from detector.engine import Engine
 from detector.errors import ModelFileError
 from detector.model import LoadedModel
 from detector.scoring import ScoringConfig
-from training.evaluate import first_raise
-from training.synth import ANOMALY_KINDS, Fleet, generate_fleet, inject, noise_sd
+from training.evaluation.evaluate import first_raise
+from training.evaluation.synth import ANOMALY_KINDS, Fleet, generate_fleet, inject, noise_sd
 
 # Training: normal history of pumps 0 .. TRAIN_PUMPS - 1.
 TRAIN_PUMPS = 8
@@ -64,8 +64,9 @@ SERVED_STEPS = WARMUP_STEPS + SLOT_STEPS * len(ANOMALY_KINDS)
 NOISIER_EVERY = 3  # every third served pump has its sensors' white noise scaled ...
 NOISE_SCALE = (1.2, 1.5)  # ... by a factor drawn from this range (the sd, not the variance)
 
-# (min, max) steps per class, closer to real failures than training.synth's: a level shift
-# or a stuck sensor lasts until someone repairs it, a drift creeps up over hundreds of steps.
+# (min, max) steps per class, closer to real failures than training.evaluation.synth's: a
+# level shift or a stuck sensor lasts until someone repairs it, a drift creeps up over hundreds
+# of steps.
 DURATIONS = {
     "spike": (1, 3),
     "dip": (1, 3),
@@ -78,12 +79,12 @@ DURATIONS = {
 DRIFT_SIZE = (10.0, 20.0)  # final size of a drift's linear ramp, in noise_sd of the sensor
 # A correlation break needs a sensor that follows another, so not flow (the driver); a stuck
 # sensor is one whose value moves with the load, so not the noise-dominated vibration
-# (training.synth's choice too).
+# (training.evaluation.synth's choice too).
 BANNED_ROLE = {"correlation_break": 0, "stuck": 3}
 
 TARGET_CAUGHT_PCT = 95.0  # every class
 TARGET_FALSE_PER_100K = 1.0
-_BENCH_TAG = 7_001  # separates this bench's random stream from training.synth's
+_BENCH_TAG = 7_001  # separates this bench's random stream from training.evaluation.synth's
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ def train_model(seed: int, work: Path) -> tuple[Path, float]:
             return path, 0.0
         except ModelFileError:
             path.unlink()  # made by an older exporter: train again
-    from training import fit_and_export
-    from training.train import TrainOptions
+    from training.trainer import fit_and_export
+    from training.trainer.train import TrainOptions
 
     began = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ depends only on the input ``lag`` steps back. Training scores every step (distan
 that ignores the past is N(0, 1): its NLL, the no-memory baseline, is 0.5 (ln 2pi + 1).
 
 The model is training's RecurrentForecaster (2 features, one layer, equal hidden size
-for every cell), trained with training.train's Gaussian NLL, clipping and Adam on
+for every cell), trained with training.trainer.train's Gaussian NLL, clipping and Adam on
 fresh random windows. The gradient column is the mean over held-out windows of
 |d loss_lag / d x_0|: the gradient reaching the window's first input, the one that holds
 the answer. Prints a markdown table. About 2-4 minutes on 2 cores.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.model import RecurrentForecaster
-from training.train import LR_FINAL_FRACTION, gaussian_nll, optimise_step, torch_threads
+from training.trainer.model import RecurrentForecaster
+from training.trainer.train import LR_FINAL_FRACTION, gaussian_nll, optimise_step, torch_threads
 
 BASELINE_NLL = 0.5 * (math.log(2 * math.pi) + 1.0)  # N(0, 1) scored against N(0, 1) draws
 SIGN_ONLY_R2 = 2.0 / math.pi  # recalling sign(v) alone: mean sign(v) * E|v|, R^2 = (E|v|)^2

@@ -34,7 +34,8 @@ from common import (
     wait_quiet,
 )
 
-from detector.engine import Engine, StreamConfig
+from detector.config import StreamConfig
+from detector.engine import Engine
 from detector.model import LoadedModel
 
 TARGET_BYTES = 2048

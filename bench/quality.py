@@ -2,7 +2,7 @@
 
 Per file: ``python -m detector train ... --quiet`` then ``python -m detector replay ...``
 as subprocesses in a temporary directory (``--jobs`` files at once, longest first); the
-outputs are scored with ``training.evaluate`` and printed as markdown tables beside the
+outputs are scored with ``training.evaluation.evaluate`` and printed as markdown tables beside the
 published figures of ``../shared/datasets/README.md``, with the wall time. Not a test.
 
     .venv/bin/python bench/quality.py [--nab DIR] [--skab DIR] [--jobs 2] [--only nab]
@@ -50,14 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import build_config, merge, read_toml
+from detector.config import StreamConfig, build_config, merge, read_toml
 from detector.csvdata import read_csv
-from detector.engine import StreamConfig
 from detector.errors import ConfigError, RnnsentryError
 from detector.model import LoadedModel
 from detector.replay import replay_table
 from detector.scoring import ScoringConfig
-from training.evaluate import (
+from training.evaluation.evaluate import (
     Labelled,
     PointMetrics,
     Report,
@@ -68,7 +67,13 @@ from training.evaluate import (
     read_windows,
     windows_to_events,
 )
-from training.nab import PROFILES, NabResult, nab_corpus, nab_file_score, nab_probation_rows
+from training.evaluation.nab import (
+    PROFILES,
+    NabResult,
+    nab_corpus,
+    nab_file_score,
+    nab_probation_rows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SKAB_TRAIN_ROWS = 400

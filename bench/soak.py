@@ -47,7 +47,7 @@ from common import (
     value_pool,
 )
 
-from detector.localbroker import Mosquitto
+from training.demo.localbroker import Mosquitto
 
 FEATURES = 8
 SPIKE_EVERY_S = 60.0

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from training import fit_and_export
-from training.synth import DEFAULT_FEATURES, generate_fleet
-from training.train import TrainOptions
+from training.evaluation.synth import DEFAULT_FEATURES, generate_fleet
+from training.trainer import fit_and_export
+from training.trainer.train import TrainOptions
 
 LIMIT_S = 120.0
 

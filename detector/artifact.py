@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from detector.errors import ModelFileError
+from detector.scoring.calibration import RAW_SCORES, Calibration
 
 METADATA_KEY: Final = "rnnsentry"
 FORMAT_VERSION: Final = 1
 CELLS: Final = ("gru", "lstm", "rnn")
-# The raw scores a calibration can be of (detector.scoring computes each).
-RAW_SCORES: Final = ("student_t", "gaussian_nll")
 INPUT_NAME: Final = "x"
 OUTPUT_NAMES: Final = ("mean", "log_var")
 
@@ -42,34 +41,6 @@ class Normalisation:
 
     centre: list[float]
     scale: list[float]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The raw score on held-out normal data, streamed like the daemon.
-
-    ``window_mean``/``window_std`` describe the short-term average of the raw
-    score over ``window`` steps: the prior of each stream's anomaly likelihood.
-    ``raw_score`` names the raw score these figures are of, and so the one the daemon
-    computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
-    NLL, the raw score of the first releases. ``level_std`` says how much streams differ:
-    the spread of the held-out streams' mean raw scores about one another, less what their
-    own sampling noise explains (0 when the calibration saw one stream), measured on
-    ``level_streams`` streams (0: not recorded, as in files before it).
-    """
-
-    n: int
-    mean: float
-    std: float
-    quantiles: dict[str, float]  # "0.5", "0.9", "0.99", "0.999" -> raw score
-    window: int
-    window_mean: float
-    window_std: float
-    threshold: float  # default anomaly-likelihood threshold for this model
-    raw_score: str = "gaussian_nll"
-    level_std: float = 0.0  # how far the held-out streams' own levels of the raw score lie
-    # apart, beyond what sampling explains: 0 for one stream (or a file without it)
-    level_streams: int = 0  # the held-out streams level_std was measured on
 
 
 @dataclass(frozen=True)

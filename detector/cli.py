@@ -1,8 +1,10 @@
-"""The ``rnnsentry`` command line: run, replay, inspect here; train, synth, demo from training.
+"""The ``rnnsentry`` command line: run, replay, inspect here; train, synth, evaluate, demo and
+plot from the ``training`` package.
 
-The training commands live in the ``training`` package and are imported by
-name only when asked for, so the daemon's commands never load torch. Any
-:class:`RnnsentryError` becomes one line on stderr and exit code 2.
+Those commands are named in one table (:data:`_TRAINING_COMMANDS`) and their modules are
+imported by name only when chosen, so the daemon's commands never load torch or matplotlib
+and no module here imports ``training``; ``replay --plot`` reaches the plot command's module
+through the same table. Any :class:`RnnsentryError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,23 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 from detector import __version__
 from detector.errors import ConfigError, RnnsentryError
+from detector.labelargs import add_label_arguments
 
 if TYPE_CHECKING:
     from detector.scoring import ScoringConfig
 
 log = logging.getLogger("rnnsentry")
 
-# Commands whose code needs torch: name -> (module, add-arguments fn, run fn, help).
+# Commands of the training package: name -> (module, add-arguments fn, run fn, help).
 _TRAINING_COMMANDS = {
-    "train": ("training.cli", "add_train_arguments", "run_train",
+    "train": ("training.trainer.cli", "add_train_arguments", "run_train",
               "fit a recurrent model on CSV data and export it to ONNX"),
-    "synth": ("training.synth", "add_synth_arguments", "run_synth",
+    "synth": ("training.evaluation.synth", "add_synth_arguments", "run_synth",
               "write a synthetic sensor fleet with labelled anomalies to CSV"),
-    "evaluate": ("training.evaluate", "add_evaluate_arguments", "run_evaluate",
+    "evaluate": ("training.evaluation.evaluate", "add_evaluate_arguments", "run_evaluate",
                  "score replay output against labels (point-wise, event and NAB scores)"),
-    "demo": ("training.demo", "add_demo_arguments", "run_demo",
+    "demo": ("training.demo.scenario", "add_demo_arguments", "run_demo",
              "train, start a broker and the daemon, replay a fleet with anomalies"),
-    "plot": ("training.plot", "add_plot_arguments", "run_plot",
+    "plot": ("training.evaluation.plot", "add_plot_arguments", "run_plot",
              "draw replay output: features, anomaly score and threshold, alerts, labelled windows"),
 }  # fmt: skip
 
@@ -69,24 +72,6 @@ def _add_replay(p: argparse.ArgumentParser) -> None:
     add_label_arguments(p, "with --plot: ")
 
 
-def add_label_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
-    """--windows/--key and --labels/--label-col, for ``replay --plot`` and ``plot``."""
-    labels = p.add_mutually_exclusive_group()
-    labels.add_argument(
-        "--windows",
-        metavar="WINDOWS.json",
-        help=f"{when}NAB-style JSON of file key -> [start, end] timestamps to shade",
-    )
-    labels.add_argument(
-        "--labels",
-        metavar="L.csv",
-        help=f"{when}CSV with a 0/1 label column, same rows (a scores file will do)",
-    )
-    p.add_argument("--key", metavar="K", help=f"{when}windows key (default: the file's stem)")
-    p.add_argument("--label-col", default="anomaly", metavar="C",
-                   help=f"{when}label column of --labels (%(default)s)")  # fmt: skip
-
-
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument(
@@ -98,6 +83,11 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
 
+def _training_module(command: str) -> Any:
+    """The module of one of the training package's commands, imported now."""
+    return importlib.import_module(_TRAINING_COMMANDS[command][0])
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; a training command's own arguments are loaded only when it is chosen."""
     parser = argparse.ArgumentParser(
@@ -107,10 +97,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rnnsentry {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, add, _, help_text) in _TRAINING_COMMANDS.items():
+    for name, (_, add, _, help_text) in _TRAINING_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            getattr(importlib.import_module(module), add)(p)
+            getattr(_training_module(name), add)(p)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     local = (
@@ -135,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command in _TRAINING_COMMANDS:
-            module, _, run, _ = _TRAINING_COMMANDS[args.command]
-            return int(getattr(importlib.import_module(module), run)(args))
+            run = _TRAINING_COMMANDS[args.command][2]
+            return int(getattr(_training_module(args.command), run)(args))
         return {"run": cmd_run, "replay": cmd_replay, "inspect": cmd_inspect}[args.command](args)
     except RnnsentryError as exc:
         print(f"rnnsentry: error: {exc}", file=sys.stderr)
@@ -234,8 +224,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if labelled and not args.plot:
         raise ConfigError("--windows, --labels and --key go with --plot")
     if args.plot:
-        from training import plot  # only now: the daemon's commands never load matplotlib
-
+        plot = _training_module("plot")  # only now: replay alone never loads the plot module
         plot.require_matplotlib("--plot")
         labels = plot.load_labels(windows=args.windows, key=args.key, labels=args.labels,
                                   label_col=args.label_col, stem=Path(args.data).stem)  # fmt: skip

@@ -4,11 +4,14 @@ Loaded in three steps (find the file, parse the TOML text, build from a dict)
 then environment overrides ``RNNSENTRY_SECTION__KEY`` and command-line flags.
 Unknown keys and wrong types are errors; :func:`build_config` collects every
 problem with its key. Secrets come from files, never from the TOML itself.
+Each section is plain data; beside errors it imports only the setting types of the
+pure parts it configures (payload, routing, scoring), never the engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from detector.engine import StreamConfig
 from detector.errors import ConfigError
 from detector.payload import PayloadLimits
 from detector.routing import TopicTemplate
@@ -74,6 +76,29 @@ class ModelConfig:
     path: str
     name: str = ""  # default: the name stored in the model file
     topics: list[str] = field(default_factory=lambda: ["sensors/{stream}"])
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Limits on the streams one model keeps state for."""
+
+    max_streams: int = 100_000
+    idle_ttl_s: float = 86_400.0  # a stream unseen this long is forgotten
+    max_gap_s: float | None = None  # a gap longer than this resets a stream's state
+    max_gap_intervals: float = 10.0  # ... or this many of the model's sample intervals
+
+    def gap_limit(self, interval_s: float | None) -> float:
+        """The gap in seconds beyond which a stream's state is reset, for a model sampled
+        every ``interval_s`` (None: unknown, so only ``max_gap_s`` can set one).
+
+        >>> StreamConfig().gap_limit(2.0), StreamConfig(max_gap_s=5.0).gap_limit(2.0)
+        (20.0, 5.0)
+        """
+        if self.max_gap_s is not None:
+            return self.max_gap_s
+        if interval_s:
+            return self.max_gap_intervals * interval_s
+        return math.inf
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from detector.config import StreamConfig
 from detector.model import LoadedModel
 from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, top_features
 from detector.state import Column, StateTable
@@ -26,23 +27,6 @@ SCORED: Final = 0
 OUT_OF_ORDER: Final = 1
 DUPLICATE: Final = 2
 MODEL_NON_FINITE: Final = 3
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """Limits on the streams one model keeps state for."""
-
-    max_streams: int = 100_000
-    idle_ttl_s: float = 86_400.0  # a stream unseen this long is forgotten
-    max_gap_s: float | None = None  # a gap longer than this resets a stream's state
-    max_gap_intervals: float = 10.0  # ... or this many of the model's sample intervals
-
-    def gap_limit(self, interval_s: float | None) -> float:
-        if self.max_gap_s is not None:
-            return self.max_gap_s
-        if interval_s:
-            return self.max_gap_intervals * interval_s
-        return math.inf
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,17 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client import metrics as _client_metrics
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from detector.errors import REJECTION_REASONS
@@ -246,16 +248,90 @@ class Metrics:
 
 MAX_CONNECTIONS = 32  # HTTP connections served at once; more are closed at once
 IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+SERVER_NAME = "rnnsentry"  # the Server header: no library or Python version for a scanner
+
+# A WSGI application: (environ, start_response) -> body chunks.
+_App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS of them."""
+class _MergedCollector(Collector):
+    """The daemon's metrics as one collector: this process's registry with the samples of
+    the scoring processes added in (:meth:`Metrics.collect`), so /metrics shows the sums."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.collect()
+
+
+def metrics_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> _App:
+    """/metrics by prometheus-client's own WSGI app (content negotiation, OpenMetrics,
+    gzip, ``name[]`` filters), with /healthz and /readyz beside it; every response
+    names the server :data:`SERVER_NAME`."""
+    registry = CollectorRegistry(auto_describe=True)  # names known, so name[] filters work
+    registry.register(_MergedCollector(metrics))
+    prometheus = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def named(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+            return start_response(status, [*headers, ("Server", SERVER_NAME)], *exc)
+
+        path = environ.get("PATH_INFO", "")
+        try:
+            if path == "/metrics":
+                body: Iterable[bytes] = prometheus(environ, named)
+                return body
+            if environ["REQUEST_METHOD"] != "GET":
+                return _text(named, "405 Method Not Allowed", "use GET\n", [("Allow", "GET")])
+            if path == "/healthz":
+                return _text(named, "200 OK", "ok\n")
+            if path == "/readyz":
+                ok, why = ready()
+                return _text(named, "200 OK" if ok else "503 Service Unavailable", why + "\n")
+            return _text(named, "404 Not Found", "not found: try /metrics, /healthz or /readyz\n")
+        except Exception:  # answered here, so wsgiref never writes its own versioned error
+            log.exception("metrics http: %s failed", path)
+            return _text(named, "500 Internal Server Error", "internal error\n")
+
+    return app
+
+
+def _text(
+    start_response: Callable[..., Any], status: str, body: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:  # fmt: skip
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(data))), *(headers or [])])  # fmt: skip
+    return [data]
+
+
+class _Handler(WSGIRequestHandler):
+    """wsgiref's handler with the server's idle timeout, no versions and quiet logs."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.idle_timeout_s)  # type: ignore[attr-defined]
+
+    def version_string(self) -> str:
+        return SERVER_NAME  # on the errors the handler itself sends (a bad request line)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("metrics http: %s", format % args)
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` of them."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: Any) -> None:
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    def __init__(
+        self, address: tuple[str, int], max_connections: int, idle_timeout_s: float
+    ) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -273,16 +349,20 @@ class _BoundedServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went silent (the idle timeout) or away: not worth a traceback.
+        log.debug("metrics http: connection from %s ended", client_address, exc_info=True)
+
 
 class MetricsServer:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz: at most
-    MAX_CONNECTIONS at once, each closed after IDLE_TIMEOUT_S of silence."""
+    """/metrics, /healthz and /readyz over wsgiref: at most MAX_CONNECTIONS at once, each
+    closed after IDLE_TIMEOUT_S of silence."""
 
     def __init__(
         self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
     ) -> None:
-        handler = _make_handler(metrics, ready)
-        self._server = _BoundedServer((host, port), handler)
+        self._server = _BoundedServer((host, port), MAX_CONNECTIONS, IDLE_TIMEOUT_S)
+        self._server.set_app(metrics_app(metrics, ready))
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )
@@ -298,35 +378,3 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def _make_handler(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> Any:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = IDLE_TIMEOUT_S  # the socket's: a silent client is let go
-
-        def version_string(self) -> str:
-            return "rnnsentry"  # no library or Python version for a scanner to read
-
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n")
-            elif path == "/readyz":
-                ok, why = ready()
-                self._send(200 if ok else 503, (why + "\n").encode())
-            else:
-                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            log.debug("metrics http: %s", format % args)
-
-    return Handler

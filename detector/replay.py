@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.config import StreamConfig
 from detector.csvdata import read_csv
-from detector.engine import SCORED, Engine, StreamConfig
+from detector.engine import SCORED, Engine
 from detector.errors import DataError
 from detector.model import LoadedModel
 from detector.scoring import ScoringConfig, log_score, top_features

@@ -1,16 +1,19 @@
-"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models, daemons."""
+"""Shared fixtures: a clean environment, a real mosquitto, tiny trained models, daemons.
+
+Test files mirror the packages: the tests of ``detector/engine.py`` are in
+``tests/detector/test_engine.py`` (README.md here says the whole rule).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import TINY_FEATURES, InProcessDaemons, train_tiny_model
+from training.demo.localbroker import Mosquitto, find_mosquitto
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +27,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def mosquitto() -> Iterator[Mosquitto]:
     """A real mosquitto on a free loopback port, torn down after the test."""
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+    if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed here (make setup installs it as root)")
     broker = Mosquitto().start()
     try:

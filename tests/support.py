@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from detector.config import Config, build_config
 from detector.daemon import Daemon
-from detector.localbroker import free_port
+from training.demo.localbroker import free_port
 
 # Named timeouts: generous on a loaded 2-core machine, never a bare sleep.
 CONNECT_TIMEOUT_S = 10.0
@@ -34,7 +34,7 @@ TINY_FEATURES = ("flow", "pressure", "temperature", "vibration")
 
 
 def tiny_fleet(n_streams: int = 4, n_steps: int = 600, seed: int = 0, start_step: int = 0) -> Any:
-    from training.synth import generate_fleet
+    from training.evaluation.synth import generate_fleet
 
     return generate_fleet(
         n_streams=n_streams, n_steps=n_steps, features=TINY_FEATURES, seed=seed,
@@ -47,8 +47,8 @@ def train_tiny_model(
 ) -> Any:
     """Train a very small model on normal synthetic pumps; returns its ModelMeta.
     ``one_feature``: on the first sensor only, named ``value`` (a bare number is a payload)."""
-    from training import fit_and_export
-    from training.train import TrainOptions
+    from training.trainer import fit_and_export
+    from training.trainer.train import TrainOptions
 
     fleet = tiny_fleet()
     options = TrainOptions(cell=cell, hidden_size=hidden, epochs=epochs, window=32, stride=32)

@@ -1,20 +1,11 @@
-"""rnnsentry's offline side: synthetic data, BPTT training, ONNX export, calibration.
+"""rnnsentry's offline side, in three subpackages by what they need:
 
-``fit_and_export(streams, features, out_path, options)`` and ``train_csv(paths,
-out_path, options)`` produce one checked model file. They load torch when first
-used, so ``training.cli`` and ``training.synth`` import without it.
+- ``training.trainer``: fit a recurrent model on CSV data and export one checked ONNX
+  file (torch, from the ``train`` extra);
+- ``training.evaluation``: score replay output against labels (point-wise, events, NAB),
+  plot it, and generate labelled synthetic fleets (numpy; matplotlib for plots; never torch);
+- ``training.demo``: ``rnnsentry demo`` and the local mosquitto launcher that the demo,
+  the tests and the benchmarks share.
+
+Each may import ``detector``; ``detector`` imports none of them.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["export_result", "fit_and_export", "train_csv"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from training import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'training' has no attribute {name!r}")

@@ -11,9 +11,11 @@ keeping scoring apart from learning; :class:`Scorer` composes them:
   all seen);
 - ``onsets``: ``anomaly_score`` marks where an anomaly starts;
 - ``alerts``: warm-up, raise, hold, clear;
-- ``inputs``: each stream's own input spread, which the model is fed over.
+- ``inputs``: each stream's own input spread, which the model is fed over;
+- ``calibration``: the model file's figures of its raw score, the likelihood's prior.
 """
 
+from detector.scoring.calibration import RAW_SCORES, Calibration
 from detector.scoring.inputs import INPUT_VAR_FLOOR, learn_input_var
 from detector.scoring.onsets import ONSET_RED, ONSET_YELLOW, SPATIAL_TAIL
 from detector.scoring.scorer import (
@@ -46,10 +48,10 @@ from detector.scoring.surprise import (
 )
 
 __all__ = [
-    "ALERT_STATS", "F64", "INPUT_VAR_FLOOR", "ONSET_RED", "ONSET_YELLOW", "SHORT_STATS",
-    "SPATIAL_TAIL", "STUDENT_T_DOF", "ColumnSpec", "Scorer", "ScoringConfig", "StepScores",
-    "combine_tails", "error_parts", "ewma_alpha", "ewma_var_share", "gaussian_nll",
-    "gaussian_tail", "huber_consistency", "learn_input_var", "log_score", "scorer_column_specs",
-    "scorer_columns", "short_average", "standardised_errors", "student_t_score",
-    "top_features",
+    "ALERT_STATS", "F64", "INPUT_VAR_FLOOR", "ONSET_RED", "ONSET_YELLOW", "RAW_SCORES",
+    "SHORT_STATS", "SPATIAL_TAIL", "STUDENT_T_DOF", "Calibration", "ColumnSpec", "Scorer",
+    "ScoringConfig", "StepScores", "combine_tails", "error_parts", "ewma_alpha",
+    "ewma_var_share", "gaussian_nll", "gaussian_tail", "huber_consistency", "learn_input_var",
+    "log_score", "scorer_column_specs", "scorer_columns", "short_average",
+    "standardised_errors", "student_t_score", "top_features",
 ]  # fmt: skip

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from detector.artifact import Calibration
+from detector.scoring.calibration import Calibration
 from detector.scoring.stats import (
     F64,
     Mask,

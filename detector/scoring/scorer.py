@@ -17,8 +17,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from detector.artifact import Calibration
 from detector.scoring.alerts import Alerts
+from detector.scoring.calibration import Calibration
 from detector.scoring.inputs import InputScale
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.onsets import Onsets

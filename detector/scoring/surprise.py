@@ -12,7 +12,7 @@ from typing import Final
 
 import numpy as np
 
-from detector.artifact import RAW_SCORES
+from detector.scoring.calibration import RAW_SCORES
 from detector.scoring.stats import (
     F64,
     ColumnSpec,

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import (
     TINY_FEATURES,
     DaemonProcess,
@@ -24,6 +23,7 @@ from tests.support import (
     sample_payload,
     tiny_fleet,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.e2e
 

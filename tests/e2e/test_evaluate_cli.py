@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from detector.errors import DataError
-from training.evaluate import add_evaluate_arguments, run_evaluate
+from training.evaluation.evaluate import add_evaluate_arguments, run_evaluate
 
 pytestmark = pytest.mark.e2e
 ROWS, WINDOW = 20, (10, 14)

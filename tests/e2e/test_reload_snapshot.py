@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from detector.engine import Engine
-from detector.localbroker import Mosquitto
 from detector.model import LoadedModel
 from detector.scoring import ScoringConfig
 from tests.support import (
@@ -24,6 +23,7 @@ from tests.support import (
     tiny_fleet,
     train_tiny_model,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.e2e
 # The environment of this file's daemons: a fixed client id, alerts after 5 samples.

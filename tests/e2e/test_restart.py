@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import (
     EXIT_TIMEOUT_S,
     TINY_FEATURES,
@@ -24,6 +23,7 @@ from tests.support import (
     tiny_fleet,
     wait_for,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.synth import generate_fleet, write_csv
+from training.evaluation.synth import generate_fleet, write_csv
 
 pytestmark = pytest.mark.e2e
 TIMEOUT_S = 300

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import (
     TINY_FEATURES,
     DaemonProcess,
@@ -26,6 +25,7 @@ from tests.support import (
     tiny_fleet,
     wait_for,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.faults
 

@@ -14,8 +14,8 @@ import pytest
 
 from detector.config import build_config
 from detector.daemon import preflight
-from detector.localbroker import free_port
 from detector.metrics import Metrics, MetricsServer
+from training.demo.localbroker import free_port
 
 pytestmark = pytest.mark.faults
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import (
     TINY_FEATURES,
     DaemonProcess,
@@ -33,6 +32,7 @@ from tests.support import (
     tiny_fleet,
     wait_for,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from detector.localbroker import Mosquitto
 from tests.support import (
     TINY_FEATURES,
     DaemonProcess,
@@ -23,6 +22,7 @@ from tests.support import (
     sample_payload,
     tiny_fleet,
 )
+from training.demo.localbroker import Mosquitto
 
 pytestmark = pytest.mark.faults
 

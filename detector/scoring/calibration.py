@@ -1,0 +1,42 @@
+"""The score calibration a model file carries: plain data, no I/O.
+
+:class:`Calibration` is read from the artifact's metadata (``detector.artifact``) and
+written by the trainer; the scorer's likelihood takes it as its prior. It lives here, in
+the scoring core, so the core needs no module that reads files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# The raw scores a calibration can be of (detector.scoring.surprise computes each).
+RAW_SCORES: Final = ("student_t", "gaussian_nll")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The raw score on held-out normal data, streamed like the daemon.
+
+    ``window_mean``/``window_std`` describe the short-term average of the raw
+    score over ``window`` steps: the prior of each stream's anomaly likelihood.
+    ``raw_score`` names the raw score these figures are of, and so the one the daemon
+    computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
+    NLL, the raw score of the first releases. ``level_std`` says how much streams differ:
+    the spread of the held-out streams' mean raw scores about one another, less what their
+    own sampling noise explains (0 when the calibration saw one stream), measured on
+    ``level_streams`` streams (0: not recorded, as in files before it).
+    """
+
+    n: int
+    mean: float
+    std: float
+    quantiles: dict[str, float]  # "0.5", "0.9", "0.99", "0.999" -> raw score
+    window: int
+    window_mean: float
+    window_std: float
+    threshold: float  # default anomaly-likelihood threshold for this model
+    raw_score: str = "gaussian_nll"
+    level_std: float = 0.0  # how far the held-out streams' own levels of the raw score lie
+    # apart, beyond what sampling explains: 0 for one stream (or a file without it)
+    level_streams: int = 0  # the held-out streams level_std was measured on

@@ -1,0 +1,219 @@
+"""The scorer's parts on small hand-made streams, each failure caught while it happens.
+
+A stream here is an AR(1) series of unit variance, z_t = PHI z_{t-1} + NOISE e_t, and the
+"model" is its exact one-step predictor (mean PHI z_{t-1}, variance NOISE^2), so every
+surprise comes from what was injected, not from a model's mistakes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_columns
+from detector.scoring.calibration import Calibration
+from detector.scoring.likelihood import Likelihood, prior_steps
+from detector.scoring.sensors import Stuck
+from detector.scoring.surprise import StepTail, student_t_score
+
+PHI = 0.9
+NOISE = math.sqrt(1.0 - PHI**2)  # the stream's variance is 1
+F = 2
+
+
+def normal_stream(steps: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = np.zeros((steps, F))
+    for t in range(1, steps):
+        z[t] = PHI * z[t - 1] + NOISE * rng.standard_normal(F)
+    return z
+
+
+def calibration_of(steps: int = 2000, window: int = 20) -> Calibration:
+    """What the trainer measures: the raw score of the exact predictor on held-out data."""
+    z = normal_stream(steps + 1, seed=99)
+    log_var = np.full((steps, F), math.log(NOISE**2))
+    raw = student_t_score(z[1:], PHI * z[:-1], log_var)
+    avg = np.array([raw[max(0, i - window + 1) : i + 1].mean() for i in range(len(raw))])
+    return Calibration(steps, float(raw.mean()), float(raw.std()), {}, window,
+                       float(raw.mean()), float(avg.std()), 0.9999, "student_t")  # fmt: skip
+
+
+def replay(
+    z: np.ndarray, config: ScoringConfig | None = None, calibration: Calibration | None = None
+) -> list[int]:
+    """Step one stream through a Scorer with the exact predictor; the steps that raise."""
+    scorer = Scorer(config or ScoringConfig(), calibration or calibration_of())
+    cols = scorer_columns(1, F)
+    log_var = np.full((1, F), math.log(NOISE**2))
+    raised = []
+    for t in range(1, len(z)):
+        out = scorer.step_batch(cols, z[t : t + 1], PHI * z[t - 1 : t], log_var, np.ones(1, bool))
+        if out.raised[0]:
+            raised.append(t)
+    return raised
+
+
+START, END = 3000, 3600
+
+
+def caught_while_happening(raised: list[int], start: int = START, end: int = END) -> bool:
+    return any(start <= t < end for t in raised)
+
+
+def test_a_long_normal_stream_raises_nothing() -> None:
+    assert replay(normal_stream(20_000, seed=1)) == []
+
+
+def test_a_spike_is_caught_at_once() -> None:
+    z = normal_stream(4000, seed=2)
+    z[START, 0] += 4.0  # ten of the predictor's sigmas, one step
+    raised = replay(z)
+    assert raised and raised[0] == START
+
+
+def test_a_level_shift_is_caught_at_once() -> None:
+    z = normal_stream(4000, seed=3)
+    z[START:, 1] += 4.0
+    raised = replay(z)
+    assert raised and raised[0] in (START, START + 1)
+
+
+def test_a_stuck_sensor_is_caught_while_it_is_stuck() -> None:
+    z = normal_stream(4000, seed=4)
+    z[START:END, 0] = z[START - 1, 0]  # the sensor repeats its last reading
+    raised = replay(z)
+    assert caught_while_happening(raised)
+    assert raised[0] - START <= 5  # a continuous sensor never repeated before: a few steps
+    # one alert for one stuck run, though the average clears it long before the run ends
+    assert len([t for t in raised if START <= t < END]) == 1
+    assert not caught_while_happening(replay(z, ScoringConfig(stuck_check=False)))
+
+
+def test_a_slow_ramp_is_caught_while_it_ramps() -> None:
+    """A drift of 1/100 of the stream's spread a step: each step looks like the last one, but
+    the predictor's errors lean one way as the ramp steepens against its pull to the mean,
+    and the alert's average sees them before the ramp ends."""
+    z = normal_stream(4000, seed=5)
+    z[START:END, 0] += 0.01 * np.arange(1, END - START + 1)
+    assert caught_while_happening(replay(z))
+
+
+def test_combine_tails_corrects_for_looking_at_several() -> None:
+    tails = combine_tails(np.array([1e-9, 0.3]), np.array([0.5, 0.4]), np.array([1.0, 1.0]))
+    np.testing.assert_allclose(tails, [3e-9, 0.9])
+
+
+def test_the_likelihood_prior_fades_as_the_streams_evidence_grows() -> None:
+    """A stream whose average sits at another level than the calibration's: its long-run
+    mean moves to its own level at a rate set by the calibration's own evidence."""
+    cal = calibration_of()
+    light = Likelihood(("a", "m", "v"), 20, cal, 8000, float(cal.n))
+    heavy = Likelihood(("a", "m", "v"), 20, cal, 8000, 8000.0)
+    means = []
+    for part in (light, heavy):
+        cols = {k: np.full(1, np.nan) for k in ("a", "m", "v")}
+        n = np.zeros(1, np.int64)
+        ok = np.ones(1, bool)
+        for _ in range(cal.n):
+            _, delta = part.score(cols, np.array([cal.window_mean + 1.0]), ok, n)
+            part.learn(cols, ok, delta, n)
+            n += 1
+        means.append(float(cols["m"][0]) - cal.window_mean)
+    # after as many steps as the calibration rests on, about half-way to its own level
+    assert means[0] == pytest.approx(0.5, abs=0.05)
+    assert means[1] < 0.3
+
+
+def test_a_fleet_calibration_lets_a_stream_find_its_own_level() -> None:
+    """A model that served unlike streams at training says so (level_std), and a stream whose
+    errors run at another level than the calibration's learns it before it looks anomalous;
+    a calibration of one stream is trusted for the stream's whole memory, and the same
+    stream alerts."""
+    one = calibration_of()
+    fleet = replace(one, level_std=0.3 * one.std)
+    assert prior_steps(one, 8000) == 8000.0
+    assert prior_steps(fleet, 8000) == pytest.approx(1 / 0.09 - 1)
+    z = normal_stream(4000, seed=9)
+    rng = np.random.default_rng(10)
+    z[1:] += 0.8 * NOISE * rng.standard_normal((len(z) - 1, F))  # a noisier machine
+    assert replay(z, calibration=fleet) == []
+    assert replay(z, calibration=one) != []
+
+
+def test_a_new_stream_far_from_a_few_calibration_streams_is_not_yet_anomalous() -> None:
+    """A stream's first steps say little about its own level. Where the calibration's spread
+    of levels came from a few streams, a level several of those spreads away is what such a
+    population allows (a Student t), not a near-impossible Gaussian deviation; once the
+    stream's own evidence outweighs the calibration, its level is judged on that evidence."""
+    cal = replace(calibration_of(), level_std=0.2 * calibration_of().std)
+    config = ScoringConfig()
+    weight = prior_steps(cal, config.long_window)
+    tails = {}
+    for streams in (0, 8):
+        part = Likelihood(("a", "m", "v"), 50, replace(cal, level_streams=streams),
+                          config.long_window, weight)  # fmt: skip
+        cols = {k: np.full(1, np.nan) for k in "amv"}
+        cols["n_scored"] = np.array([30])
+        ok = np.ones(1, bool)
+        level = cal.mean + 8.0 * cal.level_std  # eight spreads above the population's
+        for count in range(30):
+            part.score(cols, np.array([level]), ok, np.array([count]))
+        young, _ = part.score(cols, np.array([level]), ok, np.array([30]))
+        cols["n_scored"] = np.array([100_000])  # as if its own steps had taught it nothing
+        old, _ = part.score(cols, np.array([level]), ok, np.array([31]))
+        tails[streams] = float(young[0]), float(old[0])
+    assert tails[8][0] > 1e3 * tails[0][0]  # measured on a few streams: far likelier
+    assert tails[8][1] == pytest.approx(tails[0][1], rel=1e-3)  # much evidence: a Gaussian
+
+
+def test_the_step_tail_learns_each_streams_own_error_scale() -> None:
+    part = StepTail(prior_steps=10.0, long_window=1000)
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+    rng = np.random.default_rng(6)
+    ok = np.ones(1, bool)
+    for n in range(500):  # a stream whose errors spread twice as wide as the model says
+        errors = 2.0 * rng.standard_normal((1, F))
+        part.learn(cols, part.spread(cols, errors), ok, np.array([n]))
+    assert cols["error_var"][0] == pytest.approx([4.0, 4.0], rel=0.2)
+    # an error of 8 is 4 of this stream's spreads: not remarkable on its own
+    assert part.score(cols, part.spread(cols, np.array([[8.0, 0.0]])))[0] > 1e-6
+
+
+def test_stuck_needs_a_longer_run_on_a_sensor_that_often_repeats() -> None:
+    """A coarse sensor that repeats half the time is not stuck after a few repeats."""
+    part = Stuck(long_window=10_000)
+    cols = {
+        k: np.full((1, *shape), fill, dtype) for k, (shape, dtype, fill) in part.columns(1).items()
+    }
+    ok = np.ones(1, bool)
+    rng = np.random.default_rng(7)
+    value = 0.0
+    for _ in range(2000):
+        if rng.random() < 0.5:
+            value += 1.0
+        part.step(cols, np.array([[value]]), ok)
+    while float(part.step(cols, np.array([[value]]), ok)[0]) > 1e-8:
+        pass
+    assert cols["repeat_run"][0, 0] > 20
+
+
+def test_an_alert_names_the_sensor_of_the_signal_that_raised_it() -> None:
+    """A spike on sensor 1 and, later, a stuck sensor 0: each alert names its own sensor."""
+    z = normal_stream(4000, seed=8)
+    z[2000, 1] += 4.0
+    z[START:END, 0] = z[START - 1, 0]
+    scorer = Scorer(ScoringConfig(), calibration_of())
+    cols = scorer_columns(1, F)
+    log_var = np.full((1, F), math.log(NOISE**2))
+    named = {}
+    for t in range(1, len(z)):
+        out = scorer.step_batch(cols, z[t : t + 1], PHI * z[t - 1 : t], log_var, np.ones(1, bool))
+        if out.raised[0]:
+            named[t] = int(np.argmax(out.contributions[0]))
+    assert named.get(2000) == 1
+    stuck = [t for t in named if START <= t < END]
+    assert stuck and named[stuck[0]] == 0

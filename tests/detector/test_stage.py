@@ -1,0 +1,178 @@
+"""detector.stage, the scoring stage: the parser's fast reading changes nothing that can be
+observed (the same messages through ``parse_into`` or through the full reading alone leave
+the same stream state, counters and alerts), and the route memo follows the router."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import detector.stage as stage_module
+from detector.config import build_config
+from detector.daemon import Daemon
+from detector.link import Inbound
+from detector.payload import PayloadLimits, PlainForm, parse_message
+from tests.support import TINY_FEATURES, tiny_fleet
+
+T0 = 1_700_000_000.0
+
+
+class Sink:
+    """Stands in for MqttLink.publish: keeps what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any], int]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
+        self.sent.append((topic, json.loads(payload), qos))
+        return True
+
+
+def full_reading_only(
+    payload: bytes, form: PlainForm, recv_ts: float, limits: PayloadLimits,
+    ts_out: list[float], values_out: list[float],
+) -> tuple[int, int]:  # fmt: skip
+    """``parse_into`` with the fast reading never taken."""
+    parsed = parse_message(payload, form.features, form.index, recv_ts, limits)
+    for reading in parsed.readings:
+        ts_out.append(reading.ts)
+        values_out.extend(reading.values)
+    return len(parsed.readings), parsed.ignored_names
+
+
+def make_daemon(model: Path, publish_scores: bool = True) -> Daemon:
+    config, problems = build_config({
+        "models": [{"path": str(model), "topics": ["sensors/{stream}", "plant/{site}/{m}"]}],
+        "metrics": {"enabled": False},
+        "daemon": {"workers": 0},  # scored in this process, by process()
+        "scoring": {"warmup_steps": 3},
+        "mqtt": {"publish_scores": publish_scores},
+    })  # fmt: skip
+    assert problems == []
+    made = Daemon(config)
+    made._install(made._load_models())
+    made.publisher.link = Sink()  # type: ignore[assignment]
+    return made
+
+
+def messages() -> list[list[Inbound]]:
+    """Batches of every payload form, good and bad, with repeated streams and anomalies."""
+    rows = tiny_fleet(n_streams=6, n_steps=40, seed=3, start_step=600).values
+    rows[2, 30:33] += 50.0  # an anomaly: alerts raised (and maybe cleared)
+    batches: list[list[Inbound]] = []
+    received = T0 + 10_000
+    for step in range(0, 40, 4):
+        batch: list[Inbound] = []
+        for s in range(6):
+            for k in range(step, step + 4):
+                values = [float(v) for v in rows[s, k]]
+                named = dict(zip(TINY_FEATURES, values, strict=True))
+                ts = T0 + k
+                form = (s + k) % 7
+                if form == 0:
+                    doc: Any = {"ts": ts, "values": named}
+                elif form == 1:
+                    doc = {"ts": int(ts * 1000), "values": values}  # milliseconds, a list
+                elif form == 2:
+                    doc = [{"ts": ts, "values": named}]
+                elif form == 3:
+                    doc = {"ts": f"{ts}", "values": named}  # text: the full parser's
+                elif form == 4:
+                    doc = {"ts": ts, "values": {**named, "spare": 1}}  # an ignored name
+                elif form == 5:
+                    doc = {"ts": ts - 100, "values": named}  # out of order (after the first)
+                else:
+                    doc = {"ts": ts, "values": [*values[:3], True]}  # rejected: schema
+                topic = f"sensors/s{s}" if s % 2 else f"plant/p{s}/m"
+                batch.append((topic, json.dumps(doc).encode(), received))
+                received += 0.001
+        batch.append(("elsewhere/x", b"{}", received))  # no route
+        batch.append((f"sensors/s{step}", b"not json", received))
+        batches.append(batch)
+    return batches
+
+
+def _state(d: Daemon) -> dict[str, dict[str, np.ndarray]]:
+    table = d.engines[0].table
+    out = {}
+    for stream, row in table.index.items():
+        out[stream] = {
+            name: np.take(arr, row, axis=table.columns[name].axis)
+            for name, arr in table.arrays.items()
+        }
+    return out
+
+
+def _counters(d: Daemon) -> list[tuple[str, float]]:
+    samples = []
+    for family in d.metrics.registry.collect():
+        for s in family.samples:
+            if s.name.endswith("_created") or "latency" in s.name or "inference" in s.name:
+                continue  # times of day and durations differ from run to run
+            samples.append((f"{s.name}{sorted(s.labels.items())}", s.value))
+    return sorted(samples)
+
+
+def test_fast_and_full_parsing_leave_the_same_everything(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, full = make_daemon(tiny_model), make_daemon(tiny_model)
+    for batch in messages():
+        fast.process(batch)
+    with monkeypatch.context() as m:
+        m.setattr(stage_module, "parse_into", full_reading_only)
+        for batch in messages():
+            full.process(batch)
+
+    a, b = _state(fast), _state(full)
+    assert a.keys() == b.keys() and len(a) == 6
+    for stream in a:
+        for name in a[stream]:
+            assert np.array_equal(a[stream][name], b[stream][name], equal_nan=True), name
+    assert _counters(fast) == _counters(full)
+    sent_a = [(t, {k: v for k, v in doc.items() if k != "decided_at"}, q)
+              for t, doc, q in fast.publisher.link.sent]  # type: ignore[union-attr]  # fmt: skip
+    sent_b = [(t, {k: v for k, v in doc.items() if k != "decided_at"}, q)
+              for t, doc, q in full.publisher.link.sent]  # type: ignore[union-attr]  # fmt: skip
+    assert sent_a == sent_b
+    assert any(doc.get("event") == "raised" for _, doc, _ in sent_a)
+    assert fast.metrics.registry.get_sample_value("rnnsentry_ignored_values_total") > 0
+    latency = fast.metrics.registry.get_sample_value("rnnsentry_decision_latency_seconds_count")
+    scored = fast.metrics.registry.get_sample_value(
+        "rnnsentry_messages_total", {"outcome": "scored"}
+    )
+    assert latency == scored + fast.metrics.registry.get_sample_value(
+        "rnnsentry_rejections_total", {"reason": "out_of_order"}
+    ) + fast.metrics.registry.get_sample_value(
+        "rnnsentry_rejections_total", {"reason": "duplicate"}
+    )  # one observation a sample that reached the engine
+
+
+def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
+    d = make_daemon(tiny_model, publish_scores=False)
+    d.process([("sensors/a", b'{"values": [1, 2, 3, 4]}', T0)])
+    memo = d.stage.routes.memo
+    assert memo == {"sensors/a": (0, "a")}
+    d._install(d._load_models())  # a reload brings a new router
+    d.process([("nowhere", b"{}", T0 + 1)])
+    fresh = d.stage.routes.memo
+    assert fresh is not memo and fresh == {"nowhere": stage_module._UNROUTABLE}
+    assert (
+        d.metrics.registry.get_sample_value(
+            "rnnsentry_rejections_total", {"reason": "unknown_route"}
+        )
+        == 1.0
+    )
+
+
+def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stage_module, "_ROUTE_MEMO_MAX", 3)
+    d = make_daemon(tiny_model, publish_scores=False)
+    for i in range(10):
+        d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
+        assert len(d.stage.routes.memo) <= 3
+    assert len(d.engines[0].table) == 10

@@ -1,0 +1,261 @@
+"""training.trainer.export / calibrate / pipeline: the one-step ONNX file the daemon loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from detector.artifact import (
+    METADATA_KEY,
+    expected_io,
+    graph_sha256,
+    meta_from_dict,
+    read_artifact,
+    split_model_bytes,
+)
+from detector.model import LoadedModel
+from detector.replay import replay_table
+from detector.scoring import ScoringConfig
+from training.evaluation.synth import generate_fleet
+from training.trainer import fit_and_export
+from training.trainer.calibrate import stream_scores
+from training.trainer.export import (
+    PARITY_MIN_STEPS,
+    ParityError,
+    build_step_graph,
+    check_parity,
+    make_session,
+    parity_sequence,
+)
+from training.trainer.train import TrainOptions, train
+
+FEATURES = ["flow", "pressure", "temperature"]
+
+
+@pytest.fixture(scope="module")
+def streams() -> list[np.ndarray]:
+    fleet = generate_fleet(3, 400, features=FEATURES, seed=5)
+    return list(fleet.values)
+
+
+def dims(args: list[Any]) -> dict[str, list[Any]]:
+    """name -> shape of onnxruntime inputs or outputs, a named dimension as "B"."""
+    return {a.name: [d if isinstance(d, int) else "B" for d in a.shape] for a in args}
+
+
+def tiny(cell: str, layers: int = 1) -> TrainOptions:
+    return TrainOptions(
+        cell=cell,
+        layers=layers,
+        hidden_size=8,
+        window=32,
+        burn_in=4,
+        epochs=2,
+        batch_size=4,
+        dropout=0.1 if layers > 1 else 0.0,
+    )
+
+
+@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("lstm", 2), ("rnn", 1), ("gru", 1)])
+def test_each_cell_exports_passes_parity_and_loads(
+    tmp_path: Path, streams: list[np.ndarray], cell: str, layers: int
+) -> None:
+    path = tmp_path / f"{cell}.onnx"
+    meta = fit_and_export(
+        streams, FEATURES, path, tiny(cell, layers), sample_interval_s=1.0, name="pumps", quiet=True
+    )
+    assert meta.parity_max_abs_diff is not None and meta.parity_max_abs_diff <= 1e-4
+    assert (meta.cell, meta.layers, meta.hidden_size, meta.features) == (cell, layers, 8, FEATURES)
+    data, read = read_artifact(path)  # re-hashes the graph bytes found in the file
+    assert read == meta
+    graph_bytes, props = split_model_bytes(data)
+    assert set(props) == {METADATA_KEY} and graph_sha256(graph_bytes) == meta.graph_sha256
+    assert meta_from_dict(json.loads(props[METADATA_KEY])) == meta  # round trip
+    assert json.loads(props[METADATA_KEY]) == json.loads(meta.to_json())
+
+    session = make_session(data)
+    want_in, want_out = expected_io(meta)
+    assert dims(session.get_inputs()) == want_in and dims(session.get_outputs()) == want_out
+    assert session.get_inputs()[0].shape[0] == "B"  # the dynamic axis is named B
+
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert {"MatMul", "Tanh"} <= ops and not ops & {"GRU", "LSTM", "RNN", "Transpose"}
+
+    model = LoadedModel.load(path)  # the daemon's own loader and checks
+    out = model.step(np.asarray(streams[0][:5], np.float32), model.zero_states(5))
+    assert out.mean.shape == (5, 3) and all(s.shape == (layers, 5, 8) for s in out.states)
+    training = meta.training
+    assert training["seed"] == 0 and training["rows"] == 1200 and training["val_rows"] == 240
+    assert len(training["data_fingerprint"]) == 64 and training["options"]["cell"] == cell
+    assert training["epochs_run"] == len(training["history"]) == 2
+
+
+def test_parity_catches_a_graph_that_differs(streams: list[np.ndarray]) -> None:
+    result = train(streams, tiny("gru"), quiet=True)
+    proto = build_step_graph(result.model, result.normalisation)
+    sequence = parity_sequence(result.val_streams)
+    assert len(sequence) >= PARITY_MIN_STEPS
+    assert check_parity(proto, result.model, result.normalisation, sequence) <= 1e-4
+    with torch.no_grad():
+        result.model.head.proj.bias += 1e-3  # the torch model moves, the graph does not
+    with pytest.raises(ParityError, match="differs"):
+        check_parity(proto, result.model, result.normalisation, sequence)
+
+
+def test_normalisation_is_inside_the_graph(streams: list[np.ndarray]) -> None:
+    result = train(streams, tiny("rnn"), quiet=True)
+    proto = build_step_graph(result.model, result.normalisation)
+    x = np.asarray(streams[1][:4], np.float32)  # raw units in
+    mean, log_var, h = make_session(proto).run(None, {"x": x, "h": np.zeros((1, 4, 8), np.float32)})
+    z = (
+        torch.from_numpy(x) - torch.tensor(result.normalisation.centre, dtype=torch.float32)
+    ) / torch.tensor(result.normalisation.scale, dtype=torch.float32)
+    with torch.no_grad():
+        t_mean, t_log_var, (t_h,) = result.model.step(z)
+    assert np.abs(mean - t_mean.numpy()).max() < 1e-5
+    assert np.abs(log_var - t_log_var.numpy()).max() < 1e-5
+    assert np.abs(h - t_h.numpy()).max() < 1e-5
+
+
+def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: Path) -> None:
+    """The engine's order, done by hand: the value in training units, over the spread so far,
+    is what the model steps with and what the previous prediction is scored against; then
+    the spread learns from the value. A stream three times as busy as training scores lower
+    with the spread (the model sees values in its range) than without."""
+    from detector.scoring import ewma_alpha, learn_input_var, student_t_score
+
+    model = LoadedModel.load(tiny_model)
+    cfg = ScoringConfig(input_scale_window=20)
+
+    def by_hand(values: np.ndarray) -> tuple[list[float], np.ndarray]:
+        var = np.ones((1, model.meta.n_features))
+        states = model.zero_states(1)
+        prediction = None
+        raw = []
+        for x in values:
+            z_train = model.normalise(x[None])
+            z = z_train / np.sqrt(var)
+            scored = math.nan if prediction is None else student_t_score(z, *prediction)[0]
+            raw.append(float(scored))
+            out = model.step(model.denormalise(z), states)
+            states, prediction = out.states, (out.mean, out.log_var)
+            learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window))
+        return raw, var
+
+    values = generate_fleet(1, 300, features=model.meta.features, seed=5).values[0]
+    busy = model.centre + 3.0 * (values - model.centre)
+    replayed = replay_table(model, busy, None, cfg)
+    raw, var = by_hand(busy)
+    np.testing.assert_allclose(replayed.raw, raw, rtol=1e-6, atol=1e-9)
+    # the spread found the busier stream: nine times the variance, once its start is forgotten
+    np.testing.assert_allclose(var, 9.0 * by_hand(values)[1], rtol=1e-6)
+    fixed = replay_table(model, busy, None, ScoringConfig(input_scale_window=0))
+    assert np.nanmean(replayed.raw[100:]) < np.nanmean(fixed.raw[100:])
+
+
+def test_without_a_validation_split_it_calibrates_on_the_training_tail(
+    tmp_path: Path, streams: list[np.ndarray]
+) -> None:
+    options = replace(tiny("gru"), val_fraction=0.0)
+    meta = fit_and_export(streams, FEATURES, tmp_path / "m.onnx", options, quiet=True)
+    assert meta.training["val_rows"] == 0 and meta.training["val_loss"] is not None
+    assert meta.calibration.n > 0 and meta.parity_max_abs_diff <= 1e-4
+
+
+def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: Path) -> None:
+    """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows,
+    the model fed in its training units: a stream's own input spread starts there."""
+    model = LoadedModel.load(tiny_model)
+    meta = model.meta
+    values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
+    raw_cal = stream_scores(
+        onnx.load(tiny_model),
+        meta.cell,
+        meta.layers,
+        meta.hidden_size,
+        meta.normalisation,
+        [values],
+    )[0]
+    replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
+    assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
+    np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
+    cal = meta.calibration
+    qs = [cal.quantiles[q] for q in ("0.5", "0.9", "0.99", "0.999")]
+    assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
+    assert cal.window == ScoringConfig().short_window and cal.threshold == 0.9999
+    assert cal.raw_score == "student_t"
+
+
+def test_metadata_changes_do_not_touch_the_graph_fingerprint(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    data, meta = read_artifact(tiny_model)
+    proto = onnx.load_from_string(data)
+    edited = replace(meta, name="renamed", extra={"note": "x"})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: edited.to_json()})
+    path = tmp_path / "renamed.onnx"
+    onnx.save(proto, path)
+    assert read_artifact(path)[1].name == "renamed"
+    assert asdict(read_artifact(path)[1])["graph_sha256"] == meta.graph_sha256
+
+
+def test_within_std_ignores_the_streams_levels() -> None:
+    from training.trainer.calibrate import within_std
+
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(level, 2.0, 4000) for level in (0.0, 50.0, -20.0)]
+    assert within_std(parts) == pytest.approx(2.0, rel=0.05)
+    assert float(np.concatenate(parts).std()) > 20.0  # pooled: the levels' spread
+
+
+def test_the_average_spread_is_measured_but_never_below_independent_steps() -> None:
+    from training.trainer.calibrate import summarise
+
+    rng = np.random.default_rng(5)
+    window = 20
+    a = 2.0 / (window + 1.0)
+    # Independent scores: the measured spread of their average is about the floor itself.
+    white = [np.r_[np.nan, rng.normal(3.0, 1.0, 20000)]]
+    floor = np.sqrt(a / (2.0 - a))
+    cal = summarise(white, burn_in=0, window=window)
+    assert cal.window_std == pytest.approx(floor, rel=0.05)
+    # Scores that follow one another (a slow random wave): the average spreads more than
+    # the floor and keeps its measured spread.
+    t = np.arange(20000)
+    slow = [np.r_[np.nan, 3.0 + np.sin(t / 50.0) + 0.1 * rng.normal(size=t.size)]]
+    cal = summarise(slow, burn_in=0, window=window)
+    assert cal.window_std > 2.5 * floor
+    # A short, flat held-out tail whose average happens to barely move: the floor holds it up.
+    flat = [np.r_[np.nan, np.tile([2.0, 4.0], 40)]]
+    cal = summarise(flat, burn_in=0, window=window)
+    assert cal.window_std == pytest.approx(floor, rel=1e-6)
+
+
+def test_the_level_spread_is_what_sampling_does_not_explain() -> None:
+    from training.trainer.calibrate import summarise
+
+    rng = np.random.default_rng(8)
+    # Streams of one level: their means differ by sampling noise alone.
+    alike = [np.r_[np.nan, rng.normal(3.0, 1.0, 3000)] for _ in range(8)]
+    assert summarise(alike, burn_in=0).level_std < 0.02
+    assert summarise(alike, burn_in=0).level_streams == 8  # what the spread was measured on
+    # Streams whose levels are drawn with a spread of 0.5: about that.
+    apart = [np.r_[np.nan, rng.normal(3.0 + 0.5 * rng.standard_normal(), 1.0, 3000)]
+             for _ in range(40)]  # fmt: skip
+    assert summarise(apart, burn_in=0).level_std == pytest.approx(0.5, rel=0.3)
+    # One stream: the calibration is of that stream, nothing to compare.
+    assert summarise(alike[:1], burn_in=0).level_std == 0.0
+    # Scores that follow one another wander more: the same wander is not read as a level.
+    t = np.arange(3000)
+    slow = [np.r_[np.nan, 3.0 + np.sin(t / 60.0 + k) + 0.1 * rng.normal(size=t.size)]
+            for k in range(8)]  # fmt: skip
+    assert summarise(slow, burn_in=0).level_std < 0.1

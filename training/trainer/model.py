@@ -1,0 +1,142 @@
+"""The recurrent forecaster: normalised x_t in, a Gaussian over x_{t+1} out.
+
+Read top-down: the log-variance clamp, the Gaussian head (with a linear skip from
+x_t), the recurrent stack (torch's fused GRU/LSTM/RNN, batch first), then the model.
+States are tuples in :func:`detector.artifact.state_names` order, each [L, B, H];
+:mod:`training.trainer.export` writes the same equations as one ONNX step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from detector.artifact import CELLS, state_names
+
+log = logging.getLogger(__name__)
+
+State = tuple[torch.Tensor, ...]  # (h,) or (h, c), each (L, B, H)
+
+# log_var is squashed smoothly into [LOG_VAR_MIN, LOG_VAR_MAX]: sigma between ~0.007 and
+# ~20 scales, so a constant column cannot drive the likelihood to infinity.
+LOG_VAR_MIN = -10.0
+LOG_VAR_MAX = 6.0
+LOG_VAR_MID = 0.5 * (LOG_VAR_MAX + LOG_VAR_MIN)
+LOG_VAR_HALF_RANGE = 0.5 * (LOG_VAR_MAX - LOG_VAR_MIN)
+
+
+def soft_clamp_log_var(raw: torch.Tensor) -> torch.Tensor:
+    """mid + half * tanh((raw - mid) / half): smooth, monotone, inside the range.
+
+    The export writes the same operations in the same order (Sub, Div, Tanh, Mul, Add).
+
+    >>> soft_clamp_log_var(torch.tensor([-1e6, 1e6])).tolist()
+    [-10.0, 6.0]
+    """
+    return LOG_VAR_MID + LOG_VAR_HALF_RANGE * torch.tanh((raw - LOG_VAR_MID) / LOG_VAR_HALF_RANGE)
+
+
+class GaussianHead(nn.Module):
+    """mean = skip(x_t) + W_m h_t; log_var = clamp(W_v h_t): a Gaussian over x_{t+1}.
+
+    The linear skip from the input starts as the identity, so an untrained model
+    predicts persistence and the recurrent part learns the change; sensor levels never
+    have to squeeze through the tanh state.
+    """
+
+    def __init__(self, hidden_size: int, n_features: int) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.proj = nn.Linear(hidden_size, 2 * n_features)
+        self.skip = nn.Linear(n_features, n_features, bias=False)
+        with torch.no_grad():
+            self.skip.weight.copy_(torch.eye(n_features))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.proj(h)  # (..., 2F)
+        change, raw_log_var = out.split(self.n_features, dim=-1)  # (..., F) each
+        return self.skip(x) + change, soft_clamp_log_var(raw_log_var)
+
+
+def make_stack(
+    cell: str, n_features: int, hidden_size: int, layers: int, dropout: float
+) -> nn.Module:
+    """torch's fused recurrent stack, batch first; dropout acts between layers only."""
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r} (use one of {', '.join(CELLS)})")
+    kwargs = {
+        "input_size": n_features,
+        "hidden_size": hidden_size,
+        "num_layers": layers,
+        "batch_first": True,
+        # torch warns when dropout is set on a single layer, where it does nothing.
+        "dropout": dropout if layers > 1 else 0.0,
+    }
+    if cell == "gru":
+        return nn.GRU(**kwargs)
+    if cell == "lstm":
+        return nn.LSTM(**kwargs)
+    return nn.RNN(nonlinearity="tanh", **kwargs)
+
+
+class RecurrentForecaster(nn.Module):
+    """Predicts (mean, log_var) of the next normalised step from the steps so far."""
+
+    def __init__(
+        self,
+        n_features: int,
+        cell: str = "gru",
+        layers: int = 1,
+        hidden_size: int = 32,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if n_features < 1 or layers < 1 or hidden_size < 1:
+            raise ValueError("n_features, layers and hidden_size must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.n_features = n_features
+        self.cell = cell
+        self.layers = layers
+        self.hidden_size = hidden_size
+        self.rnn = make_stack(cell, n_features, hidden_size, layers, dropout)
+        self.head = GaussianHead(hidden_size, n_features)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return state_names(self.cell)
+
+    def zero_state(self, batch: int) -> State:
+        """All-zero state, the state of a stream that has seen nothing yet."""
+        weight = self.head.proj.weight
+        shape = (self.layers, batch, self.hidden_size)  # (L, B, H)
+        return tuple(weight.new_zeros(shape) for _ in self.state_names)
+
+    def forward(
+        self, x: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """Run over a window: x (B, T, F) normalised -> mean, log_var (B, T, F), new state."""
+        if state is None:
+            state = self.zero_state(x.shape[0])
+        if self.cell == "lstm":
+            out, (h, c) = self.rnn(x, state)  # (B, T, H); (L, B, H) each
+            new_state: State = (h, c)
+        else:
+            out, h = self.rnn(x, state[0])  # (B, T, H); (L, B, H)
+            new_state = (h,)
+        mean, log_var = self.head(out, x)  # (B, T, F) each
+        return mean, log_var, new_state
+
+    def step(
+        self, x: torch.Tensor, state: State | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One step of B streams, what the exported graph computes: x (B, F) normalised."""
+        mean, log_var, new_state = self(x[:, None, :], state)  # (B, 1, F) each
+        return mean[:, 0], log_var[:, 0], new_state  # (B, F) each
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph at a window boundary (truncated BPTT) but keep the values."""
+    return tuple(s.detach() for s in state)
