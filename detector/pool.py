@@ -89,7 +89,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
         mine = load_snapshot(config.snapshot.path, stage.engines,
                              keep=lambda s: partition_of(s, workers) == index)  # fmt: skip
         log.debug("restored %s", mine)
-    metrics.streams_active.set(stage.streams_active())
+    stage.gauge_streams()
     replies.send(("metrics", remote_samples(metrics)))  # the streams it restored, then:
     replies.send(("ready", os.getpid()))
     last_report, dirty = 0.0, False
@@ -143,7 +143,7 @@ def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
         replies.send(("capture", capture(stage.engines)))
     elif kind == "stop":
         return True
-    metrics.streams_active.set(stage.streams_active())
+    stage.gauge_streams()
     return False
 
 
