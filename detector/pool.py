@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from detector.config import Config
 from detector.link import Inbound, Link
+from detector.logs import configure
 from detector.metrics import Metrics, RemoteSamples, remote_samples
 from detector.publisher import Publisher
 from detector.routing import Router
@@ -75,10 +76,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # the reading process acts on them
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.daemon.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker {index}: %(message)s",
-    )
+    configure(config.daemon.log_level, config.daemon.log_format, worker=index)
     metrics = Metrics()
     outbox = _Outbox()
     publisher = Publisher(config, metrics)
