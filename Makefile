@@ -16,15 +16,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[train,dev]'
 	touch $(STAMP)
 
-# mosquitto (the broker for tests and the demo) and promtool (checks the alert rules) from
-# Debian's packages when root; otherwise say what to install.
+# mosquitto (the broker for tests and the demo), promtool (checks the alert rules) and amtool
+# (checks the Alertmanager config) from Debian's packages when root; otherwise say what to install.
 broker:
-	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	      mosquitto mosquitto-clients prometheus; \
+	      mosquitto mosquitto-clients prometheus prometheus-alertmanager; \
 	  else \
-	    echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients prometheus'"; \
+	    echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients prometheus prometheus-alertmanager'"; \
 	    echo "(the demo and the integration tests need mosquitto; the rules' tests need promtool)"; \
 	  fi; }
 

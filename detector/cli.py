@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from detector import __version__
 from detector.errors import ConfigError, RnnsentryError
 from detector.labelargs import add_label_arguments
+from detector.logs import configure
 
 if TYPE_CHECKING:
     from detector.scoring import ScoringConfig
@@ -119,10 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command).parse_args(args_list)
     # The daemon and the demo say what they do; one-shot commands speak only when it matters.
     default_level = "INFO" if args.command in ("run", "demo") else "WARNING"
-    logging.basicConfig(
-        level=(args.log_level or os.environ.get("RNNSENTRY_LOG_LEVEL") or default_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(args.log_level or os.environ.get("RNNSENTRY_LOG_LEVEL") or default_level)
     try:
         if args.command in _TRAINING_COMMANDS:
             run = _TRAINING_COMMANDS[args.command][2]
@@ -178,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if problems:
         raise ConfigError("; ".join(problems))
-    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    configure(config.daemon.log_level, config.daemon.log_format)
     problems = preflight(config)  # before anything starts: one line, exit 2
     if problems:
         raise ConfigError("; ".join(problems))

@@ -22,6 +22,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from detector.errors import ConfigError
+from detector.logs import LOG_FORMATS
 from detector.payload import PayloadLimits
 from detector.routing import TopicTemplate
 from detector.scoring import ScoringConfig
@@ -33,6 +34,7 @@ ENV_PREFIX: Final = "RNNSENTRY_"
 class DaemonConfig:
     instance: str = "rnnsentry"  # names the status topic and the MQTT client id
     log_level: str = "INFO"
+    log_format: str = "text"  # "text": readable lines; "json": one JSON object a line
     workers: int = -1  # scoring processes beside the one that reads the broker: -1, one per
     # core but one (at least 1, at most 8); 0, none (the reading process scores too)
 
@@ -251,6 +253,8 @@ def check_config(config: Config) -> list[str]:
     problems = [f"scoring: {p}" for p in config.scoring.validate()]
     if config.batch.max < 1:
         problems.append("batch.max: must be at least 1")
+    if config.daemon.log_format not in LOG_FORMATS:
+        problems.append(f"daemon.log_format: one of {', '.join(LOG_FORMATS)}")
     if not -1 <= config.daemon.workers <= 256:
         problems.append("daemon.workers: must be -1 (automatic), 0 or a count up to 256")
     if config.batch.queue_size < config.batch.max:

@@ -116,6 +116,9 @@ class Daemon:
         self._last_evict = time.monotonic()
         self._last_snapshot = time.monotonic()
         self.instance = config.daemon.instance
+        self.last_received = 0.0  # receive time of the latest message (0: none yet)
+        self.metrics.last_message.set_function(lambda: self.last_received)
+        self._connected_before = False  # a later connection is a reconnect
 
     @property
     def inbox(self) -> Inbox:
@@ -217,7 +220,7 @@ class Daemon:
             if changed:
                 log.info("alert journal: %d stream(s) resume the alert they last published",
                          changed)  # fmt: skip
-            self.metrics.streams_active.set(self.stage.streams_active())
+            self.stage.gauge_streams()
 
     def _save_snapshot(self) -> None:
         """Copy every stream's state under the batch lock, then write the file outside it:
@@ -271,8 +274,8 @@ class Daemon:
     def _start_link(self) -> None:
         hooks = LinkHooks(
             inbox=self.batcher.inbox,
-            on_drop=self.metrics.messages.labels("dropped").inc,
-            on_connection=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+            on_drop=self._on_drop,
+            on_connection=self._on_connection,
             on_queued=self.on_queued,
         )
         link = self._given_link
@@ -316,10 +319,22 @@ class Daemon:
                 return
             self._housekeeping()
 
+    def _on_connection(self, up: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if up else 0)
+        if up:
+            if self._connected_before:
+                self.metrics.mqtt_reconnects.inc()
+            self._connected_before = True
+
+    def _on_drop(self) -> None:
+        self.last_received = time.time()  # it came, though there was no room for it
+        self.metrics.messages.labels("dropped").inc()
+
     def on_queued(self, received: float) -> None:
         """The link's thread, after queueing a message received at ``received``: score a
         batch here and now if one is due (``batch.max`` queued, or the oldest waited long
         enough)."""
+        self.last_received = received
         if self.batcher.due(received):
             self._score_queued(received)
 
@@ -384,7 +399,7 @@ class Daemon:
                     log.warning("model %s changed its state shape: its streams start afresh",
                                 engine.model.name)  # fmt: skip
             self._install((engines, router))
-            self.metrics.streams_active.set(self.stage.streams_active())  # some may be gone
+            self.stage.gauge_streams()  # some may be gone
         link = self.link
         if link is not None and set(router.filters) != set(link.filters):
             link.set_filters(router.filters)

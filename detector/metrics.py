@@ -13,17 +13,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client import metrics as _client_metrics
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from detector import __version__
 from detector.errors import REJECTION_REASONS
 
 log = logging.getLogger(__name__)
@@ -37,19 +45,48 @@ _INFER_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.
 # Another process's samples: (sample name, sorted labels) -> value, as it last reported them.
 RemoteSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
+# Samples about the reading process alone (the one that serves /metrics): a scoring process
+# never reports them, since adding them up over processes would mean nothing (a version, a
+# connection state, a time).
+READING_PROCESS_ONLY: Final = frozenset({
+    "rnnsentry_build_info", "rnnsentry_model_info", "rnnsentry_mqtt_connected",
+    "rnnsentry_mqtt_reconnects_total", "rnnsentry_last_message_timestamp_seconds",
+    "rnnsentry_queue_depth",
+})  # fmt: skip
+# A scoring process reports its own CPU time and memory under these names, so that they add
+# up over the scoring processes beside the reading process's own ``process_*`` samples.
+_SCORING_PROCESS_NAMES: Final = {
+    "process_cpu_seconds_total": "rnnsentry_scoring_cpu_seconds_total",
+    "process_resident_memory_bytes": "rnnsentry_scoring_resident_memory_bytes",
+}
+
 
 def _key(name: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
     return name, tuple(sorted(labels.items()))
 
 
 def remote_samples(metrics: Metrics) -> RemoteSamples:
-    """What a worker process reports of its metrics: every non-zero sample but the
-    ``_created`` times (counters and histograms are totals since it started)."""
+    """What a worker process reports of its metrics: every non-zero sample that adds up over
+    processes (counters and histograms are totals since it started), its CPU time and memory
+    under the scoring processes' names, and no ``_created`` time.
+
+    >>> m = Metrics()
+    >>> m.messages.labels("scored").inc(3); m.last_message.set(1.7e9)
+    >>> names = {name for name, _ in remote_samples(m)}
+    >>> "rnnsentry_messages_total" in names, "rnnsentry_last_message_timestamp_seconds" in names
+    (True, False)
+    """
     out: RemoteSamples = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
-            if sample.value and not sample.name.endswith("_created"):
-                out[_key(sample.name, sample.labels)] = sample.value
+            name = _SCORING_PROCESS_NAMES.get(sample.name, sample.name)
+            if (
+                sample.value
+                and not name.endswith("_created")
+                and not name.startswith(("process_", "python_"))
+                and name not in READING_PROCESS_ONLY
+            ):
+                out[_key(name, sample.labels)] = sample.value
     return out
 
 
@@ -130,11 +167,18 @@ class BatchHistogram:
 
 
 class Metrics:
-    """All of rnnsentry's metrics on one (by default private) registry."""
+    """All of rnnsentry's metrics on one (by default private) registry, with the process's
+    own (``process_*``, ``python_info``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "rnnsentry_build_info", "rnnsentry's version (value 1)", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
         self.messages = Counter("rnnsentry_messages", "Samples by outcome", ["outcome"], registry=r)
         self.rejections = Counter(
             "rnnsentry_rejections", "Rejected messages or samples by reason", ["reason"],
@@ -170,6 +214,26 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "rnnsentry_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.mqtt_reconnects = Counter(
+            "rnnsentry_mqtt_reconnects", "Connections to the broker made again after one was lost",
+            registry=r,
+        )  # fmt: skip
+        self.last_message = Gauge(
+            "rnnsentry_last_message_timestamp_seconds",
+            "When the last message came from the broker (Unix time; 0: none yet)", registry=r,
+        )  # fmt: skip
+        self.alerts_active = Gauge(
+            "rnnsentry_alerts_active", "Streams with an alert raised and not yet cleared",
+            registry=r,
+        )  # fmt: skip
+        # The scoring processes' own use (workers >= 1); the reading process's is process_*.
+        self.scoring_cpu = Counter(
+            "rnnsentry_scoring_cpu_seconds", "CPU time of the scoring processes", registry=r
+        )
+        self.scoring_memory = Gauge(
+            "rnnsentry_scoring_resident_memory_bytes",
+            "Resident memory of the scoring processes, added up", registry=r,
+        )  # fmt: skip
         # Histograms observed in bulk by the worker (one numpy call per batch).
         self.batch_size = BatchHistogram(
             "rnnsentry_batch_size", "Samples per onnxruntime call", _BATCH_BUCKETS, r

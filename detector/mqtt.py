@@ -6,7 +6,9 @@ the daemon scores a due batch on this thread before paho reads on. Subscriptions
 are made in ``on_connect`` so reconnects resubscribe; a retained ``online`` status
 and a retained Last Will ``offline``. QoS 1 input is acknowledged once queued;
 after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the
-persistent session for the next run.
+persistent session for the next run. While the broker is away, each failed attempt
+gives one line of ours that says why and when the next comes, in place of paho's own
+ERROR lines.
 """
 
 from __future__ import annotations
@@ -62,15 +64,19 @@ class MqttLink:
             protocol=paho.MQTTv5,
             manual_ack=True,  # see _handle_message
         )
-        paho_log = logging.getLogger("paho")
-        paho_log.addFilter(self._quiet_when_closing)
-        client.enable_logger(paho_log)
+        self._min_delay_s = max(1, int(config.reconnect_min_s))
+        self._max_delay_s = max(1, int(config.reconnect_max_s))
+        self._said = ""  # the reason the last retry line gave
+        self._level = logging.WARNING  # of a line giving last_error for the first time
+        self._first_attempt = True  # no attempt has ended since start()
+        self._lost = ""  # what paho said of a connection it lost, for our line about it
+        # A logger of this client's own under "paho": our filter sees its records only.
+        self._paho_log = logging.getLogger("paho").getChild(client_id)
+        self._paho_log.addFilter(self._paho_record)
+        client.enable_logger(self._paho_log)
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(100)
-        client.reconnect_delay_set(
-            min_delay=max(1, int(config.reconnect_min_s)),
-            max_delay=max(1, int(config.reconnect_max_s)),
-        )
+        client.reconnect_delay_set(min_delay=self._min_delay_s, max_delay=self._max_delay_s)
         client.will_set(status_topic, b"offline", qos=1, retain=True)
         if config.username:
             client.username_pw_set(config.username, password)
@@ -91,10 +97,39 @@ class MqttLink:
         client.on_message = self._handle_message
         self.client = client
 
-    def _quiet_when_closing(self, record: logging.LogRecord) -> bool:
-        # paho 2.2's loop thread logs "Client is not connected" at ERROR after a clean
-        # disconnect of ours; that is not an error worth an operator's attention.
-        return not (self._closing and "not connected" in record.getMessage())
+    def _paho_record(self, record: logging.LogRecord) -> bool:
+        """Keep paho's record, or drop it where a line of ours says it better."""
+        text = record.getMessage()
+        if "not connected" in text:
+            # paho's loop logs "Client is not connected" at ERROR each time it is about to
+            # wait before another attempt (and once after a clean disconnect of ours): the
+            # line of _handle_connect_fail has said it.
+            return False
+        if text.startswith(("failed to receive on socket", "timeout on socket")):
+            self._lost = text  # said in the disconnect line that follows at once
+            return False
+        return True
+
+    def _next_delay_s(self) -> int:
+        """The wait paho is about to begin before its next attempt: it doubles from
+        reconnect_min_s to reconnect_max_s and starts again from the least once connected
+        (``Client.reconnect_delay_set``); paho keeps the last wait it made in
+        ``_reconnect_delay``, None since the last connection."""
+        last = getattr(self.client, "_reconnect_delay", None)
+        wait = self._min_delay_s if last is None else min(2 * int(last), self._max_delay_s)
+        if self._first_attempt:
+            # paho 2.2 waits twice after a first attempt that fails (connect_async's own
+            # retry, then its main loop finds no socket and waits again before it tries).
+            wait += min(2 * wait, self._max_delay_s)
+        return wait
+
+    def _retrying(self, why: str, level: int) -> None:
+        """One line for a failed attempt: a reason not said before at ``level``, the same
+        reason again at INFO (every attempt is seen, one warning each time it changes)."""
+        level = level if why != self._said else logging.INFO
+        log.log(level, "not connected to the broker: %s; next attempt in %d s",
+                why, self._next_delay_s())  # fmt: skip
+        self._said = why
 
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
@@ -129,7 +164,7 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
-        logging.getLogger("paho").removeFilter(self._quiet_when_closing)
+        self._paho_log.removeFilter(self._paho_record)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -149,7 +184,8 @@ class MqttLink:
     def _handle_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if reason.is_failure:
+        self._first_attempt = False
+        if reason.is_failure:  # the broker closes the connection: see _handle_disconnect
             self._failed(f"the broker refused the connection: {reason}", logging.ERROR)
             self.connected.clear()
             self._on_connection(False)
@@ -157,7 +193,7 @@ class MqttLink:
         log.info(
             "connected to the broker (session present: %s)", getattr(flags, "session_present", "?")
         )
-        self.last_error = ""
+        self.last_error = self._said = ""
         result, mid = client.subscribe([(f, self.config.qos) for f in self.filters])
         self._subscribe_mid = -1 if mid is None else mid
         client.publish(self.status_topic, b"online", qos=1, retain=True)
@@ -170,30 +206,34 @@ class MqttLink:
         if mid != self._subscribe_mid:
             return
         refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
-        if refused:
-            self._failed(f"the broker refused a subscription: {', '.join(refused)}",
-                         logging.ERROR)  # fmt: skip
+        if refused:  # not retried: said now
+            self.last_error = f"the broker refused a subscription: {', '.join(refused)}"
+            log.error("%s", self.last_error)
         self.connected.set()
         self._on_connection(True)
 
     def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this from inside its ``except OSError`` around connecting (refused,
-        # unreachable, TLS handshake), so the exception in hand says why.
+        # unreachable, TLS handshake), so the exception in hand says why; it waits next.
         exc = sys.exc_info()[1]
         why = (str(exc) or type(exc).__name__) if exc is not None else "connection failed"
         self._failed(why, logging.WARNING)
+        self._retrying(why, logging.WARNING)
+        self._first_attempt = False
 
     def _failed(self, why: str, level: int) -> None:
-        """Keep ``why`` for /readyz; log it when it changes, not on every retry."""
-        if why != self.last_error:
-            log.log(level, "not connected to the broker: %s (retrying)", why)
-        self.last_error = why
+        """Keep ``why`` for /readyz and for the line about this attempt (at ``level``)."""
+        self.last_error, self._level = why, level
 
     def _handle_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self.connected.is_set() and not self._closing:
-            log.warning("disconnected from the broker (%s); reconnecting", reason)
+        lost, self._lost = self._lost, ""
+        if not self._closing:  # paho waits next, then tries again
+            if self.connected.is_set():
+                self._retrying(f"disconnected ({lost or reason})", logging.WARNING)
+            else:  # the broker closed a connection it had not accepted
+                self._retrying(self.last_error or f"closed ({reason})", self._level)
         self.connected.clear()
         self._on_connection(False)
 

@@ -32,6 +32,7 @@ from typing import Any, Final
 from detector.config import Config
 from detector.journal import AlertJournal, apply_journal, journal_path, read_journals
 from detector.link import Inbound, Link
+from detector.logs import configure
 from detector.metrics import Metrics, RemoteSamples, remote_samples
 from detector.publisher import Publisher
 from detector.routing import Router
@@ -76,10 +77,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # the reading process acts on them
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.daemon.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker {index}: %(message)s",
-    )
+    configure(config.daemon.log_level, config.daemon.log_format, worker=index)
     metrics = Metrics()
     outbox = _Outbox()
     publisher = Publisher(config, metrics)
@@ -96,7 +94,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
         apply_journal(read_journals(config.snapshot.path), stage.engines, time.time(), keep)
         publisher.journal = AlertJournal(journal_path(config.snapshot.path, index),
                                          metrics.snapshot_failures.inc)  # fmt: skip
-    metrics.streams_active.set(stage.streams_active())
+    stage.gauge_streams()
     replies.send(("metrics", remote_samples(metrics)))  # the streams it restored, then:
     replies.send(("ready", os.getpid()))
     last_report, dirty = 0.0, False
@@ -157,7 +155,7 @@ def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
             journal.compact()
     elif kind == "stop":
         return True
-    metrics.streams_active.set(stage.streams_active())
+    stage.gauge_streams()
     return False
 
 

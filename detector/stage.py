@@ -154,7 +154,14 @@ class ScoringStage:
         for engine in self.engines:
             for event in engine.take_pending():
                 self.publisher.alert(engine.model, event, decided)
-        m.streams_active.set(self.streams_active())
+        self.gauge_streams()
+
+    def gauge_streams(self) -> None:
+        """Set the gauges of streams in memory and streams in alert from the state tables."""
+        self.metrics.streams_active.set(self.streams_active())
+        # A forgotten stream's row is reset, so a set flag is a live stream in alert.
+        active = sum(int(np.count_nonzero(e.table.arrays["active"])) for e in self.engines)
+        self.metrics.alerts_active.set(active)
 
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch.
@@ -194,7 +201,7 @@ class ScoringStage:
         for target, p in pending.items():
             if p.streams:
                 self._step(engines[target], p)
-        m.streams_active.set(self.streams_active())
+        self.gauge_streams()
 
     def _step(self, engine: Engine, p: _Pending) -> None:
         m = self.metrics

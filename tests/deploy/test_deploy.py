@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -23,13 +24,28 @@ def test_prometheus_rules_pass_their_promtool_unit_tests() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_every_alert_rule_has_a_promtool_case_that_fires_and_one_that_does_not() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rnnsentry.rules.yml").read_text())
+    alerts = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    cases = yaml.safe_load((DEPLOY / "prometheus" / "rnnsentry.rules.test.yml").read_text())
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for test in cases["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    assert len(alerts) >= 11
+    assert alerts - fires == set(), "no promtool case where these fire"
+    assert alerts - quiet == set(), "no promtool case where these stay quiet"
+    assert (fires | quiet) - alerts == set(), "cases of alerts that no rule has"
+
+
 def test_the_rules_use_only_metric_names_the_daemon_exports() -> None:
     from detector.metrics import Metrics
 
     exported = {m.name for m in Metrics().registry.collect()}
     exported |= {name + suffix for name in exported for suffix in ("_total", "_bucket")}
-    used = set(re.findall(r"\brnnsentry_[a-z_]+", (DEPLOY / "prometheus" / "rnnsentry.rules.yml")
-                          .read_text()))  # fmt: skip
+    used = set(re.findall(r"\b(?:rnnsentry|process)_[a-z_]+",
+                          (DEPLOY / "prometheus" / "rnnsentry.rules.yml").read_text()))  # fmt: skip
     assert used and used <= exported, used - exported
 
 
