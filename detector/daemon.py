@@ -352,6 +352,8 @@ class Daemon:
             except Exception:  # a bug must not kill the daemon's threads: count and go on
                 log.exception("batch of %d messages failed", len(batch))
                 self.metrics.messages.labels("dropped").inc(len(batch))
+            if self.pool is None and self.link is not None:  # scored: its QoS 1 input done
+                self.link.acknowledge(len(batch))
 
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch (the scoring stage's job), or hand

@@ -57,6 +57,11 @@ class Link(Protocol):
     def set_filters(self, filters: list[str]) -> None:
         """Subscribe to ``filters`` instead of the current subscriptions."""
 
+    def acknowledge(self, count: int) -> None:
+        """The oldest ``count`` messages put in the inbox and not yet acknowledged are done
+        (scored, or counted as rejected or dropped): a QoS 1 one is acknowledged to the
+        broker now, so that a crash before leaves it with the broker for the next run."""
+
 
 @dataclass(frozen=True)
 class Published:
@@ -83,6 +88,7 @@ class MemoryLink:
         self.filters: list[str] = []
         self.published: list[Published] = []
         self.dropped = 0
+        self.acknowledged = 0  # messages the daemon said were done
         self._hooks: LinkHooks | None = None
         self._intake_open = False
         self._lock = threading.Lock()
@@ -140,6 +146,10 @@ class MemoryLink:
 
     def set_filters(self, filters: list[str]) -> None:
         self.filters = list(filters)
+
+    def acknowledge(self, count: int) -> None:
+        with self._lock:
+            self.acknowledged += count
 
     def sent_to(self, prefix: str) -> list[Published]:
         """What was published on topics starting with ``prefix``, in order."""

@@ -4,8 +4,9 @@
 into the queue (a full queue drops and counts) and calls ``on_queued``, with which
 the daemon scores a due batch on this thread before paho reads on. Subscriptions
 are made in ``on_connect`` so reconnects resubscribe; a retained ``online`` status
-and a retained Last Will ``offline``. QoS 1 input is acknowledged once queued;
-after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the
+and a retained Last Will ``offline``. QoS 1 input is acknowledged once the daemon
+has scored it (``acknowledge``, in arrival order), so a crash before leaves it with the
+broker; after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the
 persistent session for the next run. While the broker is away, each failed attempt
 gives one line of ours that says why and when the next comes, in place of paho's own
 ERROR lines.
@@ -19,6 +20,7 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -57,6 +59,8 @@ class MqttLink:
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
         self._intake_open = True
+        # (packet id, QoS) of each queued message, None for QoS 0, in arrival order.
+        self._unacked: deque[tuple[int, int] | None] = deque()
         self._subscribe_mid = -1
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -245,14 +249,22 @@ class MqttLink:
         except UnicodeDecodeError:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
         received = time.time()
+        # Its place among the messages to acknowledge, before another thread can take it.
+        self._unacked.append((msg.mid, msg.qos) if msg.qos else None)
         try:
             self.inbox.put_nowait((topic, bytes(msg.payload), received))
         except queue.Full:
+            self._unacked.pop()
             self._on_drop()  # counted; acknowledged, or the broker would stall the session
-            queued = False
-        else:
-            queued = True
-        if msg.qos:
-            client.ack(msg.mid, msg.qos)  # QoS 0 has nothing to acknowledge
-        if queued and self._on_queued is not None:
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
+            return
+        if self._on_queued is not None:
             self._on_queued(received)  # e.g. the daemon scores a due batch here
+
+    def acknowledge(self, count: int) -> None:
+        unacked, client = self._unacked, self.client
+        for _ in range(count):
+            held = unacked.popleft()
+            if held is not None:  # QoS 0 has nothing to acknowledge
+                client.ack(*held)

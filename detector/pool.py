@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -107,19 +108,22 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
         except EOFError:  # the reading process is gone: nobody to reply to
             return
         stop = False
-        if isinstance(message, list):
+        chunk = isinstance(message[0], int)  # (batch number, messages); else a control
+        if chunk:
             try:
-                stage.process(message)
+                stage.process(message[1])
             except Exception:  # a bug must not end the worker: count and go on
-                log.exception("batch of %d messages failed", len(message))
-                metrics.messages.labels("dropped").inc(len(message))
+                log.exception("batch of %d messages failed", len(message[1]))
+                metrics.messages.labels("dropped").inc(len(message[1]))
+            # What to publish, then that the chunk is done: its input may be acknowledged.
+            replies.send(("done", message[0], outbox.take()))
         else:
             stop = _control(message, stage, metrics, replies, publisher.journal)
-        if outbox.items:
-            replies.send(("publish", outbox.take()))
+            if outbox.items:
+                replies.send(("publish", outbox.take()))
         dirty = True
         now = time.monotonic()
-        if stop or not isinstance(message, list) or now - last_report >= _METRICS_EVERY_S:
+        if stop or not chunk or now - last_report >= _METRICS_EVERY_S:
             last_report, dirty = now, False
             replies.send(("metrics", remote_samples(metrics)))
         if stop:
@@ -180,6 +184,12 @@ class WorkerPool:
         self._ready = [threading.Event() for _ in range(workers)]
         self._captures: list[Any] = [None] * workers
         self._captured = [threading.Event() for _ in range(workers)]
+        # Batches handed over and not yet scored by every worker they went to, in order:
+        # [messages, workers still scoring]; the link acknowledges a done prefix.
+        self._batches: deque[list[int]] = deque()
+        self._by_number: dict[int, list[int]] = {}
+        self._number = 0
+        self._done_lock = threading.Lock()
 
     def start(self, router: Router) -> None:
         """Spawn the workers and wait until each has loaded its models and state."""
@@ -231,9 +241,36 @@ class WorkerPool:
         for target, count in refused.items():
             self.metrics.reject(REFUSED[target], count)
         with self._send_lock:
+            self._number += 1
+            number = self._number
+            entry = [len(batch), sum(1 for chunk in chunks if chunk)]
+            with self._done_lock:
+                self._batches.append(entry)
+                self._by_number[number] = entry
             for inbox, chunk in zip(self._inboxes, chunks, strict=True):
                 if chunk:
-                    self._send(inbox, chunk)
+                    self._send(inbox, (number, chunk))
+        if not entry[1]:  # every message refused here: done already
+            self._settle()
+
+    def _done(self, number: int) -> None:
+        """A worker has scored its chunk of batch ``number``."""
+        with self._done_lock:
+            entry = self._by_number[number]
+            entry[1] -= 1
+            if not entry[1]:
+                del self._by_number[number]
+        self._settle()
+
+    def _settle(self) -> None:
+        """Acknowledge the input of the batches done, oldest first, up to one still open."""
+        count = 0
+        with self._done_lock:
+            while self._batches and not self._batches[0][1]:
+                count += self._batches.popleft()[0]
+        link = self.link
+        if count and link is not None:
+            link.acknowledge(count)
 
     def _send(self, inbox: Connection, message: Any) -> None:
         try:
@@ -285,14 +322,14 @@ class WorkerPool:
         """Reply thread of one worker: publish, merge metrics, note state and the end."""
         while True:
             try:
-                kind, body = replies.recv()
+                kind, body, *rest = replies.recv()
             except (EOFError, OSError):
                 break
-            if kind == "publish":
-                link = self.link
-                for topic, payload, qos in body:
-                    if link is None or not link.publish(topic, payload, qos=qos):
-                        self.metrics.publish_failures.inc()
+            if kind == "done":  # a chunk scored: what it publishes, then its acknowledgement
+                self._publish(rest[0])
+                self._done(body)
+            elif kind == "publish":
+                self._publish(body)
             elif kind == "metrics":
                 self.metrics.merge(f"worker-{index}", body)
             elif kind == "capture":
@@ -306,6 +343,12 @@ class WorkerPool:
         if not self._stopped[index].is_set():
             code = self._processes[index].exitcode if index < len(self._processes) else None
             self._fail(f"scoring worker {index} ended unexpectedly (exit code {code})")
+
+    def _publish(self, items: list[tuple[str, bytes, int]]) -> None:
+        link = self.link
+        for topic, payload, qos in items:
+            if link is None or not link.publish(topic, payload, qos=qos):
+                self.metrics.publish_failures.inc()
 
     def _fail(self, why: str) -> None:
         if self.failure:

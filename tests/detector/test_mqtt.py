@@ -154,6 +154,7 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
     try:
         _send_samples(mosquitto.port, "early", 1, 1.0)  # subscribed and taking input
         assert wait_for(first_inbox, lambda m: True)[0] == "sensors/early"
+        first.acknowledge(1)  # scored, as the daemon says once it has
         first.stop_intake()
         _send_samples(mosquitto.port, "late", 1, 2.0)
         poll_until(lambda: any("Received PUBLISH" in r.getMessage() and "sensors/late" in

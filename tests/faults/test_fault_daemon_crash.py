@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from tests.support import (
     DaemonProcess,
     Listener,
     Publisher,
+    poll_until,
     sample_payload,
     tiny_fleet,
     wait_for,
@@ -112,3 +114,30 @@ def test_alerts_pair_across_kill_9_and_restores_from_an_older_snapshot(
         scores.close()
         if daemon is not None:
             daemon.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_input_taken_but_not_yet_scored_when_killed_is_scored_by_the_next_run(
+    mosquitto: Mosquitto, tiny_model: Path, tmp_path: Path, workers: int
+) -> None:
+    """QoS 1 input is acknowledged once scored, not once received: 12 samples wait in the
+    inbox (a batch is due only after 3 s) when kill -9 comes; the next run scores all 12."""
+    env = {"RNNSENTRY_DAEMON__WORKERS": str(workers), "RNNSENTRY_BATCH__MAX_WAIT_MS": "3000"}
+    rows = tiny_fleet(n_streams=1, n_steps=12, seed=14, start_step=600).values[0]
+    daemon = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance=f"held-{workers}",
+                           env=env)  # fmt: skip
+    publisher = Publisher(mosquitto.port)
+    try:
+        for t in range(12):
+            publisher.send("sensors/held", sample_payload(TINY_FEATURES, rows[t], T0 + t))
+        time.sleep(0.5)  # delivered to the daemon, waiting for their batch
+        assert daemon.metric("rnnsentry_messages_total", {"outcome": "scored"}) == 0
+        daemon.stop(signal.SIGKILL)
+        env["RNNSENTRY_BATCH__MAX_WAIT_MS"] = "1"
+        daemon = DaemonProcess(tiny_model, mosquitto.url, tmp_path, instance=f"held-{workers}",
+                               env=env)  # fmt: skip
+        poll_until(lambda: daemon.metric("rnnsentry_messages_total", {"outcome": "scored"}) == 12)
+        assert daemon.stop() == 0
+    finally:
+        publisher.close()
+        daemon.stop(signal.SIGKILL)
