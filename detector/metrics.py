@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -311,7 +312,7 @@ class Metrics:
 
 
 MAX_CONNECTIONS = 32  # HTTP connections served at once; more are closed at once
-IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+IDLE_TIMEOUT_S = 10.0  # a connection silent this long, or open this long in all, is closed
 SERVER_NAME = "rnnsentry"  # the Server header: no library or Python version for a scanner
 
 # A WSGI application: (environ, start_response) -> body chunks.
@@ -395,23 +396,52 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     ) -> None:
         self.idle_timeout_s = idle_timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
+        # Each connection's deadline: a client that sends a byte now and then is never idle,
+        # so a connection is also ended once it has been open for the idle timeout.
+        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines_lock = threading.Lock()
+        self._closed = threading.Event()
         super().__init__(address, _Handler)
+        threading.Thread(target=self._reap, name="metrics-http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # full: this one is refused, the rest go on
             return
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + self.idle_timeout_s
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+        self._slots.release()
+
+    def _reap(self) -> None:
+        """End the connections past their deadline: their threads' reads return at once."""
+        while not self._closed.wait(min(1.0, self.idle_timeout_s / 4)):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [c for c, deadline in self._deadlines.items() if deadline < now]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went silent (the idle timeout) or away: not worth a traceback.

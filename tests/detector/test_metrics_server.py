@@ -166,3 +166,40 @@ def test_a_malformed_request_is_refused_without_versions(server: MetricsServer) 
         head = raw.makefile("rb").read().decode("latin-1")
     assert head.startswith("HTTP/1.0 400")
     assert "\r\nServer: rnnsentry\r\n" in head and "Python" not in head
+
+
+def test_a_client_that_drips_its_request_is_cut_off_at_the_deadline(server: MetricsServer) -> None:
+    """A byte now and then keeps a socket from ever being idle; the connection's deadline
+    still ends it, so slow clients cannot hold every slot for as long as they like."""
+    dripping = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    began = time.monotonic()
+    cut = 0
+    request = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 200
+    for i in range(len(request)):  # one byte a tenth of a second each, for up to 20 s
+        for s in dripping:
+            try:
+                s.sendall(request[i : i + 1])
+            except OSError:
+                continue
+        time.sleep(0.1)
+        if all(_closed(s) for s in dripping):
+            cut = 1
+            break
+    took = time.monotonic() - began
+    for s in dripping:
+        s.close()
+    assert cut and took < 3.0, f"still held after {took:.1f} s"
+    assert get(server.port).status == 200
+
+
+def _closed(s: socket.socket) -> bool:
+    """Whether the server has closed this connection (without blocking)."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        s.setblocking(True)
