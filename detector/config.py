@@ -63,6 +63,8 @@ class MqttConfig:
     score_topic: str = "rnnsentry/scores/{stream}"
     publish_scores: bool = False  # per-step scores on score_topic, QoS 0
     status_topic: str = "rnnsentry/status/{instance}"
+    state_topic: str = "rnnsentry/state/{stream}"  # retained: each stream's alert state ("": off)
+    homeassistant_prefix: str = ""  # e.g. "homeassistant": MQTT discovery, a sensor a stream
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
 
@@ -265,6 +267,13 @@ def check_config(config: Config) -> list[str]:
         problems.append("mqtt.qos: must be 0 or 1")
     if "{stream}" not in config.mqtt.alert_topic:
         problems.append("mqtt.alert_topic: must contain {stream}")
+    state = config.mqtt.state_topic
+    if state and ("{stream}" not in state or any(c in state for c in "+#")):
+        problems.append("mqtt.state_topic: must contain {stream}, and no '+' or '#' (or be empty)")
+    prefix = config.mqtt.homeassistant_prefix
+    if prefix and (not state or any(c in prefix for c in "+#")):
+        problems.append("mqtt.homeassistant_prefix: a topic prefix without '+' or '#', and"
+                        " mqtt.state_topic set (the sensors read it)")  # fmt: skip
     instance = config.daemon.instance
     if not instance or any(c in instance for c in "+#\x00"):
         problems.append("daemon.instance: must be non-empty, without '+', '#' or NUL: it names"

@@ -61,13 +61,13 @@ class _Outbox:
     """A worker's link: what the stage publishes waits here for the next reply."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, bytes, int]] = []
+        self.items: list[tuple[str, bytes, int, bool]] = []
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> bool:
-        self.items.append((topic, payload, qos))
+        self.items.append((topic, payload, qos, retain))
         return True
 
-    def take(self) -> list[tuple[str, bytes, int]]:
+    def take(self) -> list[tuple[str, bytes, int, bool]]:
         items, self.items = self.items, []
         return items
 
@@ -344,10 +344,10 @@ class WorkerPool:
             code = self._processes[index].exitcode if index < len(self._processes) else None
             self._fail(f"scoring worker {index} ended unexpectedly (exit code {code})")
 
-    def _publish(self, items: list[tuple[str, bytes, int]]) -> None:
+    def _publish(self, items: list[tuple[str, bytes, int, bool]]) -> None:
         link = self.link
-        for topic, payload, qos in items:
-            if link is None or not link.publish(topic, payload, qos=qos):
+        for topic, payload, qos, retain in items:
+            if link is None or not link.publish(topic, payload, qos=qos, retain=retain):
                 self.metrics.publish_failures.inc()
 
     def _fail(self, why: str) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+import re
+import zlib
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -64,7 +66,7 @@ def publishable(stream: str, mqtt: MqttConfig) -> bool:
     """
     if "+" in stream or "#" in stream or "\x00" in stream:
         return False
-    for template in (mqtt.alert_topic, mqtt.score_topic):
+    for template in (mqtt.alert_topic, mqtt.score_topic, mqtt.state_topic):
         try:
             size = len(template.format(stream=stream).encode("utf-8"))
         except UnicodeEncodeError:  # a lone surrogate from a topic that was not UTF-8
@@ -74,8 +76,22 @@ def publishable(stream: str, mqtt: MqttConfig) -> bool:
     return True
 
 
+def object_id(name: str) -> str:
+    """``name`` as Home Assistant allows in an id (letters, digits, ``_``, ``-``), with a
+    checksum when characters had to go, so that two names never share one.
+
+    >>> object_id("pump-7"), object_id("north/p7")
+    ('pump-7', 'north_p7_cd04b9e1')
+    """
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if safe == name:
+        return name
+    return f"{safe}_{zlib.crc32(name.encode('utf-8', 'surrogatepass')):08x}"
+
+
 class Publisher:
-    """Encodes alerts and scores and hands them to the link (none yet: nothing is sent)."""
+    """Encodes alerts, states and scores and hands them to the link (none yet: nothing is
+    sent)."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -84,6 +100,10 @@ class Publisher:
         self.instance = config.daemon.instance
         self.link: Link | None = None
         self.journal: AlertJournal | None = None  # raised and cleared, kept for a restart
+        # Streams announced to Home Assistant by this process; forgotten when it grows past
+        # what the state tables can hold (announcing again is harmless: it is retained).
+        self._announced: set[str] = set()
+        self._announced_max = 2 * config.streams.max_streams * max(1, len(config.models))
 
     def alert(self, model: LoadedModel, event: AlertEvent, decided: float) -> None:
         doc = {
@@ -115,6 +135,65 @@ class Publisher:
         if self.journal is not None:  # first: a crash after it still finds the event
             self.journal.record(model.name, event)
         self._send(self.mqtt.alert_topic.format(stream=event.stream), doc, qos=1)
+        if self.mqtt.state_topic and event.event != "update":
+            raised = event.event == "raised"
+            self._state(event.stream, model, event.ts, alert_id(event) if raised else None,
+                        event.episode_ts if raised else None)  # fmt: skip
+
+    def _state(self, stream: str, model: LoadedModel, ts: float, alert: str | None,
+               since: float | None) -> None:  # fmt: skip
+        """The stream's retained state: in alert (with the alert's id and start) or ok."""
+        doc = {
+            "stream": stream,
+            "state": "alert" if alert else "ok",
+            "alert_id": alert,
+            "since": None if since is None or math.isnan(since) else iso_time(since),
+            "ts": ts,
+            "time": iso_time(ts),
+            "model": model.name,
+            "instance": self.instance,
+        }
+        self._send(self.mqtt.state_topic.format(stream=stream), doc, qos=1, retain=True)
+
+    def announce(self, model: LoadedModel, streams: Sequence[str], ts: Sequence[float],
+                 active: np.ndarray) -> None:  # fmt: skip
+        """Home Assistant MQTT discovery for streams this process has not announced: a
+        binary sensor each (``device_class: problem``) on the state topic, available while
+        the status topic says ``online``; a stream not in alert also gets its first state."""
+        prefix = self.mqtt.homeassistant_prefix
+        if not prefix:
+            return
+        announced = self._announced
+        for i, stream in enumerate(streams):
+            if stream in announced:
+                continue
+            if len(announced) >= self._announced_max:
+                announced.clear()
+            announced.add(stream)
+            node, obj = object_id(f"rnnsentry_{self.instance}"), object_id(stream)
+            state = self.mqtt.state_topic.format(stream=stream)
+            config = {
+                "name": f"{stream} anomaly",
+                "unique_id": f"{node}_{obj}",
+                "device_class": "problem",
+                "state_topic": state,
+                "value_template": "{{ value_json.state }}",
+                "payload_on": "alert",
+                "payload_off": "ok",
+                "json_attributes_topic": state,
+                "availability_topic": self.mqtt.status_topic.format(instance=self.instance),
+                "payload_available": "online",
+                "payload_not_available": "offline",
+                "device": {
+                    "identifiers": [node],
+                    "name": f"rnnsentry {self.instance}",
+                    "manufacturer": "rnnsentry",
+                    "model": model.name,
+                },  # fmt: skip
+            }
+            self._send(f"{prefix}/binary_sensor/{node}/{obj}/config", config, qos=1, retain=True)
+            if not active[i]:  # an open alert keeps the state its raise left
+                self._state(stream, model, ts[i], None, None)
 
     def scores(
         self, streams: Sequence[str], ts: Sequence[float], result: BatchResult, scored: np.ndarray
@@ -134,11 +213,11 @@ class Publisher:
             }
             self._send(self.mqtt.score_topic.format(stream=streams[i]), doc, qos=0)
 
-    def _send(self, topic: str, doc: dict[str, object], qos: int) -> None:
+    def _send(self, topic: str, doc: Mapping[str, object], qos: int, retain: bool = False) -> None:
         if self.link is None:
             return
         try:
-            sent = self.link.publish(topic, json.dumps(doc).encode(), qos=qos)
+            sent = self.link.publish(topic, json.dumps(doc).encode(), qos=qos, retain=retain)
         except (ValueError, TypeError) as exc:  # the client refuses it: counted, not fatal
             log.warning("cannot publish on %.80r: %s", topic, exc)
             sent = False

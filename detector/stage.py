@@ -242,4 +242,5 @@ class ScoringStage:
         m.decision_latency.observe_many(decided - received)
         for event in result.events:
             self.publisher.alert(engine.model, event, decided)
+        self.publisher.announce(engine.model, p.streams, p.ts, result.active)
         self.publisher.scores(p.streams, p.ts, result, scored)
