@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -30,9 +31,16 @@ from detector.scoring import ScoringConfig
 ENV_PREFIX: Final = "RNNSENTRY_"
 
 
+def host_name() -> str:
+    """This machine's name up to its first dot: the default instance name, so that daemons
+    on different machines get client ids of their own (and a topic level NATS takes: no ".")."""
+    return socket.gethostname().split(".")[0] or "rnnsentry"
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    instance: str = "rnnsentry"  # names the status topic and the MQTT client id
+    # Names the status topic and the MQTT client id; default: the host name (host_name).
+    instance: str = field(default_factory=host_name)
     log_level: str = "INFO"
     log_format: str = "text"  # "text": readable lines; "json": one JSON object a line
     workers: int = -1  # scoring processes beside the one that reads the broker: -1, one per

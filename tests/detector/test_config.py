@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,22 @@ def test_empty_document_builds_the_defaults() -> None:
     assert problems == []
     assert config == Config()
     assert config.batch.max == 512 and config.models == []
-    assert config.client_id == "rnnsentry-rnnsentry"
+
+
+def test_the_instance_defaults_to_the_host_name_and_the_client_id_derives_from_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    here = socket.gethostname().split(".")[0]
+    assert here and Config().daemon.instance == here
+    assert Config().client_id == f"rnnsentry-{here}"
+    # Up to the first dot: NATS refuses '.' in a topic, and the status topic holds it.
+    monkeypatch.setattr(socket, "gethostname", lambda: "edge-7.plant.example.com")
+    config, problems = build_config({})
+    assert problems == []
+    assert config.daemon.instance == "edge-7" and config.client_id == "rnnsentry-edge-7"
+    assert build_config({"daemon": {"instance": "a"}})[0].client_id == "rnnsentry-a"
+    given = build_config({"daemon": {"instance": "a"}, "mqtt": {"client_id": "mine"}})[0]
+    assert given.client_id == "mine"
 
 
 def test_sections_and_models_build_typed_objects() -> None:
