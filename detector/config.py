@@ -29,6 +29,7 @@ from detector.routing import TopicTemplate
 from detector.scoring import ScoringConfig
 
 ENV_PREFIX: Final = "RNNSENTRY_"
+MQTT_PROTOCOLS: Final = ("5", "3.1.1")
 
 
 def host_name() -> str:
@@ -65,6 +66,7 @@ class MqttConfig:
     tls_key_file: str = ""
     tls_insecure: bool = False  # skip hostname checks (tests only)
     keepalive_s: int = 30
+    protocol: str = "5"  # "5" or "3.1.1" (NATS's MQTT listener); a persistent session in both
     session_expiry_s: int = 3600  # MQTT 5 session kept this long while we are away
     qos: int = 1  # subscription QoS for sensor input
     alert_topic: str = "rnnsentry/alerts/{stream}"
@@ -269,6 +271,8 @@ def check_config(config: Config) -> list[str]:
         problems.append("batch.queue_size: must be at least batch.max")
     if config.streams.max_streams < config.batch.max:
         problems.append("streams.max_streams: must be at least batch.max")
+    if config.mqtt.protocol not in MQTT_PROTOCOLS:
+        problems.append('mqtt.protocol: "5" or "3.1.1" (a string)')
     if config.mqtt.qos not in (0, 1):
         problems.append("mqtt.qos: must be 0 or 1")
     if "{stream}" not in config.mqtt.alert_topic:
