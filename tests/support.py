@@ -31,6 +31,8 @@ DAEMON_START_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 20.0
 
 TINY_FEATURES = ("flow", "pressure", "temperature", "vibration")
+# NATS's subject mapping of deploy/nats/nats.conf: each stream in one of 3 partitions.
+NATS_PARTITIONS = {"sensors.*": "part.{{partition(3,1)}}.sensors.{{wildcard(1)}}"}
 
 
 def tiny_fleet(n_streams: int = 4, n_steps: int = 600, seed: int = 0, start_step: int = 0) -> Any:

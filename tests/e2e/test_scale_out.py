@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from tests.support import (
+    NATS_PARTITIONS,
     TINY_FEATURES,
     DaemonProcess,
     Listener,
@@ -35,7 +36,6 @@ from training.demo.localbroker import NatsServer, find_nats_server
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 PARTITIONS = 3
-MAPPING = {"sensors.*": "part.{{partition(3,1)}}.sensors.{{wildcard(1)}}"}
 STREAMS = [f"pump-{i:02d}" for i in range(24)]
 SAMPLES = 12  # per stream, before the kill and again while one daemon is down
 T0 = 1_700_000_000.0
@@ -46,7 +46,7 @@ SCORED_TIMEOUT_S = 60.0  # three daemons and a broker on a loaded 2-core machine
 def nats() -> Iterator[NatsServer]:
     if find_nats_server() is None:
         pytest.skip("nats-server is not installed here (make setup installs it as root)")
-    server = NatsServer(MAPPING).start()
+    server = NatsServer(NATS_PARTITIONS).start()
     try:
         yield server
     finally:

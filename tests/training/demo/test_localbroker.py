@@ -11,10 +11,8 @@ import paho.mqtt.client as paho
 import pytest
 
 import training.demo.localbroker as localbroker
-from tests.support import Listener, Publisher, wait_for
+from tests.support import NATS_PARTITIONS, Listener, Publisher, wait_for
 from training.demo.localbroker import Mosquitto, MosquittoMissing, NatsMissing, NatsServer
-
-PARTITIONS = {"sensors.*": "part.{{partition(3,1)}}.sensors.{{wildcard(1)}}"}
 
 
 def executable(folder: Path, name: str = "mosquitto") -> Path:
@@ -75,7 +73,7 @@ def test_nats_server_is_found_as_mosquitto_is_or_said_to_be_missing(
 def test_nats_puts_each_stream_in_one_partition_over_mqtt_3_1_1_and_leaves_nothing() -> None:
     if localbroker.find_nats_server() is None:
         pytest.skip("nats-server is not installed here (make setup installs it as root)")
-    server = NatsServer(PARTITIONS).start()
+    server = NatsServer(NATS_PARTITIONS).start()
     folder = server.dir
     try:
         assert folder is not None and (folder / "nats.conf").exists()
