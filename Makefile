@@ -16,16 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[train,dev]'
 	touch $(STAMP)
 
-# mosquitto (the broker for tests and the demo), promtool (checks the alert rules) and amtool
-# (checks the Alertmanager config) from Debian's packages when root; otherwise say what to install.
+# mosquitto (the broker for tests and the demo), nats-server (the partitioned broker of the
+# scale-out tests), promtool (checks the alert rules) and amtool (checks the Alertmanager
+# config) from Debian's packages when root; otherwise say what to install.
 broker:
-	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || { \
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && { command -v nats-server >/dev/null 2>&1 || test -x /usr/sbin/nats-server; } && command -v promtool >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	      mosquitto mosquitto-clients prometheus prometheus-alertmanager; \
+	      mosquitto mosquitto-clients nats-server prometheus prometheus-alertmanager; \
 	  else \
-	    echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients prometheus prometheus-alertmanager'"; \
-	    echo "(the demo and the integration tests need mosquitto; the rules' tests need promtool)"; \
+	    echo "missing: run 'sudo apt-get install mosquitto mosquitto-clients nats-server prometheus prometheus-alertmanager'"; \
+	    echo "(the demo and the integration tests need mosquitto, the scale-out test nats-server; the rules' tests need promtool)"; \
 	  fi; }
 
 demo: setup

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -28,11 +29,19 @@ from detector.routing import TopicTemplate
 from detector.scoring import ScoringConfig
 
 ENV_PREFIX: Final = "RNNSENTRY_"
+MQTT_PROTOCOLS: Final = ("5", "3.1.1")
+
+
+def host_name() -> str:
+    """This machine's name up to its first dot: the default instance name, so that daemons
+    on different machines get client ids of their own (and a topic level NATS takes: no ".")."""
+    return socket.gethostname().split(".")[0] or "rnnsentry"
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    instance: str = "rnnsentry"  # names the status topic and the MQTT client id
+    # Names the status topic and the MQTT client id; default: the host name (host_name).
+    instance: str = field(default_factory=host_name)
     log_level: str = "INFO"
     log_format: str = "text"  # "text": readable lines; "json": one JSON object a line
     workers: int = -1  # scoring processes beside the one that reads the broker: -1, one per
@@ -57,6 +66,7 @@ class MqttConfig:
     tls_key_file: str = ""
     tls_insecure: bool = False  # skip hostname checks (tests only)
     keepalive_s: int = 30
+    protocol: str = "5"  # "5" or "3.1.1" (NATS's MQTT listener); a persistent session in both
     session_expiry_s: int = 3600  # MQTT 5 session kept this long while we are away
     qos: int = 1  # subscription QoS for sensor input
     alert_topic: str = "rnnsentry/alerts/{stream}"
@@ -263,6 +273,8 @@ def check_config(config: Config) -> list[str]:
         problems.append("batch.queue_size: must be at least batch.max")
     if config.streams.max_streams < config.batch.max:
         problems.append("streams.max_streams: must be at least batch.max")
+    if config.mqtt.protocol not in MQTT_PROTOCOLS:
+        problems.append('mqtt.protocol: "5" or "3.1.1" (a string)')
     if config.mqtt.qos not in (0, 1):
         problems.append("mqtt.qos: must be 0 or 1")
     if "{stream}" not in config.mqtt.alert_topic:

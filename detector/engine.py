@@ -27,6 +27,9 @@ SCORED: Final = 0
 OUT_OF_ORDER: Final = 1
 DUPLICATE: Final = 2
 MODEL_NON_FINITE: Final = 3
+# An interval between two of a stream's samples longer than this many of the model's sample
+# intervals means a sample between them was not seen here (or the stream is sampled slower).
+LONG_INTERVAL: Final = 1.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class BatchResult:
     std_errors: np.ndarray  # [B, F]
     events: list[AlertEvent] = field(default_factory=list)
     gap_resets: int = 0
+    intervals: int = 0  # samples taken that followed one of their stream's (not after a restore)
+    long_intervals: int = 0  # of those, more than LONG_INTERVAL sample intervals after it
     new_streams: int = 0
     evicted: int = 0  # streams forgotten to make room (table at max_streams)
     call_sizes: list[int] = field(default_factory=list)  # onnxruntime batch sizes
@@ -98,6 +103,7 @@ class Engine:
         self.stream_config = streams or StreamConfig()
         self.scorer = Scorer(self.scoring, model.meta.calibration)
         self.max_gap_s = self.stream_config.gap_limit(model.meta.sample_interval_s)
+        self.long_interval_s = LONG_INTERVAL * (model.meta.sample_interval_s or math.inf)
         meta = model.meta
         f = meta.n_features
         columns: dict[str, Column] = {
@@ -172,10 +178,15 @@ class Engine:
         result.new_streams += len(table) - before + (table.evicted - evicted)
         last = table.arrays["last_ts"][rows]
         resumed = table.arrays["resumed"][rows]
+        since = ts - last  # NaN for a new stream
         with np.errstate(invalid="ignore"):
             ooo = ts < last
             dup = ts == last
-            gap = (ts - last) > self.max_gap_s
+            gap = since > self.max_gap_s
+            # What a restored stream's first sample follows includes the daemon's absence.
+            result.intervals += int(np.count_nonzero((since > 0.0) & ~resumed))
+            long = (since > self.long_interval_s) & ~resumed
+            result.long_intervals += int(np.count_nonzero(long))
         absent = gap & resumed  # the daemon's own absence, not the sensor's silence
         gap &= ~resumed
         result.status[idx[ooo]] = OUT_OF_ORDER

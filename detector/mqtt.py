@@ -9,12 +9,16 @@ has scored it (``acknowledge``, in arrival order), so a crash before leaves it w
 broker; after ``stop_intake`` it is left unacknowledged, so the broker keeps it in the
 persistent session for the next run. While the broker is away, each failed attempt
 gives one line of ours that says why and when the next comes, in place of paho's own
-ERROR lines.
+ERROR lines. MQTT 5 or 3.1.1, a persistent session in both. Another client that connects
+with our client id takes the session over (MQTT 5 says so; 3.1.1 brokers just close the
+connection, again and again soon after accepting it): one ERROR line names the client id,
+and each attempt waits ``reconnect_max_s`` so that the two do not take it in turns.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import ssl
 import sys
@@ -34,6 +38,11 @@ from detector.link import Inbound, LinkHooks
 __all__ = ["Inbound", "MqttLink"]
 
 log = logging.getLogger(__name__)
+
+_SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a client with our id connected
+_SHORT_LOSSES = 3  # connections lost in a row soon after they were made: taken over (3.1.1)
+_SHORT_MIN_S = 10.0  # "soon" is at least this, or twice reconnect_max_s (the other's wait)
+_TAKEOVER_ERROR_EVERY_S = 600.0  # one ERROR line per this while it goes on; INFO between
 
 
 class MqttLink:
@@ -62,10 +71,13 @@ class MqttLink:
         # (packet id, QoS) of each queued message, None for QoS 0, in arrival order.
         self._unacked: deque[tuple[int, int] | None] = deque()
         self._subscribe_mid = -1
+        self.client_id = client_id
+        self.v5 = config.protocol != "3.1.1"
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=paho.MQTTv5,
+            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
+            clean_session=None if self.v5 else False,  # 3.1.1: the broker keeps our session
             manual_ack=True,  # see _handle_message
         )
         self._min_delay_s = max(1, int(config.reconnect_min_s))
@@ -74,6 +86,12 @@ class MqttLink:
         self._level = logging.WARNING  # of a line giving last_error for the first time
         self._first_attempt = True  # no attempt has ended since start()
         self._lost = ""  # what paho said of a connection it lost, for our line about it
+        self._connected_at: float | None = None  # monotonic time of the last CONNACK accepted
+        # Connections lost in a row within _short_s of being made, each attempt accepted.
+        self._short_losses = 0
+        self._short_s = max(_SHORT_MIN_S, 2.0 * config.reconnect_max_s)
+        self._holding_off = False  # taken over: each attempt waits reconnect_max_s
+        self._takeover_error_at = -math.inf  # monotonic time of the last takeover ERROR line
         # A logger of this client's own under "paho": our filter sees its records only.
         self._paho_log = logging.getLogger("paho").getChild(client_id)
         self._paho_log.addFilter(self._paho_record)
@@ -119,6 +137,8 @@ class MqttLink:
         reconnect_min_s to reconnect_max_s and starts again from the least once connected
         (``Client.reconnect_delay_set``); paho keeps the last wait it made in
         ``_reconnect_delay``, None since the last connection."""
+        if self._holding_off:
+            return self._max_delay_s
         last = getattr(self.client, "_reconnect_delay", None)
         wait = self._min_delay_s if last is None else min(2 * int(last), self._max_delay_s)
         if self._first_attempt:
@@ -138,11 +158,14 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried with backoff."""
         host, port, _ = self.config.host_port_tls
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.config.session_expiry_s
-        self.client.connect_async(
-            host, port, keepalive=self.config.keepalive_s, clean_start=False, properties=props
-        )
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            self.client.connect_async(
+                host, port, keepalive=self.config.keepalive_s, clean_start=False, properties=props
+            )
+        else:  # clean_session=False, given to the client
+            self.client.connect_async(host, port, keepalive=self.config.keepalive_s)
         self.client.loop_start()
 
     def stop_intake(self) -> None:
@@ -190,6 +213,7 @@ class MqttLink:
     ) -> None:
         self._first_attempt = False
         if reason.is_failure:  # the broker closes the connection: see _handle_disconnect
+            self._short_losses = 0
             self._failed(f"the broker refused the connection: {reason}", logging.ERROR)
             self.connected.clear()
             self._on_connection(False)
@@ -198,6 +222,10 @@ class MqttLink:
             "connected to the broker (session present: %s)", getattr(flags, "session_present", "?")
         )
         self.last_error = self._said = ""
+        self._connected_at = time.monotonic()
+        if self._holding_off:  # the usual backoff again, unless this one is taken over too
+            self._holding_off = False
+            client.reconnect_delay_set(min_delay=self._min_delay_s, max_delay=self._max_delay_s)
         result, mid = client.subscribe([(f, self.config.qos) for f in self.filters])
         self._subscribe_mid = -1 if mid is None else mid
         client.publish(self.status_topic, b"online", qos=1, retain=True)
@@ -224,6 +252,7 @@ class MqttLink:
         self._failed(why, logging.WARNING)
         self._retrying(why, logging.WARNING)
         self._first_attempt = False
+        self._short_losses = 0  # the broker was away, not busy with a client of our id
 
     def _failed(self, why: str, level: int) -> None:
         """Keep ``why`` for /readyz and for the line about this attempt (at ``level``)."""
@@ -233,13 +262,51 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         lost, self._lost = self._lost, ""
-        if not self._closing:  # paho waits next, then tries again
+        taken = "" if self._closing else self._taken_over(flags, reason)
+        if taken:
+            self._hold_off(taken)
+        elif not self._closing:  # paho waits next, then tries again
             if self.connected.is_set():
                 self._retrying(f"disconnected ({lost or reason})", logging.WARNING)
             else:  # the broker closed a connection it had not accepted
                 self._retrying(self.last_error or f"closed ({reason})", self._level)
         self.connected.clear()
         self._on_connection(False)
+
+    def _taken_over(self, flags: Any, reason: Any) -> str:
+        """Why this lost connection looks taken over by a client with our id ("" if not)."""
+        made, self._connected_at = self._connected_at, None
+        if made is None:  # it ended before the broker accepted it: no session to take
+            return ""
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            return (f"another client connected with our client id {self.client_id!r} and the "
+                    f"broker handed it our session ({reason}); a second daemon under the same "
+                    "instance name?")  # fmt: skip
+        by_broker = getattr(flags, "is_disconnect_packet_from_server", False)
+        if by_broker or time.monotonic() - made >= self._short_s:
+            self._short_losses = 0  # a DISCONNECT that says why, or a connection that lasted
+            return ""
+        self._short_losses += 1
+        if self._short_losses < _SHORT_LOSSES:
+            return ""
+        return (f"the broker closed the connection {self._short_losses} times in a row within "
+                f"{self._short_s:g} s of accepting it: another client probably uses our client "
+                f"id {self.client_id!r} (a second daemon under the same instance name?), or the "
+                "broker refuses something we send (its log says which)")  # fmt: skip
+
+    def _hold_off(self, why: str) -> None:
+        """Wait reconnect_max_s before the next attempt, and say why: at ERROR once every
+        _TAKEOVER_ERROR_EVERY_S while takeovers go on, at INFO in between."""
+        self._holding_off = True
+        self.client.reconnect_delay_set(min_delay=self._max_delay_s, max_delay=self._max_delay_s)
+        now = time.monotonic()
+        level = logging.INFO
+        if now - self._takeover_error_at >= _TAKEOVER_ERROR_EVERY_S:
+            level, self._takeover_error_at = logging.ERROR, now
+        self._failed(why, logging.ERROR)
+        log.log(level, "not connected to the broker: %s; next attempt in %d s",
+                why, self._max_delay_s)  # fmt: skip
+        self._said = why
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if not self._intake_open:

@@ -2,7 +2,10 @@
 
 In a template, ``{stream}`` matches one or more topic levels and any other
 ``{name}`` exactly one; the stream id is the placeholders' values joined by
-``/``. Each template yields an MQTT subscription filter and a matcher.
+``/``. A ``+`` level matches one level and is no part of the id (a partition
+number, say). A ``$share/<group>/`` prefix stays in the subscription filter, and
+topics, which the broker delivers without it, are matched against the rest.
+Each template yields an MQTT subscription filter and a matcher.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_SHARED = re.compile(r"^\$share/([^/+#]+)/")  # a shared subscription's group
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,9 @@ class TopicTemplate:
     ('plant/+/+/telemetry', 'north/p7')
     >>> TopicTemplate.parse("sensors/{stream}").match("sensors/a/b")
     'a/b'
+    >>> t = TopicTemplate.parse("$share/rnnsentry/part/+/sensors/{stream}")
+    >>> t.filter, t.match("part/3/sensors/p7"), t.match("part/5/sensors/p7")
+    ('$share/rnnsentry/part/+/sensors/#', 'p7', 'p7')
     """
 
     template: str
@@ -30,13 +37,20 @@ class TopicTemplate:
 
     @classmethod
     def parse(cls, template: str) -> TopicTemplate:
+        shared = _SHARED.match(template)
+        if shared is None and template.startswith("$share/"):
+            raise ValueError(f"topic template {template!r}: a shared subscription is"
+                             " '$share/<group>/<template>'")  # fmt: skip
+        share = shared.group(0) if shared else ""
         filters: list[str] = []
         regex: list[str] = []
         names = 0
         open_ended = False  # after {stream} the filter has ended with '#'
-        for level in template.split("/"):
+        for level in template[len(share) :].split("/"):
             m = _PLACEHOLDER.match(level)
-            if m is None:
+            if level == "+":
+                part, pattern = "+", "[^/]+"  # matched, not captured: no part of the stream id
+            elif m is None:
                 if any(c in level for c in "{}+#"):
                     raise ValueError(f"topic template {template!r}: bad level {level!r}")
                 part, pattern = level, re.escape(level)
@@ -54,7 +68,8 @@ class TopicTemplate:
             regex.append(pattern)
         if names == 0:
             raise ValueError(f"topic template {template!r} has no {{stream}} placeholder")
-        return cls(template, "/".join(filters), re.compile("^" + "/".join(regex) + "$"))
+        compiled = re.compile("^" + "/".join(regex) + "$")
+        return cls(template, share + "/".join(filters), compiled)
 
     def match(self, topic: str) -> str | None:
         m = self.pattern.match(topic)

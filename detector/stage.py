@@ -3,8 +3,9 @@
 Per message: the topic's route (memoised), the payload parsed into the target model's
 pending samples; then per model one ``Engine.process`` call, the metrics, and what the
 :class:`~detector.publisher.Publisher` sends. Rejections are counted by reason and logged
-at most once per reason every ten seconds. It keeps no thread and takes no lock: its
-caller runs one batch at a time.
+at most once per reason every ten seconds, and a model whose streams this process sees only
+in part (:class:`PartialStreams`) is said at most every ten minutes. It keeps no thread and
+takes no lock: its caller runs one batch at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import Final
 import numpy as np
 
 from detector.config import Config, MqttConfig
-from detector.engine import DUPLICATE, MODEL_NON_FINITE, OUT_OF_ORDER, SCORED, Engine
+from detector.engine import (
+    DUPLICATE,
+    LONG_INTERVAL,
+    MODEL_NON_FINITE,
+    OUT_OF_ORDER,
+    SCORED,
+    Engine,
+)
 from detector.errors import ConfigError, ModelFileError, PayloadError
 from detector.link import Inbound
 from detector.metrics import Metrics
@@ -37,6 +45,9 @@ _ROUTE_MEMO_MAX = 131_072  # topics remembered (~200 bytes each, 26 MB at most);
 # Route targets below 0 are refusals, each with its rejection reason.
 REFUSED: Final = {-1: "unknown_route", -2: "unpublishable"}
 _UNROUTABLE: Final = (-1, "")  # a memoised "no template matches this topic"
+_PARTIAL_WINDOW = 200  # intervals between a stream's samples judged at a time, per model
+_PARTIAL_SHARE = 0.25  # more of them long than this: the streams are seen in part
+_PARTIAL_LOG_EVERY_S = 600.0
 
 
 class Routes:
@@ -95,6 +106,52 @@ class RateLimitedLog:
         return True
 
 
+class PartialStreams:
+    """Says when this process sees only part of a model's streams' samples: more than a
+    quarter of a window of intervals between a stream's samples were longer than
+    LONG_INTERVAL of the model's sample intervals. A stream seen whole has next to none; a
+    round-robin shared subscription deals each stream out to n daemons and leaves each
+    1 - 1/n of them long (half at least, and out of order none). One line per model every
+    ten minutes at most.
+
+    >>> p = PartialStreams()
+    >>> p.note("m", 1.5, 200, 40, now=0.0), p.note("m", 1.5, 200, 100, now=1.0)
+    (False, True)
+    >>> p.note("m", 1.5, 200, 100, now=2.0), p.note("m", 1.5, 200, 100, now=601.0)
+    (False, True)
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[int]] = {}  # model -> [intervals, long ones] this window
+        self._said_at: dict[str, float] = {}
+
+    def note(self, model: str, long_s: float, intervals: int, long: int,
+             now: float | None = None) -> bool:  # fmt: skip
+        counts = self._counts.setdefault(model, [0, 0])
+        counts[0] += intervals
+        counts[1] += long
+        if counts[0] < _PARTIAL_WINDOW:
+            return False
+        seen, late = counts
+        counts[0] = counts[1] = 0
+        now = time.monotonic() if now is None else now
+        if late <= _PARTIAL_SHARE * seen:
+            return False
+        if now - self._said_at.get(model, -math.inf) < _PARTIAL_LOG_EVERY_S:
+            return False
+        self._said_at[model] = now
+        log.warning(
+            "model %s: %d of the last %d intervals between a stream's samples were longer than"
+            " %g s (%g of the model's sample interval): this daemon sees only part of its"
+            " streams' samples. A round-robin shared subscription deals each stream out to"
+            " several daemons (partition by stream instead: EMQX's hash_topic or a NATS"
+            " partition mapping, README \"Scaling out\"); else the streams are sampled more"
+            " slowly than the model expects, or samples are lost on the way",
+            model, late, seen, long_s, LONG_INTERVAL,
+        )  # fmt: skip
+        return True
+
+
 @dataclass
 class _Pending:
     """Samples of one batch bound for one model."""
@@ -136,6 +193,7 @@ class ScoringStage:
         self._forms: list[PlainForm] = []
         self.routes = Routes(self.router, config.mqtt)
         self._rejection_log = RateLimitedLog(_REJECTION_LOG_EVERY_S)
+        self.partial = PartialStreams()
 
     def install(self, engines: list[Engine], router: Router) -> None:
         """Serve these models from the next batch on; the route memo starts afresh."""
@@ -235,6 +293,9 @@ class ScoringStage:
                 if count:
                     m.reject(reason, count)
                     self._rejection_log.note(reason, f"{count} sample(s) in one batch", count)
+        if result.intervals:
+            self.partial.note(engine.model.name, engine.long_interval_s, result.intervals,
+                              result.long_intervals)  # fmt: skip
         if result.gap_resets:
             m.gap_resets.inc(result.gap_resets)
         if result.evicted:

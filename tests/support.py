@@ -31,6 +31,8 @@ DAEMON_START_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 20.0
 
 TINY_FEATURES = ("flow", "pressure", "temperature", "vibration")
+# NATS's subject mapping of deploy/nats/nats.conf: each stream in one of 3 partitions.
+NATS_PARTITIONS = {"sensors.*": "part.{{partition(3,1)}}.sensors.{{wildcard(1)}}"}
 
 
 def tiny_fleet(n_streams: int = 4, n_steps: int = 600, seed: int = 0, start_step: int = 0) -> Any:
@@ -91,13 +93,15 @@ def poll_until(check: Callable[[], Any], timeout: float = MESSAGE_TIMEOUT_S) -> 
 
 
 class Listener:
-    """A paho client that puts every (topic, payload, retain) it receives in a queue."""
+    """A paho client that puts every (topic, payload, retain) it receives in a queue;
+    ``protocol`` paho.MQTTv311 for a broker that speaks 3.1.1 only (NATS)."""
 
-    def __init__(self, port: int, topics: list[str], host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, topics: list[str], host: str = "127.0.0.1",
+                 protocol: int = paho.MQTTv5) -> None:  # fmt: skip
         self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self._subscribed: queue.Queue[bool] = queue.Queue()
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             protocol=paho.MQTTv5)  # fmt: skip
+                             protocol=protocol)  # fmt: skip
         client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
         client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.put(True)
         client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
@@ -124,11 +128,11 @@ class Listener:
 
 
 class Publisher:
-    """A connected paho client for publishing test input."""
+    """A connected paho client for publishing test input (``protocol`` as Listener's)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", protocol: int = paho.MQTTv5) -> None:
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             protocol=paho.MQTTv5)  # fmt: skip
+                             protocol=protocol)  # fmt: skip
         client.connect(host, port)
         client.loop_start()
         self.client = client

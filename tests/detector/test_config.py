@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,42 @@ def test_empty_document_builds_the_defaults() -> None:
     assert problems == []
     assert config == Config()
     assert config.batch.max == 512 and config.models == []
-    assert config.client_id == "rnnsentry-rnnsentry"
+    assert config.mqtt.protocol == "5"
+
+
+def test_the_instance_defaults_to_the_host_name_and_the_client_id_derives_from_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    here = socket.gethostname().split(".")[0]
+    assert here and Config().daemon.instance == here
+    assert Config().client_id == f"rnnsentry-{here}"
+    # Up to the first dot: NATS refuses '.' in a topic, and the status topic holds it.
+    monkeypatch.setattr(socket, "gethostname", lambda: "edge-7.plant.example.com")
+    config, problems = build_config({})
+    assert problems == []
+    assert config.daemon.instance == "edge-7" and config.client_id == "rnnsentry-edge-7"
+    assert build_config({"daemon": {"instance": "a"}})[0].client_id == "rnnsentry-a"
+    given = build_config({"daemon": {"instance": "a"}, "mqtt": {"client_id": "mine"}})[0]
+    assert given.client_id == "mine"
+
+
+@pytest.mark.parametrize(
+    ("environ", "protocol"),
+    [({}, "5"), ({"RNNSENTRY_MQTT__PROTOCOL": "3.1.1"}, "3.1.1"),
+     ({"RNNSENTRY_MQTT__PROTOCOL": "5"}, "5")],
+)  # fmt: skip
+def test_the_mqtt_protocol_is_5_or_3_1_1_from_the_file_or_the_environment(
+    environ: dict[str, str], protocol: str
+) -> None:
+    config, problems = load_config(None, environ=environ)
+    assert problems == [] and config.mqtt.protocol == protocol
+    assert build_config({"mqtt": {"protocol": "3.1.1"}})[0].mqtt.protocol == "3.1.1"
+
+
+@pytest.mark.parametrize("value", ["4", "3.1", "mqtt5", 5, 3.1])
+def test_another_mqtt_protocol_is_refused_by_its_key(value: object) -> None:
+    problems = problems_of({"mqtt": {"protocol": value}})
+    assert len(problems) == 1 and problems[0].startswith("mqtt.protocol"), problems
 
 
 def test_sections_and_models_build_typed_objects() -> None:

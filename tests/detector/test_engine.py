@@ -151,6 +151,23 @@ def test_a_resumed_stream_steps_after_a_long_absence_without_a_gap_or_a_score(
     assert gap.gap_resets == 1
 
 
+def test_intervals_longer_than_one_and_a_half_sample_intervals_are_counted(
+    model: LoadedModel, normal: np.ndarray
+) -> None:
+    eng = engine(model)
+    assert eng.long_interval_s == 1.5  # the tiny model samples every second
+    first = step(eng, ["a", "b"], [T0, T0], normal[0:2])
+    assert (first.intervals, first.long_intervals) == (0, 0)  # new streams follow nothing
+    # a: 1 s, then 1.5 s (not longer), then 2 s; b: 3 s; b again, out of order: not taken
+    later = step(eng, ["a", "b", "a", "a", "b"], [T0 + 1, T0 + 3, T0 + 2.5, T0 + 4.5, T0 + 2],
+                 normal[2:7])  # fmt: skip
+    assert later.status[-1] == OUT_OF_ORDER
+    assert (later.intervals, later.long_intervals) == (4, 2)
+    eng.mark_resumed(np.array([eng.table.index["a"]]))
+    back = step(eng, ["a"], [T0 + 600], normal[7:8])  # the daemon's own absence: not counted
+    assert (back.intervals, back.long_intervals) == (0, 0)
+
+
 def test_a_network_output_that_is_not_finite_leaves_that_stream_as_it_was(
     model: LoadedModel, normal: np.ndarray
 ) -> None:

@@ -114,12 +114,17 @@ def test_a_broker_restart_reconnects_and_resubscribes(
     assert sorted(daemon.engines[0].table.streams()) == ["after", "before"]
 
 
+@pytest.mark.parametrize(("protocol", "said"), [("5", "p5, c0"), ("3.1.1", "p2, c0")])
 def test_qos1_input_sent_while_the_daemon_is_stopped_is_scored_after_it_returns(
-    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons
-) -> None:
-    # one client id, clean start off, expiry 600 s
-    config = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION)
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons,
+    protocol: str, said: str,
+) -> None:  # fmt: skip
+    # one client id; MQTT 5: clean start off, expiry 600 s; 3.1.1: clean session off
+    config = daemon_config(mosquitto.url, tiny_model, instance="link",
+                           mqtt={**SESSION, "protocol": protocol})  # fmt: skip
     first = start_daemon(config)
+    # mosquitto names the protocol (p2: 3.1.1) and the clean flag of each connection.
+    assert f"as {config.client_id} ({said}," in mosquitto.log_tail(100_000)
     start_daemon.stop(first)  # a graceful stop, as for an upgrade or a SIGTERM
 
     _send_samples(mosquitto.port, "queued", QUEUED_SAMPLES, 300.0, qos=1)

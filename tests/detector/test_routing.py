@@ -63,17 +63,65 @@ def test_literal_levels_are_not_regular_expressions() -> None:
     assert t.match("a.b/x/s") is None
 
 
+def test_a_plus_level_matches_one_level_and_is_no_part_of_the_stream_id() -> None:
+    t = TopicTemplate.parse("part/+/sensors/{stream}")
+    assert t.filter == "part/+/sensors/#"
+    # The same pump through partition 3 or 5 is one stream.
+    assert t.match("part/3/sensors/pump-7") == t.match("part/5/sensors/pump-7") == "pump-7"
+    assert t.match("part/3/sensors/hall/pump-7") == "hall/pump-7"
+    assert t.match("part/sensors/pump-7") is None  # '+' is exactly one level
+    assert t.match("part/3/4/sensors/pump-7") is None
+    assert t.match("part//sensors/pump-7") is None
+
+
+@pytest.mark.parametrize(
+    ("template", "topic_filter", "topic", "stream"),
+    [
+        ("+/{stream}", "+/#", "site-1/p7", "p7"),
+        ("sensors/{site}/+", "sensors/+/+", "sensors/north/flow", "north"),
+        ("sensors/{stream}/+", "sensors/#", "sensors/a/b/flow", "a/b"),
+        ("plant/+/{machine}/+/data", "plant/+/+/+/data", "plant/n/p7/x/data", "p7"),
+    ],
+)
+def test_plus_levels_anywhere(template: str, topic_filter: str, topic: str, stream: str) -> None:
+    t = TopicTemplate.parse(template)
+    assert (t.filter, t.match(topic)) == (topic_filter, stream)
+
+
+def test_a_shared_subscription_keeps_its_prefix_in_the_filter_and_routes_the_rest() -> None:
+    t = TopicTemplate.parse("$share/rnnsentry/sensors/{stream}")
+    assert t.filter == "$share/rnnsentry/sensors/#"
+    # The broker delivers the topic the message was published on, without the prefix.
+    assert t.match("sensors/pump-1") == "pump-1"
+    assert t.match("$share/rnnsentry/sensors/pump-1") is None
+    both = TopicTemplate.parse("$share/g-1/part/+/plant/{site}/{stream}")
+    assert both.filter == "$share/g-1/part/+/plant/+/#"
+    assert both.match("part/0/plant/north/p7") == "north/p7"
+
+
+def test_a_router_of_shared_templates_routes_what_the_broker_delivers() -> None:
+    router = Router([("$share/rnnsentry/sensors/{stream}", 0), ("meters/+/{stream}", 1)])
+    assert router.filters == ["$share/rnnsentry/sensors/#", "meters/+/#"]
+    assert router.route("sensors/pump-1") == (0, "pump-1")
+    assert router.route("meters/2/m9") == (1, "m9")
+    assert router.route("other/x") is None
+
+
 @pytest.mark.parametrize(
     "template",
     [
         "sensors/all",
         "",
-        "sensors/+/{stream}",
         "sensors/#",
-        "+/{stream}",
         "sensors/{stream}/#",
-        "sensors/{stream}/+",
-        "sensors/{site}/+",
+        "sensors/++/{stream}",
+        "sensors/+x/{stream}",
+        "sensors/+",  # a wildcard, but no stream
+        "$share/sensors",  # no group
+        "$share//sensors/{stream}",
+        "$share/g+/sensors/{stream}",
+        "$share/g/",
+        "$share/g/sensors/all",
         "sensors/x{stream}",
         "sensors/{stream}x",
         "sensors/{bad-name}",
@@ -82,8 +130,6 @@ def test_literal_levels_are_not_regular_expressions() -> None:
     ],
 )
 def test_bad_templates_raise(template: str) -> None:
-    # BUG for the levels after {stream} ('sensors/{stream}/#', '.../+', '.../{unit'):
-    # parse stops validating at {stream}, so these are accepted and never match.
     with pytest.raises(ValueError):
         TopicTemplate.parse(template)
 

@@ -4,6 +4,7 @@ and a full input queue that drops and counts instead of blocking paho's thread."
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from training.demo.localbroker import Mosquitto
 pytestmark = pytest.mark.integration
 
 FLOOD_MESSAGES = 3000
+SHARED_SAMPLES = 600  # two daemons: 300 each, a window of 200 intervals in each
 FLOOD_TIMEOUT_S = 60.0  # a loaded 2-core machine scores a few thousand messages a second
 WARMUP = {"warmup_steps": 20}  # [scoring] of this file's daemons: alerts after 20 samples
 
@@ -251,3 +253,35 @@ def test_a_flood_is_scored_not_dropped_the_daemon_reads_no_faster_than_it_scores
     assert _metric(daemon, "rnnsentry_mqtt_connected") == 1
     assert _metric(daemon, "rnnsentry_queue_depth") <= 2
     poll_until(lambda: readyz(daemon)[0] == 200)
+
+
+# --- 4. a shared subscription ---
+
+
+def test_a_shared_subscription_routes_and_a_stream_dealt_round_robin_is_said_to_be_split(
+    mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """mosquitto deals a $share group's messages out round-robin: each daemon scores its
+    share, in order, and says that it sees only part of the stream."""
+    caplog.set_level(logging.WARNING, logger="detector.stage")
+    models = [{"path": str(tiny_model), "topics": ["$share/rnnsentry/sensors/{stream}"]}]
+    daemons = [start_daemon(daemon_config(mosquitto.url, models, instance=f"share-{i}"))
+               for i in range(2)]  # fmt: skip
+    assert daemons[0].link is not None and daemons[0].link.filters == ["$share/rnnsentry/sensors/#"]
+    rows = tiny_fleet(n_streams=1, n_steps=SHARED_SAMPLES, seed=6, start_step=600).values[0]
+    publisher = Publisher(mosquitto.port)
+    for t in range(SHARED_SAMPLES):  # the tiny model's interval: 1 s
+        publisher.send("sensors/pump-9", sample_payload(TINY_FEATURES, rows[t], 5000.0 + t))
+    publisher.close()
+
+    def scored() -> list[float]:
+        return [_metric(d, "rnnsentry_messages_total", {"outcome": "scored"}) for d in daemons]
+
+    poll_until(lambda: sum(scored()) == SHARED_SAMPLES)
+    assert all(n > 0 for n in scored()), scored()  # both took part
+    for daemon in daemons:
+        assert _outcomes(daemon)["rejected"] == 0  # no unknown_route, and none out of order
+        assert daemon.engines[0].table.streams() == ["pump-9"]
+    said = [r.getMessage() for r in caplog.records if "sees only part" in r.getMessage()]
+    assert len(said) == 2, said  # one line from each daemon

@@ -5,6 +5,8 @@ the same stream state, counters and alerts), and the route memo follows the rout
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +178,35 @@ def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyP
         d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
         assert len(d.stage.routes.memo) <= 3
     assert len(d.engines[0].table) == 10
+
+
+def _one_stream(rows: np.ndarray, every: int, stream: str = "pump-1") -> list[list[Inbound]]:
+    """Batches of one stream's samples, ``every`` 1 s sample (the tiny model's interval)
+    taken of each ``every``: what one of ``every`` daemons sharing it round-robin gets."""
+    batch = [(f"sensors/{stream}",
+              json.dumps({"ts": T0 + k, "values": [float(v) for v in rows[k]]}).encode(),
+              T0 + 10_000.0) for k in range(0, len(rows), every)]  # fmt: skip
+    return [batch[i : i + 32] for i in range(0, len(batch), 32)]
+
+
+@pytest.mark.parametrize(("every", "said"), [(1, 0), (2, 1), (3, 1)])
+def test_a_stream_seen_in_part_is_said_once_and_a_whole_one_never(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture, every: int, said: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger="detector.stage")
+    daemon = make_daemon(tiny_model, publish_scores=False)
+    rows = tiny_fleet(n_streams=1, n_steps=1800, seed=4, start_step=600).values[0]
+    for batch in _one_stream(rows, every):  # 600 samples at least: windows of 200 intervals
+        daemon.process(batch)
+    lines = [r.getMessage() for r in caplog.records if "sees only part" in r.getMessage()]
+    assert len(lines) == said, lines  # the second window within ten minutes says nothing
+    if said:
+        found = re.search(r"(\d+) of the last (\d+) intervals", lines[0])
+        assert found is not None and found[1] == found[2]  # each interval 2 or 3 s: long
+        assert int(found[2]) >= 200 and "hash_topic" in lines[0]
+        assert lines[0].startswith(f"model {daemon.engines[0].model.name}: ")
+    # Each daemon of a round-robin share gets its samples in order: none is refused.
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("rnnsentry_rejections_total", {"reason": "out_of_order"}) == 0
+    sent = len(range(0, len(rows), every))
+    assert registry.get_sample_value("rnnsentry_messages_total", {"outcome": "scored"}) == sent

@@ -2,7 +2,9 @@
 
 :class:`Mosquitto` runs the real mosquitto binary with a generated config and
 can be restarted on the same port; where mosquitto is not installed it raises
-:class:`MosquittoMissing`. Never used by ``rnnsentry run``, which talks to your broker.
+:class:`MosquittoMissing`. :class:`NatsServer` runs nats-server with JetStream and its
+MQTT 3.1.1 listener, for the tests of daemons that share streams by partition. Never used
+by ``rnnsentry run``, which talks to your broker.
 """
 
 from __future__ import annotations
@@ -21,16 +23,27 @@ START_TIMEOUT_S = 10.0
 # Debian installs mosquitto in /usr/sbin, which is not on an ordinary user's PATH.
 SBIN_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin")
 INSTALL_HINT = "sudo apt-get install mosquitto"
+NATS_INSTALL_HINT = "sudo apt-get install nats-server"
 
 
 class MosquittoMissing(FileNotFoundError):
     """No mosquitto binary on PATH nor in SBIN_DIRS."""
 
 
+class NatsMissing(FileNotFoundError):
+    """No nats-server binary on PATH nor in SBIN_DIRS."""
+
+
 def find_mosquitto() -> str | None:
     """The mosquitto binary's path: on PATH, else in one of SBIN_DIRS (None: not installed)."""
     path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
     return shutil.which("mosquitto", path=path)
+
+
+def find_nats_server() -> str | None:
+    """The nats-server binary's path, found as mosquitto's is (None: not installed)."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+    return shutil.which("nats-server", path=path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -207,6 +220,97 @@ class Mosquitto:
             return ""
 
     def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NatsServer:
+    """A nats-server on 127.0.0.1: its client, MQTT and monitoring ports free ones, its
+    config and JetStream store (MQTT sessions and their QoS 1 messages) in a folder of its
+    own that ``stop`` removes. MQTT in NATS needs JetStream and a server name. ``mappings``
+    are subject mappings (source -> destination), such as the partitions of
+    ``deploy/nats/nats.conf``; an MQTT topic ``a/b`` is the subject ``a.b``.
+    """
+
+    def __init__(self, mappings: dict[str, str] | None = None) -> None:
+        binary = find_nats_server()
+        if binary is None:
+            raise NatsMissing(f"nats-server is not installed ({NATS_INSTALL_HINT})")
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
+        self.mappings = dict(mappings or {})
+        self.dir: Path | None = None
+        self._last_log = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The MQTT listener's URL (speaks MQTT 3.1.1)."""
+        return f"mqtt://{self.host}:{self.mqtt_port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def config_text(self, folder: Path) -> str:
+        mappings = "".join(f'  "{src}": "{dst}"\n' for src, dst in self.mappings.items())
+        return (
+            "server_name: rnnsentry-test\n"
+            f"listen: {self.host}:{self.port}\n"
+            f"http: {self.host}:{self.http_port}\n"
+            f'jetstream {{ store_dir: "{folder / "jetstream"}", max_memory_store: 64MB,'
+            " max_file_store: 256MB }\n"
+            f"mqtt {{ listen: {self.host}:{self.mqtt_port} }}\n"
+            f"mappings = {{\n{mappings}}}\n"
+        )
+
+    def start(self) -> NatsServer:
+        self.dir = folder = Path(tempfile.mkdtemp(prefix="rnnsentry-nats-"))
+        conf = folder / "nats.conf"
+        conf.write_text(self.config_text(folder))
+        log = open(folder / "nats.log", "ab")  # noqa: SIM115 (kept open for the process)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        try:
+            for port in (self.port, self.mqtt_port):
+                wait_accepting(self.host, port, alive=self._running)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"nats-server did not start: {self.log_tail()}") from None
+        return self
+
+    def _running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.dir is not None:
+            self._last_log = self.log_tail(100_000)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the log: of this run, or of the last one once stopped."""
+        if self.dir is None:
+            return self._last_log[-chars:]
+        try:
+            return (self.dir / "nats.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
