@@ -115,6 +115,8 @@ def _counters(d: Daemon) -> list[tuple[str, float]]:
         for s in family.samples:
             if s.name.endswith("_created") or "latency" in s.name or "inference" in s.name:
                 continue  # times of day and durations differ from run to run
+            if s.name.startswith("process_"):
+                continue  # this process's memory and CPU time, which move under the test
             samples.append((f"{s.name}{sorted(s.labels.items())}", s.value))
     return sorted(samples)
 
