@@ -17,6 +17,7 @@ from detector.link import MemoryLink, Published
 from tests.support import (
     TINY_FEATURES,
     Listener,
+    Publisher,
     daemon_config,
     poll_until,
     sample_payload,
@@ -104,7 +105,6 @@ def test_home_assistant_discovery_announces_each_stream_once(
 def test_a_dashboard_that_starts_later_sees_the_open_alert(
     mosquitto: Mosquitto, tiny_model: Path, start_daemon: Any
 ) -> None:
-    from tests.support import Publisher
 
     config = daemon_config(mosquitto.url, tiny_model, scoring={"warmup_steps": 20})
     start_daemon(config)
@@ -114,8 +114,8 @@ def test_a_dashboard_that_starts_later_sees_the_open_alert(
     try:
         for t in range(92):  # ends in the spike: the alert is open
             publisher.send("sensors/pump-9", sample_payload(TINY_FEATURES, rows[t], T0 + t))
-        early = Listener(mosquitto.port, ["rnnsentry/alerts/#"])
-        early.json_on("rnnsentry/alerts/pump-9", lambda d: d["event"] == "raised")
+        early = Listener(mosquitto.port, ["rnnsentry/state/#"])
+        early.json_on("rnnsentry/state/pump-9", lambda d: d["state"] == "alert")  # stored now
         early.close()
         late = Listener(mosquitto.port, ["rnnsentry/state/#"])  # subscribes after the fact
         topic, payload, retained = late.messages.get(timeout=10)
