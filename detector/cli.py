@@ -156,6 +156,7 @@ def _run_flags(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from detector.config import load_config, merge, read_toml
     from detector.daemon import Daemon, preflight
+    from detector.notify import Notifier
 
     flags = _run_flags(args)
     if args.topic and not args.model:
@@ -180,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = preflight(config)  # before anything starts: one line, exit 2
     if problems:
         raise ConfigError("; ".join(problems))
-    daemon = Daemon(config)
+    daemon = Daemon(config, notifier=Notifier())  # systemd's $NOTIFY_SOCKET, if it set one
     stop = threading.Event()
     signals = {"count": 0}
 

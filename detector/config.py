@@ -343,15 +343,58 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The settings that name a file, by section ("models" is an array of tables).
+_PATH_KEYS: Final = {
+    "models": ("path",),
+    "mqtt": ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"),
+    "snapshot": ("path",),
+}
+
+
+def anchor_paths(doc: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``doc`` with each relative file path it names joined to ``folder``: a config file's
+    paths are read against its own folder, whatever the working directory. Empty and
+    absolute paths, and values of the wrong type (left to :func:`build_config`), stay.
+
+    >>> doc = {"models": [{"path": "m.onnx"}], "snapshot": {"path": "/var/s"},
+    ...        "mqtt": {"password_file": "", "tls_ca_file": "../ca.pem"}}
+    >>> anchor_paths(doc, "/etc/rnnsentry")  # doctest: +NORMALIZE_WHITESPACE
+    {'models': [{'path': '/etc/rnnsentry/m.onnx'}], 'snapshot': {'path': '/var/s'},
+     'mqtt': {'password_file': '', 'tls_ca_file': '/etc/ca.pem'}}
+    """
+
+    def anchored(table: Any, keys: tuple[str, ...]) -> Any:
+        if not isinstance(table, dict):
+            return table
+        out = dict(table)
+        for key in keys:
+            value = out.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                out[key] = os.path.normpath(os.path.join(folder, value))
+        return out
+
+    out = dict(doc)
+    for section, keys in _PATH_KEYS.items():
+        value = out.get(section)
+        if isinstance(value, list):
+            out[section] = [anchored(table, keys) for table in value]
+        elif section in out:
+            out[section] = anchored(value, keys)
+    return out
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict, its relative file paths read against its folder
+    (:func:`anchor_paths`); paths from the environment or flags stay as given."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        return tomllib.loads(text)
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return anchor_paths(doc, os.path.dirname(os.path.abspath(path)))
 
 
 def load_config(

@@ -16,6 +16,10 @@ reads and scores in turn, with no hand-over between two busy threads (on CPython
 would pay for every switch of the interpreter lock), and a backlog waits in the socket
 and the broker, not in our queue. Holding the lock while taking *and* scoring keeps each
 stream's samples in arrival order. ``bench/throughput.py`` measures the design.
+
+The worker thread's loop comes round at least every 0.1 s, busy or idle: each turn is noted
+for /healthz and is what feeds systemd's watchdog (:mod:`detector.notify`), so that a daemon
+whose scoring stalls is reported and restarted, not one whose timer still ticks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from detector.journal import AlertJournal, apply_journal, journal_path, read_jou
 from detector.link import Inbound, Link, LinkHooks
 from detector.metrics import Metrics, MetricsServer
 from detector.mqtt import MqttLink
+from detector.notify import Notifier
 from detector.pool import WorkerPool
 from detector.publisher import Publisher
 from detector.routing import Router
@@ -45,6 +50,9 @@ from detector.stage import ScoringStage, load_engines
 log = logging.getLogger(__name__)
 
 _EVICT_EVERY_S = 10.0
+# /healthz fails once the worker's loop has not come round for this long (or for the
+# watchdog's interval, if systemd set a shorter one).
+LOOP_STALL_S = 30.0
 
 
 def preflight(config: Config) -> list[str]:
@@ -87,12 +95,13 @@ class Daemon:
 
     ``link``: the broker connection to use instead of an MQTT one made from the config
     (for example a :class:`~detector.link.MemoryLink`); it is bound and started by
-    ``start``.
+    ``start``. ``notifier``: where to tell systemd how it goes (default: nowhere).
     """
 
     def __init__(
-        self, config: Config, metrics: Metrics | None = None, link: Link | None = None
-    ) -> None:
+        self, config: Config, metrics: Metrics | None = None, link: Link | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:  # fmt: skip
         if not config.models:
             raise ConfigError("no model configured: give --model or a [[models]] section")
         self.config = config
@@ -119,6 +128,10 @@ class Daemon:
         self.last_received = 0.0  # receive time of the latest message (0: none yet)
         self.metrics.last_message.set_function(lambda: self.last_received)
         self._connected_before = False  # a later connection is a reconnect
+        self.notifier = notifier or Notifier({})
+        self.loop_turned: float | None = None  # monotonic time of the worker loop's last turn
+        watchdog_s = self.notifier.watchdog_s
+        self.stall_limit_s = min(LOOP_STALL_S, watchdog_s) if watchdog_s else LOOP_STALL_S
 
     @property
     def inbox(self) -> Inbox:
@@ -162,6 +175,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop intake, drain what was received, say offline, disconnect, snapshot, close."""
+        self.notifier.stopping("stopping: scoring what was received, then the snapshot")
         if self.link is not None:
             self.link.stop_intake()  # later input stays in the broker's session for the next run
         self._stopping.set()
@@ -179,8 +193,20 @@ class Daemon:
         log.info("stopped")
 
     def request_reload(self) -> None:
-        """Ask the worker to reload the model files (SIGHUP); it keeps the old on failure."""
+        """Ask the worker to reload the model files (SIGHUP); it keeps the old on failure.
+        systemd hears RELOADING=1 now, and READY=1 once the worker is done."""
+        self.notifier.reloading("reloading the model files")
         self._reload_requested.set()
+
+    def healthy(self) -> tuple[bool, str]:
+        """/healthz: the worker's loop came round within ``stall_limit_s`` (or has not
+        started yet)."""
+        turned = self.loop_turned
+        if turned is not None:
+            idle_s = time.monotonic() - turned
+            if idle_s > self.stall_limit_s:
+                return False, f"the scoring loop has not come round for {idle_s:.0f} s"
+        return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
         if not self.engines:
@@ -259,7 +285,8 @@ class Daemon:
         mc = self.config.metrics
         if mc.enabled:
             try:
-                self.server = MetricsServer(self.metrics, mc.host, mc.port, self.ready)
+                self.server = MetricsServer(self.metrics, mc.host, mc.port, self.ready,
+                                            self.healthy)  # fmt: skip
             except OSError as exc:
                 raise ConfigError(
                     f"metrics.port: cannot listen on {mc.host}:{mc.port} ({exc.strerror})"
@@ -298,6 +325,7 @@ class Daemon:
         self.link = self.publisher.link = link
         if self.pool is not None:
             self.pool.link = link
+        self.notifier.status(f"connecting to {self.config.mqtt.broker}")
         link.start()
 
     # --- the worker ---
@@ -305,6 +333,7 @@ class Daemon:
     def _work(self) -> None:
         wait_s = self.batcher.wait_s
         while True:
+            self._turned()
             stopping = self._stopping.is_set()
             # The worker's share is the batch that the link's thread left: no message came
             # after it to find it due. It looks a little later than that thread would, so
@@ -319,12 +348,29 @@ class Daemon:
                 return
             self._housekeeping()
 
+    def _turned(self) -> None:
+        """The worker's loop came round: note when, and feed systemd's watchdog if the
+        scoring processes are alive too."""
+        now = self.loop_turned = time.monotonic()
+        if self.notifier.watchdog_due(now) and (self.pool is None or self.pool.alive()):
+            self.notifier.watchdog(now)
+
     def _on_connection(self, up: bool) -> None:
+        """The link's thread: connected with the subscriptions granted (``up``), or not."""
         self.metrics.mqtt_connected.set(1 if up else 0)
+        broker = self.config.mqtt.broker
         if up:
             if self._connected_before:
                 self.metrics.mqtt_reconnects.inc()
+                self.notifier.status(f"scoring: connected to {broker} again")
+            else:  # systemd's start is done once input can arrive
+                self.notifier.ready(f"scoring: connected to {broker}, subscribed to "
+                                    + ", ".join(self.router.filters))  # fmt: skip
             self._connected_before = True
+        elif not self._stopping.is_set():  # a disconnect at stop is no news
+            why = self.link.last_error if self.link is not None else ""
+            self.notifier.status(f"not connected to {broker}{f' ({why})' if why else ''};"
+                                 " reconnecting")  # fmt: skip
 
     def _on_drop(self) -> None:
         self.last_received = time.time()  # it came, though there was no room for it
@@ -390,6 +436,7 @@ class Daemon:
         except Exception as exc:  # keep serving with the old models
             self.metrics.reloads.labels("failed").inc()
             log.error("reload failed, keeping the running model(s): %s", exc)
+            self.notifier.ready(f"scoring with the previous model(s): reload failed: {exc}")
             return
         with self._batch_lock:  # no batch is being scored while the state moves over
             if self.pool is not None:  # each loads the files it was checked here they hold
@@ -406,5 +453,6 @@ class Daemon:
         if link is not None and set(router.filters) != set(link.filters):
             link.set_filters(router.filters)
         self.metrics.reloads.labels("ok").inc()
-        log.info("models reloaded: %s", ", ".join(
-            f"{e.model.name} ({e.model.meta.fingerprint})" for e in engines))  # fmt: skip
+        names = ", ".join(f"{e.model.name} ({e.model.meta.fingerprint})" for e in engines)
+        log.info("models reloaded: %s", names)
+        self.notifier.ready(f"scoring: models reloaded: {names}")

@@ -2,7 +2,8 @@
 
 Every label value comes from a closed set created at start-up, so zero series
 exist before the first event; no stream id is ever a label. ``/metrics``,
-``/healthz`` (process alive) and ``/readyz`` (the daemon's readiness check).
+``/healthz`` (the daemon's liveness check: its scoring loop comes round) and ``/readyz``
+(its readiness check).
 """
 
 from __future__ import annotations
@@ -330,10 +331,18 @@ class _MergedCollector(Collector):
         return self._metrics.collect()
 
 
-def metrics_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> _App:
+def _always_healthy() -> tuple[bool, str]:
+    return True, "ok"
+
+
+def metrics_app(
+    metrics: Metrics, ready: Callable[[], tuple[bool, str]],
+    healthy: Callable[[], tuple[bool, str]] = _always_healthy,
+) -> _App:  # fmt: skip
     """/metrics by prometheus-client's own WSGI app (content negotiation, OpenMetrics,
-    gzip, ``name[]`` filters), with /healthz and /readyz beside it; every response
-    names the server :data:`SERVER_NAME`."""
+    gzip, ``name[]`` filters), with /healthz (``healthy``) and /readyz (``ready``) beside
+    it, each 503 with its reason when its check fails; every response names the server
+    :data:`SERVER_NAME`."""
     registry = CollectorRegistry(auto_describe=True)  # names known, so name[] filters work
     registry.register(_MergedCollector(metrics))
     prometheus = make_wsgi_app(registry)
@@ -349,10 +358,8 @@ def metrics_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> _App
                 return body
             if environ["REQUEST_METHOD"] != "GET":
                 return _text(named, "405 Method Not Allowed", "use GET\n", [("Allow", "GET")])
-            if path == "/healthz":
-                return _text(named, "200 OK", "ok\n")
-            if path == "/readyz":
-                ok, why = ready()
+            if path in ("/healthz", "/readyz"):
+                ok, why = (healthy if path == "/healthz" else ready)()
                 return _text(named, "200 OK" if ok else "503 Service Unavailable", why + "\n")
             return _text(named, "404 Not Found", "not found: try /metrics, /healthz or /readyz\n")
         except Exception:  # answered here, so wsgiref never writes its own versioned error
@@ -453,10 +460,11 @@ class MetricsServer:
     closed after IDLE_TIMEOUT_S of silence."""
 
     def __init__(
-        self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
-    ) -> None:
+        self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]],
+        healthy: Callable[[], tuple[bool, str]] = _always_healthy,
+    ) -> None:  # fmt: skip
         self._server = _BoundedServer((host, port), MAX_CONNECTIONS, IDLE_TIMEOUT_S)
-        self._server.set_app(metrics_app(metrics, ready))
+        self._server.set_app(metrics_app(metrics, ready, healthy))
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )

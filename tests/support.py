@@ -236,23 +236,34 @@ def readyz(daemon: Daemon) -> tuple[int, str]:
 class DaemonProcess:
     """``python -m detector run`` in a subprocess, its output in ``log_dir/daemon-PORT.log``.
 
-    The constructor returns once /readyz answers 200 (the process is killed if it does not).
-    ``extra_args`` are more command-line flags, ``env`` more environment variables.
+    The constructor returns once /readyz answers 200 (the process is killed if it does not),
+    or at once with ``wait_ready=False``. ``model`` None: the model comes from the config
+    (``--config`` in ``extra_args``). ``extra_args`` are more command-line flags, ``env``
+    more environment variables, ``cwd`` its working directory (this checkout stays on its
+    import path).
     """
 
     def __init__(
-        self, model: Path, broker_url: str, log_dir: Path, *, instance: str,
+        self, model: Path | None, broker_url: str, log_dir: Path, *, instance: str,
         extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+        cwd: Path | None = None, wait_ready: bool = True,
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.log_path = log_dir / f"daemon-{self.port}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        environ = {**os.environ, **(env or {})}
+        if cwd is not None:  # from elsewhere, ``-m detector`` must still find this checkout
+            root = str(Path(__file__).resolve().parents[1])
+            environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detector", "run", "--model", str(model),
+            [sys.executable, "-m", "detector", "run",
+             *(["--model", str(model)] if model is not None else []),
              "--broker", broker_url, "--metrics-port", str(self.port), "--instance", instance,
              *extra_args],
-            env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+            env=environ, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        if not wait_ready:
+            return
         try:
             poll_until(lambda: self.proc.poll() is not None or self.ready(),
                        DAEMON_START_TIMEOUT_S)  # fmt: skip

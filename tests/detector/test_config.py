@@ -280,7 +280,7 @@ def test_load_config_file_values(tmp_path: Path) -> None:
     assert problems == []
     assert (config.batch.max, config.batch.queue_size) == (128, 5000)
     assert config.mqtt.broker == "mqtt://file-host:1883"
-    assert config.models == [ModelConfig(path="pumps.onnx")]
+    assert config.models == [ModelConfig(path=str(tmp_path / "pumps.onnx"))]  # beside the file
 
 
 def test_env_overrides_file_and_flags_override_env(tmp_path: Path) -> None:
@@ -296,6 +296,41 @@ def test_env_overrides_file_and_flags_override_env(tmp_path: Path) -> None:
     assert config.batch.max == 32
     assert config.mqtt.broker == "mqtt://env-host:1"
     assert config.batch.queue_size == 5000
+
+
+def test_relative_paths_in_a_file_are_read_against_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = folder / "rnnsentry.toml"
+    path.write_text(
+        '[mqtt]\npassword_file = "secret"\ntls_ca_file = "../ca.pem"\n'
+        'tls_cert_file = "/abs/cert.pem"\ntls_key_file = "tls/key.pem"\n\n'
+        '[snapshot]\npath = "state/s.snap"\n\n[[models]]\npath = "m.onnx"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config, problems = load_config(path, environ={})
+    assert problems == []
+    assert config.models[0].path == str(folder / "m.onnx")
+    assert config.mqtt.password_file == str(folder / "secret")
+    assert config.mqtt.tls_ca_file == str(tmp_path / "ca.pem")
+    assert config.mqtt.tls_cert_file == "/abs/cert.pem"  # absolute: as written
+    assert config.mqtt.tls_key_file == str(folder / "tls" / "key.pem")
+    assert config.snapshot.path == str(folder / "state" / "s.snap")
+    # The same from a relative --config: still the file's folder, made absolute.
+    monkeypatch.chdir(tmp_path)
+    relative, _ = load_config("etc/rnnsentry.toml", environ={})
+    assert relative.models[0].path == str(folder / "m.onnx")
+    # From the environment and the command line: as given, for the working directory.
+    config, problems = load_config(path, environ={"RNNSENTRY_SNAPSHOT__PATH": "here.snap",
+                                                  "RNNSENTRY_MQTT__PASSWORD_FILE": "pw"},
+                                   flags={"models": [{"path": "mine.onnx"}]})  # fmt: skip
+    assert problems == []
+    assert (config.snapshot.path, config.mqtt.password_file) == ("here.snap", "pw")
+    assert config.models[0].path == "mine.onnx"
 
 
 def test_explicit_environ_ignores_the_process_environment(

@@ -5,6 +5,7 @@ tested against mosquitto in test_mqtt.py and test_daemon_broker.py."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,9 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import detector.daemon as daemon_module
 from detector.daemon import Daemon
 from detector.link import LinkHooks, MemoryLink
-from tests.support import TINY_FEATURES, daemon_config, poll_until, sample_payload, tiny_fleet
+from detector.notify import Notifier
+from tests.support import (
+    TINY_FEATURES,
+    daemon_config,
+    poll_until,
+    sample_payload,
+    scrape,
+    tiny_fleet,
+)
 
 T0 = 1_700_000_000.0
 
@@ -198,3 +208,45 @@ def test_a_reload_that_drops_every_stream_says_so_in_streams_active(
         assert daemon.metrics.value("rnnsentry_streams_active") == 0
     finally:
         daemon.stop()
+
+
+@pytest.mark.integration
+def test_a_stalled_scoring_loop_fails_healthz_and_starves_the_watchdog(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch lock held, as a hung onnxruntime call would hold it: once a batch is due the
+    worker's loop stops, /healthz answers 503 past the stall limit and no WATCHDOG=1 goes
+    out (systemd would restart the daemon); released, both come back and the batch is
+    scored."""
+    monkeypatch.setattr(daemon_module, "LOOP_STALL_S", 0.5)
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # a stand-in for systemd's
+    manager.bind(str(tmp_path / "notify"))
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"})
+    link = MemoryLink()
+    daemon = Daemon(daemon_config("mqtt://127.0.0.1:1", tiny_model), link=link, notifier=notifier)
+    daemon.start()
+    try:
+        assert daemon.server is not None
+        port = daemon.server.port
+        assert scrape(port, "/healthz") == (200, "ok\n")
+        row = tiny_fleet(n_streams=1, n_steps=2, seed=4, start_step=600).values[0, 0]
+        with daemon._batch_lock:
+            link.deliver("sensors/p1", sample_payload(TINY_FEATURES, row, T0).encode())
+            status, body = poll_until(lambda: (r := scrape(port, "/healthz"))[0] == 503 and r)
+            assert "the scoring loop has not come round" in body
+            manager.setblocking(False)
+            while True:  # what the loop sent before it stalled
+                try:
+                    manager.recv(4096)
+                except BlockingIOError:
+                    break
+            manager.settimeout(1.0)  # five watchdog intervals
+            with pytest.raises(TimeoutError):
+                manager.recv(4096)
+        assert manager.recv(4096) == b"WATCHDOG=1"
+        poll_until(lambda: scrape(port, "/healthz")[0] == 200)
+        poll_until(lambda: counted(daemon, "scored") == 1)
+    finally:
+        daemon.stop()
+        notifier.close()
+        manager.close()
