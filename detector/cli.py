@@ -116,7 +116,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in args_list if not a.startswith("-")), None)
+    before = argparse.ArgumentParser(add_help=False)  # the options that go before the command
+    before.add_argument("--log-level")
+    rest = before.parse_known_args(args_list)[1]
+    command = next((a for a in rest if not a.startswith("-")), None)
     args = build_parser(command).parse_args(args_list)
     # The daemon and the demo say what they do; one-shot commands speak only when it matters.
     default_level = "INFO" if args.command in ("run", "demo") else "WARNING"
@@ -159,6 +162,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from detector.notify import Notifier
 
     flags = _run_flags(args)
+    if args.log_level:  # the flag wins over the file and the environment, in every process
+        flags.setdefault("daemon", {})["log_level"] = args.log_level
     if args.topic and not args.model:
         # --topic alone retargets the single model of the config file.
         doc = read_toml(args.config) if args.config else {}

@@ -28,7 +28,6 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client import metrics as _client_metrics
-from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -307,9 +306,6 @@ class Metrics:
         self.model_info.clear()
         for name, cell, fingerprint in models:
             self.model_info.labels(name, cell, fingerprint).set(1)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self)  # it collects like a registry
 
 
 MAX_CONNECTIONS = 32  # HTTP connections served at once; more are closed at once

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,3 +239,24 @@ def test_the_documented_example_config_is_valid(tiny_model: Path) -> None:
     done = rnnsentry("run", "--config", str(example), "--model", str(tiny_model),
                      "--metrics-port", "0", "--check-config")  # fmt: skip
     assert done.returncode == 0, done.stdout
+
+
+def test_log_level_before_the_command_is_honoured(tiny_model: Path, tmp_path: Path) -> None:
+    """``--log-level`` goes before the command; its value is not taken for the command, and
+    for ``run`` it wins over the config's ``log_level``."""
+    made = rnnsentry("--log-level", "DEBUG", "synth", "--out", str(tmp_path / "fleet"),
+                     "--streams", "2", "--steps", "50")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "quiet.toml"
+    config.write_text('[daemon]\nlog_level = "INFO"\nworkers = 1\n[metrics]\nport = 0\n'
+                      '[mqtt]\nbroker = "mqtt://127.0.0.1:1"\n'
+                      f'[[models]]\npath = "{tiny_model}"\n')  # fmt: skip
+    command = [sys.executable, "-m", "detector", "--log-level", "WARNING", "run", "--config",
+               str(config)]  # fmt: skip
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3.0)  # loads the model, tries the broker that is not there
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "INFO" not in err and "WARNING" in err, err  # the failed connection, said as such
