@@ -88,13 +88,82 @@ class TlsFiles:
         )
 
 
-class Mosquitto:
+class _BrokerProcess:
+    """What the two launchers share: a process started from a config file in a folder of
+    its own, waited for until its ports accept, and stopped with that folder removed (its
+    log kept in memory for ``log_tail``)."""
+
+    name = "broker"  # the program, for messages and the folder's and log's names
+    stop_timeout_s = 5.0
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.dir: Path | None = None  # its config, staged secrets and log: only while it runs
+        self._last_log = ""  # the log of the run that stop() ended
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.dir is None else self.dir / f"{self.name}.log"
+
+    def _folder(self) -> Path:
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"rnnsentry-{self.name}-"))
+        return self.dir
+
+    def _launch(self, conf: Path, ports: tuple[int, ...]) -> None:
+        """Start the program on ``conf`` and wait until each of ``ports`` accepts."""
+        folder = self._folder()
+        log = open(folder / f"{self.name}.log", "ab")  # noqa: SIM115 (kept open for the process)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        try:
+            for port in ports:
+                wait_accepting(self.host, port, alive=self._running)
+        except TimeoutError:
+            self.stop()  # keeps the log for log_tail
+            raise RuntimeError(f"{self.name} did not start: {self.log_tail()}") from None
+
+    def _running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.dir is not None:  # nothing of ours stays behind: the log is kept in memory
+            self._last_log = self.log_tail(100_000)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the log: of this run, or of the last one once stopped."""
+        path = self.log_path
+        if path is None:
+            return self._last_log[-chars:]
+        try:
+            return path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Mosquitto(_BrokerProcess):
     """A mosquitto process on 127.0.0.1; ``extra_config`` lines go into its config file.
 
     ``tls`` makes the listener TLS-only (``url`` is then ``mqtts://``); ``password_file``
     (made with ``mosquitto_passwd``) turns anonymous access off unless ``allow_anonymous``
     says otherwise; ``listener_config`` lines go right under the ``listener`` line.
     """
+
+    name = "mosquitto"
 
     def __init__(
         self,
@@ -109,8 +178,7 @@ class Mosquitto:
         binary = find_mosquitto()
         if binary is None:
             raise MosquittoMissing(f"mosquitto is not installed ({INSTALL_HINT})")
-        self.binary = binary
-        self.host = "127.0.0.1"
+        super().__init__(binary)
         self._port = port or free_port()
         self.extra_config = extra_config
         own = listener_config.strip("\n")
@@ -118,9 +186,6 @@ class Mosquitto:
         self.tls = tls
         self.password_file = password_file
         self.allow_anonymous = password_file is None if allow_anonymous is None else allow_anonymous
-        self.dir: Path | None = None  # its config, staged secrets and log: only while it runs
-        self._last_log = ""  # the log of the run that stop() ended
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def port(self) -> int:
@@ -130,10 +195,6 @@ class Mosquitto:
     def url(self) -> str:
         scheme = "mqtts" if self.tls else "mqtt"
         return f"{scheme}://{self.host}:{self._port}"
-
-    @property
-    def log_path(self) -> Path | None:
-        return None if self.dir is None else self.dir / "mosquitto.log"
 
     def _readable(self, folder: Path, path: str, name: str) -> str:
         """A copy of ``path`` in ``folder`` that mosquitto can read: started as root, it
@@ -149,9 +210,7 @@ class Mosquitto:
         return str(copy)
 
     def start(self) -> Mosquitto:
-        if self.dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="rnnsentry-mosquitto-"))
-        folder = self.dir
+        folder = self._folder()
         conf = folder / "mosquitto.conf"
         tls = ""
         if self.tls:
@@ -176,48 +235,12 @@ class Mosquitto:
             "max_inflight_messages 1000\n"
             f"{self.extra_config}\n"
         )
-        log = open(folder / "mosquitto.log", "ab")  # noqa: SIM115 (kept open for the process)
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        try:
-            wait_accepting(self.host, self._port, alive=self._running)
-        except TimeoutError:
-            self.stop()  # keeps the log for log_tail
-            raise RuntimeError(f"mosquitto did not start: {self.log_tail()}") from None
+        self._launch(conf, (self._port,))
         return self
-
-    def _running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self.dir is not None:  # nothing of ours stays behind: the log is kept in memory
-            self._last_log = self.log_tail(100_000)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def log_tail(self, chars: int = 2000) -> str:
-        """The end of the log: of this run, or of the last one once stopped."""
-        path = self.log_path
-        if path is None:
-            return self._last_log[-chars:]
-        try:
-            return path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
 
     def __enter__(self) -> Mosquitto:
         return self.start()
@@ -226,7 +249,7 @@ class Mosquitto:
         self.stop()
 
 
-class NatsServer:
+class NatsServer(_BrokerProcess):
     """A nats-server on 127.0.0.1: its client, MQTT and monitoring ports free ones, its
     config and JetStream store (MQTT sessions and their QoS 1 messages) in a folder of its
     own that ``stop`` removes. MQTT in NATS needs JetStream and a server name. ``mappings``
@@ -234,17 +257,16 @@ class NatsServer:
     ``deploy/nats/nats.conf``; an MQTT topic ``a/b`` is the subject ``a.b``.
     """
 
+    name = "nats"
+    stop_timeout_s = 10.0
+
     def __init__(self, mappings: dict[str, str] | None = None) -> None:
         binary = find_nats_server()
         if binary is None:
             raise NatsMissing(f"nats-server is not installed ({NATS_INSTALL_HINT})")
-        self.binary = binary
-        self.host = "127.0.0.1"
+        super().__init__(binary)
         self.port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
         self.mappings = dict(mappings or {})
-        self.dir: Path | None = None
-        self._last_log = ""
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -268,47 +290,11 @@ class NatsServer:
         )
 
     def start(self) -> NatsServer:
-        self.dir = folder = Path(tempfile.mkdtemp(prefix="rnnsentry-nats-"))
+        folder = self._folder()
         conf = folder / "nats.conf"
         conf.write_text(self.config_text(folder))
-        log = open(folder / "nats.log", "ab")  # noqa: SIM115 (kept open for the process)
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        try:
-            for port in (self.port, self.mqtt_port):
-                wait_accepting(self.host, port, alive=self._running)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"nats-server did not start: {self.log_tail()}") from None
+        self._launch(conf, (self.port, self.mqtt_port))
         return self
-
-    def _running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if self.dir is not None:
-            self._last_log = self.log_tail(100_000)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
-
-    def log_tail(self, chars: int = 2000) -> str:
-        """The end of the log: of this run, or of the last one once stopped."""
-        if self.dir is None:
-            return self._last_log[-chars:]
-        try:
-            return (self.dir / "nats.log").read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
 
     def __enter__(self) -> NatsServer:
         return self.start()
