@@ -331,7 +331,7 @@ class MqttLink:
 
     def acknowledge(self, count: int) -> None:
         unacked, client = self._unacked, self.client
-        for _ in range(count):
+        for _ in range(min(count, len(unacked))):  # batches made elsewhere hold none of ours
             held = unacked.popleft()
             if held is not None:  # QoS 0 has nothing to acknowledge
                 client.ack(*held)
