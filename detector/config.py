@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from detector.errors import ConfigError
 from detector.logs import LOG_FORMATS
@@ -79,8 +79,13 @@ class MqttConfig:
     reconnect_max_s: float = 30.0
 
     @property
+    def broker_url(self) -> SplitResult:
+        """``broker`` taken apart; a bare ``HOST:PORT`` is read as ``mqtt://HOST:PORT``."""
+        return urlsplit(self.broker if "://" in self.broker else f"mqtt://{self.broker}")
+
+    @property
     def host_port_tls(self) -> tuple[str, int, bool]:
-        parts = urlsplit(self.broker if "://" in self.broker else f"mqtt://{self.broker}")
+        parts = self.broker_url
         tls = parts.scheme in ("mqtts", "ssl", "tls")
         return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
 
@@ -298,8 +303,7 @@ def check_config(config: Config) -> list[str]:
         else:
             if any(c in status for c in "+#") or not status:
                 problems.append("mqtt.status_topic: a topic name, without '+' or '#'")
-    broker = urlsplit(config.mqtt.broker if "://" in config.mqtt.broker
-                      else f"mqtt://{config.mqtt.broker}")  # fmt: skip
+    broker = config.mqtt.broker_url
     if broker.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls"):
         problems.append("mqtt.broker: use mqtt://HOST:PORT or mqtts://HOST:PORT")
     if "@" in broker.netloc:  # credentials in the URL: never used, and it would be logged

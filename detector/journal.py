@@ -51,7 +51,7 @@ def _journals(snapshot: str | Path) -> list[tuple[int, Path]]:
     prefix = f"{path.name}.alerts."
     found = []
     try:
-        names = os.listdir(path.parent if str(path.parent) else ".")
+        names = os.listdir(path.parent)
     except OSError:
         return []
     for name in names:

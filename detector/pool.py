@@ -116,7 +116,7 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
                 log.exception("batch of %d messages failed", len(message[1]))
                 metrics.messages.labels("dropped").inc(len(message[1]))
             # What to publish, then that the chunk is done: its input may be acknowledged.
-            replies.send(("done", message[0], outbox.take()))
+            replies.send(("done", (message[0], outbox.take())))
         else:
             stop = _control(message, stage, metrics, replies, publisher.journal)
             if outbox.items:
@@ -263,14 +263,15 @@ class WorkerPool:
         self._settle()
 
     def _settle(self) -> None:
-        """Acknowledge the input of the batches done, oldest first, up to one still open."""
-        count = 0
+        """Acknowledge the input of the batches done, oldest first, up to one still open;
+        under the lock, so that two reply threads acknowledge in arrival order."""
         with self._done_lock:
+            count = 0
             while self._batches and not self._batches[0][1]:
                 count += self._batches.popleft()[0]
-        link = self.link
-        if count and link is not None:
-            link.acknowledge(count)
+            link = self.link
+            if count and link is not None:
+                link.acknowledge(count)
 
     def _send(self, inbox: Connection, message: Any) -> None:
         try:
@@ -322,12 +323,13 @@ class WorkerPool:
         """Reply thread of one worker: publish, merge metrics, note state and the end."""
         while True:
             try:
-                kind, body, *rest = replies.recv()
+                kind, body = replies.recv()
             except (EOFError, OSError):
                 break
             if kind == "done":  # a chunk scored: what it publishes, then its acknowledgement
-                self._publish(rest[0])
-                self._done(body)
+                number, items = body
+                self._publish(items)
+                self._done(number)
             elif kind == "publish":
                 self._publish(body)
             elif kind == "metrics":

@@ -214,12 +214,14 @@ class ScoringStage:
                 self.publisher.alert(engine.model, event, decided)
         self.gauge_streams()
 
-    def gauge_streams(self) -> None:
-        """Set the gauges of streams in memory and streams in alert from the state tables."""
+    def gauge_streams(self, alerts: bool = True) -> None:
+        """Set the gauges of streams in memory and, with ``alerts`` (a pass over every row:
+        only when an alert may have begun or ended), of streams in alert."""
         self.metrics.streams_active.set(self.streams_active())
-        # A forgotten stream's row is reset, so a set flag is a live stream in alert.
-        active = sum(int(np.count_nonzero(e.table.arrays["active"])) for e in self.engines)
-        self.metrics.alerts_active.set(active)
+        if alerts:
+            # A forgotten stream's row is reset, so a set flag is a live stream in alert.
+            active = sum(int(np.count_nonzero(e.table.arrays["active"])) for e in self.engines)
+            self.metrics.alerts_active.set(active)
 
     def process(self, batch: list[Inbound]) -> None:
         """Route, parse, step and publish one micro-batch.
@@ -256,12 +258,14 @@ class ScoringStage:
             else:
                 p.streams.extend([stream] * k)
                 p.received.extend([received] * k)
+        alerts = False
         for target, p in pending.items():
             if p.streams:
-                self._step(engines[target], p)
-        self.gauge_streams()
+                alerts |= self._step(engines[target], p)
+        self.gauge_streams(alerts)
 
-    def _step(self, engine: Engine, p: _Pending) -> None:
+    def _step(self, engine: Engine, p: _Pending) -> bool:
+        """Step one model's samples; True if an alert was raised or cleared."""
         m = self.metrics
         n = len(p.streams)
         x = np.array(p.values, dtype=np.float64).reshape(n, engine.model.meta.n_features)
@@ -279,7 +283,7 @@ class ScoringStage:
             p = _Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [])
             x, ts, received, n = x[keep], ts[keep], received[keep], len(keep)
             if not n:
-                return
+                return False
         result = engine.process(p.streams, ts, x)
         decided = time.time()
         m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
@@ -305,3 +309,4 @@ class ScoringStage:
             self.publisher.alert(engine.model, event, decided)
         self.publisher.announce(engine.model, p.streams, p.ts, result.active)
         self.publisher.scores(p.streams, p.ts, result, scored)
+        return any(event.event != "update" for event in result.events)
