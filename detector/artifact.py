@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from detector.errors import ModelFileError
-from detector.scoring.calibration import RAW_SCORES, Calibration
+from detector.scoring.calibration import RAW_SCORES, Calibration, RelationsPrior
 
 METADATA_KEY: Final = "rnnsentry"
 FORMAT_VERSION: Final = 1
@@ -89,7 +89,11 @@ def meta_from_dict(doc: dict[str, Any]) -> ModelMeta:
         )
     try:
         norm = Normalisation(**doc["normalisation"])
-        cal = Calibration(**doc["calibration"])
+        cal_doc = doc["calibration"]
+        relations = cal_doc.get("relations") if isinstance(cal_doc, dict) else None
+        if relations is not None and not isinstance(relations, dict):
+            raise ModelFileError("metadata field calibration.relations has the wrong type")
+        cal = Calibration(**{**cal_doc, "relations": RelationsPrior.parse(relations)})
         known = {k: doc[k] for k in ModelMeta.__dataclass_fields__ if k in doc}
         known.update(normalisation=norm, calibration=cal)
         meta = ModelMeta(**known)
@@ -167,6 +171,8 @@ def _check_meta(meta: ModelMeta) -> None:
         raise ModelFileError("metadata calibration.level_std must be a finite number, at least 0")
     if cal.level_streams < 0:
         raise ModelFileError("metadata calibration.level_streams must not be negative")
+    if cal.relations is not None:
+        _check_relations(cal.relations, n)
     if cal.raw_score not in RAW_SCORES:
         raise ModelFileError(
             f"metadata calibration.raw_score {cal.raw_score!r} is not one of"
@@ -287,3 +293,19 @@ def expected_io(meta: ModelMeta) -> tuple[dict[str, list[Any]], dict[str, list[A
         inputs[name] = [layers, "B", h]
         outputs[name + "_out"] = [layers, "B", h]
     return inputs, outputs
+
+
+def _check_relations(rel: RelationsPrior, n: int) -> None:
+    def numbers(values: Any, count: int) -> bool:
+        return (isinstance(values, list) and len(values) == count
+                and all(_is_num(v) and math.isfinite(v) for v in values))  # fmt: skip
+
+    cov = rel.covariance
+    if not (isinstance(cov, list) and len(cov) == n and all(numbers(row, n) for row in cov)):
+        raise ModelFileError(f"metadata calibration.relations.covariance must be {n} x {n} numbers")
+    if not all(cov[i][i] >= 0 for i in range(n)):
+        raise ModelFileError("metadata calibration.relations.covariance has a negative variance")
+    if not (numbers(rel.average_var, n) and min(rel.average_var) >= 0):
+        raise ModelFileError(f"metadata calibration.relations.average_var must be {n} numbers >= 0")
+    if not (_is_int(rel.window) and rel.window >= 1 and _is_int(rel.steps) and rel.steps >= 1):
+        raise ModelFileError("metadata calibration.relations.window and steps must be positive")

@@ -28,7 +28,7 @@ from detector.labelargs import add_label_arguments
 from detector.logs import configure
 
 if TYPE_CHECKING:
-    from detector.scoring import ScoringConfig
+    from detector.scoring import RelationsPrior, ScoringConfig
 
 log = logging.getLogger("rnnsentry")
 
@@ -269,6 +269,25 @@ def alert_rule_text(scoring: ScoringConfig) -> str:
     )
 
 
+def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
+    """Whether the daemon watches each sensor against the others for this model, and why.
+
+    >>> from detector.scoring import RelationsPrior
+    >>> relations_text(None, True)
+    'off: the model file has none (one sensor, or a file from before it)'
+    >>> relations_text(RelationsPrior([[1.0, 0.0], [0.0, 1.0]], 50, [0.3, 0.2], 900), True)
+    'on: 2 sensors, covariance and 50-step average spreads from 900 held-out steps'
+    """
+    if prior is None:
+        return "off: the model file has none (one sensor, or a file from before it)"
+    if not enabled:
+        return "off: relations_check = false"
+    return (
+        f"on: {len(prior.covariance)} sensors, covariance and {prior.window}-step average"
+        f" spreads from {prior.steps} held-out steps"
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -313,6 +332,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          f" mean {cal.window_mean:.3f} sd {cal.window_std:.3f}"),
         ("calibration suggestion", f"likelihood {cal.threshold:.12g}, stored at training;"
          " not applied (alerts use the rule above)"),
+        ("relations check", relations_text(cal.relations, scoring.relations_check)),
     ]  # fmt: skip
     for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
         if key in meta.training:

@@ -9,13 +9,15 @@ keeping scoring apart from learning; :class:`Scorer` composes them:
   history, with the model's calibration as the prior;
 - ``sensors``: what a one-step predictor cannot see (a stuck sensor, a value beyond
   all seen);
+- ``relations``: each sensor against the others at the same step (a drift, a broken
+  correlation);
 - ``onsets``: ``anomaly_score`` marks where an anomaly starts;
 - ``alerts``: warm-up, raise, hold, clear;
 - ``inputs``: each stream's own input spread, which the model is fed over;
 - ``calibration``: the model file's figures of its raw score, the likelihood's prior.
 """
 
-from detector.scoring.calibration import RAW_SCORES, Calibration
+from detector.scoring.calibration import RAW_SCORES, Calibration, RelationsPrior
 from detector.scoring.inputs import INPUT_VAR_FLOOR, learn_input_var
 from detector.scoring.onsets import ONSET_RED, ONSET_YELLOW, SPATIAL_TAIL
 from detector.scoring.scorer import (
@@ -49,7 +51,8 @@ from detector.scoring.surprise import (
 
 __all__ = [
     "ALERT_STATS", "F64", "INPUT_VAR_FLOOR", "ONSET_RED", "ONSET_YELLOW", "RAW_SCORES",
-    "SHORT_STATS", "SPATIAL_TAIL", "STUDENT_T_DOF", "Calibration", "ColumnSpec", "Scorer",
+    "SHORT_STATS", "SPATIAL_TAIL", "STUDENT_T_DOF", "Calibration", "ColumnSpec",
+    "RelationsPrior", "Scorer",
     "ScoringConfig", "StepScores", "combine_tails", "error_parts", "ewma_alpha",
     "ewma_var_share", "gaussian_nll", "gaussian_tail", "huber_consistency", "learn_input_var",
     "log_score", "scorer_column_specs", "scorer_columns", "short_average",

@@ -8,10 +8,31 @@ the scoring core, so the core needs no module that reads files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 # The raw scores a calibration can be of (detector.scoring.surprise computes each).
 RAW_SCORES: Final = ("student_t", "gaussian_nll")
+
+
+@dataclass(frozen=True)
+class RelationsPrior:
+    """How the sensors of one held-out stream relate, measured at training: the prior of
+    ``detector.scoring.relations``.
+
+    ``covariance`` [F][F]: of the normalised inputs about each stream's own mean, pooled over
+    the held-out streams. ``average_var`` [F]: how far the average over ``window`` steps of
+    each sensor's residual given the others strays, measured over ``steps`` steps.
+    """
+
+    covariance: list[list[float]]
+    window: int
+    average_var: list[float]
+    steps: int
+
+    @classmethod
+    def parse(cls, doc: RelationsPrior | dict[str, Any] | None) -> RelationsPrior | None:
+        """From the model file's JSON object (or as it is)."""
+        return cls(**doc) if isinstance(doc, dict) else doc
 
 
 @dataclass(frozen=True)
@@ -26,6 +47,7 @@ class Calibration:
     the spread of the held-out streams' mean raw scores about one another, less what their
     own sampling noise explains (0 when the calibration saw one stream), measured on
     ``level_streams`` streams (0: not recorded, as in files before it).
+    ``relations`` is the prior of the relations check (:class:`RelationsPrior`).
     """
 
     n: int
@@ -40,3 +62,5 @@ class Calibration:
     level_std: float = 0.0  # how far the held-out streams' own levels of the raw score lie
     # apart, beyond what sampling explains: 0 for one stream (or a file without it)
     level_streams: int = 0  # the held-out streams level_std was measured on
+    relations: RelationsPrior | None = None  # how the sensors relate (None: one sensor, or a
+    # file from before the relations check)

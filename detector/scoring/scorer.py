@@ -22,6 +22,7 @@ from detector.scoring.calibration import Calibration
 from detector.scoring.inputs import InputScale
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.onsets import Onsets
+from detector.scoring.relations import Relations
 from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
 from detector.scoring.surprise import StepTail, Surprise
@@ -38,6 +39,9 @@ class ScoringConfig:
     long_window: int = 8000  # steps of memory of each stream's long-run statistics
     step_check: bool = True  # alerts also watch each sample's own error (spikes, jumps)
     stuck_check: bool = True  # alerts also watch for a sensor repeating its last reading
+    relations_check: bool = True  # alerts also watch each sensor against the others at the
+    # same step (a drift, a broken correlation); needs 2 sensors and a model that has the
+    # inputs' covariance
     threshold: float = 0.99999999  # likelihood at which an alert is raised (a tail of 1e-8)
     clear_threshold: float = 0.99  # likelihood below which an active alert may clear
     clear_steps: int = 20  # consecutive steps below clear_threshold to clear: an anomaly
@@ -112,6 +116,12 @@ class Scorer:
         self.step = StepTail(float(calibration.n), cfg.long_window)  # the held-out steps that
         # showed the model's predicted variance
         self.stuck = Stuck(cfg.long_window)
+        prior = calibration.relations
+        self.relations = (
+            Relations(prior, cfg.alert_window or cfg.short_window, weight, cfg.long_window)
+            if cfg.relations_check and prior is not None
+            else None
+        )
         self.range = Range(cfg.spatial_tolerance)
         self.onsets = Onsets(cfg.onset_hold_steps)
         self.alerts = Alerts(cfg.threshold, cfg.clear_threshold, cfg.clear_steps,
@@ -127,7 +137,7 @@ class Scorer:
         }
         for names in (SHORT_STATS, ALERT_STATS):
             specs.update({name: ((), np.float64, math.nan) for name in names})
-        for part in (InputScale, StepTail, Stuck, Range, Onsets, Alerts):
+        for part in (InputScale, StepTail, Stuck, Relations, Range, Onsets, Alerts):
             specs.update(part.columns(f))
         return specs
 
@@ -136,7 +146,8 @@ class Scorer:
         """Columns a time gap resets: the averages and the warm-up, not the long-run
         statistics or the alert's episode."""
         names = ["warm", SHORT_STATS[0], ALERT_STATS[0]]
-        return [*names, *Stuck.gap_reset, *Alerts.gap_reset]
+        relations = Relations.gap_reset if self.relations is not None else ()
+        return [*names, *Stuck.gap_reset, *relations, *Alerts.gap_reset]
 
     def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
         """What the model is fed, in its normalised units: ``z`` (the values normalised by
@@ -171,12 +182,15 @@ class Scorer:
             stuck_tail = self.stuck.step(cols, seen, ok)
         step_tail = spread = None
         if cfg.step_check:
-            spread = StepTail.spread(cols, s.std_errors)
+            spread = self.step.spread(cols, s.std_errors)
             step_tail = self.step.score(cols, spread)
 
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
         # stream's first steps carry the network's cold start, not the stream's habits.
         learn = ok & (warm >= cfg.warmup_steps)
+        relations_tail = residuals = None
+        if self.relations is not None and seen.shape[-1] == self.relations.features:
+            relations_tail, residuals = self.relations.step(cols, seen, ok, learn, n, count)
         self.short.learn(cols, learn, short_delta, n)
         if self.alert is not None:
             self.alert.learn(cols, learn, alert_delta, n)
@@ -191,13 +205,18 @@ class Scorer:
         # raises an alert; what holds and clears it is the average: a sensor that stays flat
         # after an incident, as a closed valve's flow does, does not keep its alert on.
         average_tail = alert_tail
-        signals = 1 + (step_tail is not None) + (stuck_tail is not None)
+        signals = 1 + sum(t is not None for t in (step_tail, stuck_tail, relations_tail))
+        # A stuck run, or a sensor's departure from the others, raises once, as it becomes
+        # too unlikely to be chance; one that goes on after its alert has cleared (a
+        # machine left in a new state) does not raise again until it has ended.
+        level = (1.0 - cfg.threshold) / signals
         if stuck_tail is not None:
-            # A stuck run raises once, as it becomes too long to be chance; a run that goes
-            # on after its alert has cleared does not raise again.
-            level = (1.0 - cfg.threshold) / signals
             stuck_tail = np.where(before > level, stuck_tail, np.maximum(stuck_tail, level * 2))
-        alert_tails = [t for t in (alert_tail, step_tail, stuck_tail) if t is not None]
+        if relations_tail is not None:
+            relations_tail = Relations.gate(cols, relations_tail, level,
+                                            1.0 - cfg.clear_threshold, ok)  # fmt: skip
+        alert_tails = [t for t in (alert_tail, step_tail, stuck_tail, relations_tail)
+                       if t is not None]  # fmt: skip
         alert_tail = combine_tails(*alert_tails)
         likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
         calm = np.where(eligible, 1.0 - average_tail, 0.0)
@@ -209,8 +228,9 @@ class Scorer:
         # An alert names the sensors of the signal that is most surprising at this step: a
         # spike's own errors, a stuck sensor's run.
         lowest = average_tail
-        for tail, blame in ((step_tail, s.parts), (stuck_tail, cols["repeat_logp"])):
-            if tail is not None:
+        for tail, blame in ((step_tail, s.parts), (stuck_tail, cols["repeat_logp"]),
+                            (relations_tail, residuals)):  # fmt: skip
+            if tail is not None and blame is not None:
                 mine = tail < lowest
                 contributions[mine] = np.abs(blame[mine])
                 lowest = np.minimum(lowest, tail)

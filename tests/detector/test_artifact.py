@@ -355,6 +355,34 @@ def test_the_level_spread_is_optional_and_checked() -> None:
             meta_from_dict(doc)
 
 
+def test_the_relations_prior_is_optional_and_checked() -> None:
+    doc = meta_doc(tiny_model())  # as files before it: no relations, the check is off
+    assert meta_from_dict(doc).calibration.relations is None
+    good = {"covariance": [[1.0, 0.5], [0.5, 2.0]], "window": 50, "average_var": [0.3, 0.4],
+            "steps": 3000}  # fmt: skip
+    doc["calibration"]["relations"] = good
+    rel = meta_from_dict(doc).calibration.relations
+    assert rel is not None and rel.covariance[1][1] == 2.0 and rel.steps == 3000
+    bad_values = {
+        "covariance": ([[1.0, 0.5]], [[1.0, 0.5], [0.5, float("nan")]], [[-1.0, 0], [0, 1.0]]),
+        "average_var": ([0.3], [0.3, -0.1], [0.3, "0.4"]),
+        "window": (0, 2.5),
+        "steps": (0, "3000"),
+    }
+    for field, values in bad_values.items():
+        for bad in values:
+            doc["calibration"]["relations"] = {**good, field: bad}
+            with pytest.raises(ModelFileError, match="relations"):
+                meta_from_dict(doc)
+    doc["calibration"]["relations"] = {**good, "unknown": 1}
+    with pytest.raises(ModelFileError, match="malformed"):
+        meta_from_dict(doc)
+    for bad in ([good], "relations", 3):
+        doc["calibration"]["relations"] = bad
+        with pytest.raises(ModelFileError, match="relations"):
+            meta_from_dict(doc)
+
+
 def test_a_model_file_anyone_may_write_is_loaded_with_a_warning(
     tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,6 +9,7 @@ against the previous prediction, and its short-term average with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -20,17 +21,20 @@ from detector.artifact import Normalisation
 from detector.errors import DataError
 from detector.scoring import (
     Calibration,
+    RelationsPrior,
     ScoringConfig,
     ewma_var_share,
     short_average,
     student_t_score,
 )
+from detector.scoring.relations import relation_residuals, relations_precision
 from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
 
 QUANTILES = ("0.5", "0.9", "0.99", "0.999")
 DEFAULT_WINDOW = ScoringConfig().short_window
+ALERT_WINDOW = ScoringConfig().alert_window  # the relations check's average: the alerts'
 RAW_SCORE = "student_t"  # what the calibration describes, and so what the daemon computes
 DEFAULT_THRESHOLD = 0.9999
 MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not positive
@@ -64,6 +68,52 @@ def stream_scores(
             raw[1:] = student_t_score(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
         scores.append(raw)
     return scores
+
+
+def relations_prior(
+    norm: Normalisation, streams: Sequence[np.ndarray], burn_in: int, window: int
+) -> RelationsPrior | None:
+    """What the relations check (:mod:`detector.scoring.relations`) takes as its prior, from
+    held-out streams (raw units, each from ``burn_in`` on); None for a single feature.
+
+    - The covariance of the normalised inputs about each stream's own mean, pooled over the
+      streams: how the sensors of one stream move together, not how streams differ.
+    - Per feature, the variance of the average over ``window`` steps of the residual given
+      the others, taken as the daemon takes it (about the stream's running mean), and the
+      steps it was measured on.
+
+    >>> t = np.arange(400.0)
+    >>> x = np.stack([np.sin(t / 9), 2 * np.sin(t / 9) + 5], axis=1)
+    >>> rel = relations_prior(Normalisation([0.0, 5.0], [1.0, 2.0]), [x, x], 0, 20)
+    >>> np.round(np.array(rel.covariance) / rel.covariance[0][0], 6).tolist(), rel.steps
+    ([[1.0, 1.0], [1.0, 1.0]], 758)
+    """
+    scale = 1.0 / np.asarray(norm.scale, np.float64)
+    f = len(scale)
+    if f < 2:
+        return None
+    parts = [
+        (np.asarray(s, np.float64)[burn_in:] - np.asarray(norm.centre)) * scale for s in streams
+    ]
+    parts = [z for z in parts if len(z) > window + 1]
+    if not parts:
+        raise DataError(f"no held-out stream is longer than {burn_in + window + 1} steps")
+    within = [z - z.mean(axis=0) for z in parts]
+    cov = sum(d.T @ d for d in within) / sum(len(d) - 1 for d in within)
+    prec = relations_precision(cov)
+    averages = []
+    for z in parts:
+        running = np.cumsum(z, axis=0) / np.arange(1, len(z) + 1)[:, None]
+        d = z[1:] - running[:-1]  # each step against the mean of the steps before it
+        r = relation_residuals(prec[None], d)
+        averages.append(np.stack([short_average(r[:, i], window) for i in range(f)], 1)[window:])
+    avg = np.concatenate(averages)
+    return RelationsPrior(
+        covariance=[[float(v) for v in row] for row in cov],
+        window=window,
+        average_var=[float(v) for v in np.mean(avg**2, axis=0)],
+        steps=len(avg),
+    )
 
 
 def within_std(parts: Sequence[np.ndarray]) -> float:
@@ -184,7 +234,10 @@ def calibrate(
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
     scores = stream_scores(proto, cell, layers, hidden_size, norm, streams)
-    calibration = summarise(scores, burn_in, window, threshold, score_from)
+    calibration = dataclasses.replace(
+        summarise(scores, burn_in, window, threshold, score_from),
+        relations=relations_prior(norm, streams, burn_in, ALERT_WINDOW),
+    )
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",
         calibration.n,

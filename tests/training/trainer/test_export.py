@@ -15,6 +15,7 @@ import torch
 
 from detector.artifact import (
     METADATA_KEY,
+    Normalisation,
     expected_io,
     graph_sha256,
     meta_from_dict,
@@ -192,6 +193,30 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
     assert cal.window == ScoringConfig().short_window and cal.threshold == 0.9999
     assert cal.raw_score == "student_t"
+    rel = cal.relations  # the relations check's prior, of the model's features
+    assert rel is not None and rel.window == ScoringConfig().alert_window and rel.steps > 0
+    assert np.array(rel.covariance).shape == (len(meta.features),) * 2
+    assert len(rel.average_var) == len(meta.features) and min(rel.average_var) > 0
+
+
+def test_the_relations_prior_is_of_one_streams_sensors_not_of_how_streams_differ() -> None:
+    from training.trainer.calibrate import relations_prior
+
+    rng = np.random.default_rng(6)
+    norm = Normalisation([0.0, 0.0], [1.0, 1.0])
+    # Three machines at different levels; within each, the sensors move together.
+    streams = []
+    for level in (0.0, 30.0, -10.0):
+        load = rng.standard_normal(3000)
+        streams.append(np.stack([level + load, -level + load + 0.1 * rng.standard_normal(3000)], 1))
+    rel = relations_prior(norm, streams, 0, 50)
+    assert rel is not None
+    corr = rel.covariance[0][1] / math.sqrt(rel.covariance[0][0] * rel.covariance[1][1])
+    assert corr > 0.99  # pooled across machines the levels would say -0.98
+    # White residuals: the average's spread is the exponential average's share of one.
+    a = 2.0 / 51.0
+    assert rel.average_var[1] == pytest.approx(a / (2.0 - a), rel=0.25)
+    assert relations_prior(Normalisation([0.0], [1.0]), [streams[0][:, :1]], 0, 50) is None
 
 
 def test_metadata_changes_do_not_touch_the_graph_fingerprint(

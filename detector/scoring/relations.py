@@ -1,0 +1,235 @@
+"""Relations: each sensor against the stream's other sensors at the same step.
+
+A one-step predictor follows a sensor that drifts or breaks away from the others: it reads
+the change as the process moving and predicts the next step from it. What it cannot
+follow is how the sensors stand to one another. ``Relations`` keeps, per stream, the mean
+and the inverse covariance (precision) P of its values in training units, and each
+sensor's residual given all the others at the same step (a Gaussian graphical model):
+
+    r_f = (P d)_f / sqrt(P_ff),  d = x - mean,
+
+N(0, 1) for a sensor where the others say it should be. A drifting sensor, a sensor whose
+partner stopped following it, or one stuck while the others move, leaves the place the
+others put it in, however slowly it got there. What the check watches is the residual's
+average over the alert window, against how far such an average strays in normal data:
+the relations of real machines are not linear, so the residual wanders slowly, and an
+average of it strays further than the white-noise share would say. The model file
+measures that spread on held-out streams (``Calibration.relations_var``).
+
+The covariance's prior is the model's: the held-out streams' covariance within each
+stream, counted as ``prior_steps`` of the stream's own samples (a full memory for a model of
+one stream, a few dozen for a fleet of unlike machines). Each step past the warm-up moves it
+by 1 / evidence, up to ``long_window``; its precision is kept by a rank-one
+(Sherman-Morrison) update, F^2 work a step and no inversion. The mean is the stream's own
+from its first sample. Each stream learns how much its own averages stray, in units of the
+calibration's (a Huber-robust mean square, with the calibration as its prior), so a stream
+whose relations wander more learns a wider spread. The tail is a Student t whose degrees of
+freedom are the independent averages behind that spread (the steps it was measured on,
+then the stream's own, times an average's share of them): a spread measured on a short
+file is a rough one. (A tail learnt from exceedances, as the per-step check's,
+does not suit an average: one excursion is dozens of exceedances in a row, and the tail
+would learn the anomaly.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+
+from detector.scoring.calibration import RelationsPrior
+from detector.scoring.stats import (
+    F64,
+    ColumnSpec,
+    Mask,
+    advance_average,
+    average_var_share,
+    ewma_alpha,
+    ewma_var_share,
+    learn_mean_square,
+    student_tail,
+)
+
+PREFIX: Final = "rel_"
+# Added to the covariance's diagonal (training units, where a sensor's variance is about 1)
+# before it is inverted: a sensor that never moved in the held-out data still has a precision.
+RIDGE: Final = 1e-3
+VAR_FLOOR: Final = 0.1  # a stream's averages stray at least a tenth of the calibration's
+
+
+def relations_precision(covariance: np.ndarray | list[list[float]]) -> F64:
+    """The precision the residuals take: the inverse of the (symmetrised) covariance plus
+    RIDGE on its diagonal.
+
+    >>> relations_precision([[1.0, 0.0], [0.0, 3.999]]).round(3).tolist()
+    [[0.999, 0.0], [0.0, 0.25]]
+    """
+    cov = np.asarray(covariance, np.float64)
+    out: F64 = np.linalg.inv(0.5 * (cov + cov.T) + RIDGE * np.eye(len(cov))).astype(np.float64)
+    return out
+
+
+def relation_residuals(prec: np.ndarray, d: np.ndarray) -> F64:
+    """Each feature's residual given the others, (P d)_f / sqrt(P_ff), for deviations
+    ``d`` [..., F] from the mean and precisions ``prec`` [..., F, F] (broadcast).
+
+    >>> prec = relations_precision([[1.0, 0.9], [0.9, 1.0]])
+    >>> relation_residuals(prec, np.array([[1.0, 1.0], [2.0, 1.0]])).round(1).tolist()
+    [[0.2, 0.2], [2.5, -1.8]]
+    """
+    u = np.matmul(prec, np.asarray(d, np.float64)[..., None])[..., 0]
+    diag = np.diagonal(prec, axis1=-2, axis2=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: F64 = np.where(diag > 0, u / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
+    return out
+
+
+class Relations:
+    """Columns: ``rel_mean`` [F], ``rel_prec`` [F, F], the residuals' average ``rel_avg``
+    [F], and the stream's own spread of that average ``rel_var`` [F] (in the calibration's
+    units). The stream's tail is the smallest over its features, times their number.
+
+    The prior's ``average_var`` is the spread of the average over its ``window``; for another
+    ``window`` it is rescaled by the exponential averages' white-noise shares (close, not
+    exact, where the residuals are autocorrelated).
+
+    Two sensors that move together (the second's residual is (x2 - 0.9 x1) / sqrt(0.19)),
+    then the second holds while the first climbs:
+
+    >>> prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 5, [0.1, 0.1], 5000)
+    >>> part = Relations(prior, 5, 1000.0, 8000)
+    >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
+    >>> ok, n = np.ones(1, np.bool_), np.zeros(1)
+    >>> tails = []
+    >>> for i in range(60):
+    ...     v = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0) + (i - 49) * 0.3
+    ...     w = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0)
+    ...     tails.append(float(part.step(cols, np.array([[v, w]]), ok, ok, n, n)[0][0]))
+    ...     n += 1
+    >>> max(tails[:50]) == 1.0, tails[-1] < 1e-6
+    (True, True)
+    """
+
+    def __init__(
+        self, prior: RelationsPrior, window: int, prior_steps: float, long_window: int
+    ) -> None:
+        f = len(prior.covariance)
+        if f < 2 or len(prior.average_var) != f:
+            raise ValueError("relations need an F x F covariance and F average spreads, F >= 2")
+        self.prior_prec = relations_precision(prior.covariance)
+        rescale = ewma_var_share(window) / ewma_var_share(prior.window)
+        self.average_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * rescale, 1e-12))
+        self.window = window
+        self._alpha = ewma_alpha(window)
+        self._share = ewma_var_share(window)
+        self.prior_steps = prior_steps
+        self.long_window = long_window
+        # A spread is known as well as the independent averages behind it: the steps it was
+        # measured on, then the stream's own, times an average's share of them.
+        self.calibration_steps = float(prior.steps)
+
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
+        if f < 2:  # one sensor has no others to be judged against
+            return {}
+        return {
+            PREFIX + "mean": ((f,), np.float32, math.nan),
+            PREFIX + "prec": ((f, f), np.float32, math.nan),
+            PREFIX + "avg": ((f,), np.float32, math.nan),
+            PREFIX + "var": ((f,), np.float32, 1.0),
+            PREFIX + "armed": ((), np.bool_, True),  # a departure may raise (see ``gate``)
+        }
+
+    gap_reset = (PREFIX + "avg", PREFIX + "armed")
+
+    @staticmethod
+    def gate(cols: dict[str, np.ndarray], tail: F64, level: float, calm: float, ok: Mask) -> F64:
+        """A departure raises once: the first step its tail falls below ``level`` may raise,
+        later ones may not until the tail has come back above ``calm`` (the departure has
+        ended). A machine left in a new state after an incident does not raise again and
+        again. Returns the tail the alert may use (held above ``level`` where it may not)."""
+        armed = cols[PREFIX + "armed"]
+        out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
+        now = (tail > calm) | (armed & (tail >= level))
+        armed[ok] = now[ok]
+        return out
+
+    @property
+    def features(self) -> int:
+        return len(self.prior_prec)
+
+    def step(
+        self,
+        cols: dict[str, np.ndarray],
+        x: F64,
+        ok: Mask,
+        learn: Mask,
+        n: np.ndarray,
+        count: np.ndarray,
+    ) -> tuple[F64, F64]:
+        """Score then learn one step of values ``x`` [B, F] (training units). ``n``: each
+        stream's scored steps so far; ``count``: the values already in its averages.
+        Returns each stream's tail [B] and the standardised averages [B, F]."""
+        mean, prec, avg = (cols[PREFIX + k] for k in ("mean", "prec", "avg"))
+        x = np.asarray(x, np.float64)
+        fresh = ok & np.isnan(prec[:, 0, 0])
+        if fresh.any():  # a stream's first step: the model's covariance, its own mean
+            prec[fresh] = self.prior_prec
+            mean[fresh] = x[fresh]
+        d = np.where(ok[:, None], x - mean, 0.0)
+        d = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+        # P d in the precision's float32: half the memory traffic, ample for a residual
+        u = np.einsum("bij,bj->bi", prec, d.astype(np.float32))
+        diag = np.diagonal(prec, axis1=1, axis2=2)
+        r = np.where(diag > 0, u / np.sqrt(np.maximum(diag, 1e-30)), 0.0)
+        advance_average(avg, r, ok, self._alpha, count)
+        young = average_var_share(self.window, count + 1) / self._share  # a young average
+        # spreads more
+        z = np.nan_to_num(avg / (self.average_sd * np.sqrt(young)[:, None]), nan=0.0)
+        var = cols[PREFIX + "var"]
+        x = np.abs(z) / np.sqrt(var)
+        f = x.shape[-1]
+        steps = np.maximum(self.calibration_steps, np.minimum(
+            self.calibration_steps + n, float(self.long_window)))  # fmt: skip
+        one = student_tail(np.max(x, axis=-1), np.maximum(steps * self._share, 1.0))
+        tail = np.where(ok, np.minimum(1.0, 2.0 * f * one), 1.0)
+        if learn.any():
+            every = bool(learn.all())
+            rows = slice(None) if every else np.nonzero(learn)[0]
+            alpha = 1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
+            own = var if every else var[rows]
+            learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
+            if not every:
+                var[rows] = own
+            self._learn_covariance(prec, d, u, learn, n)
+        # the mean: a plain running mean of the stream's own values, up to long_window (d is
+        # 0 where a row is not ok)
+        mean += d / np.minimum(n + 1.0, float(self.long_window))[:, None]
+        return tail, z
+
+    def _learn_covariance(
+        self, prec: np.ndarray, d: F64, u: F64, learn: Mask, n: np.ndarray
+    ) -> None:
+        """S' = (1 - b) S + b d d^T, b = 1 / evidence; so, with c = b / (1 - b),
+        P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d."""
+        every = bool(learn.all())  # the usual step: whole columns in place, no copies
+        rows = slice(None) if every else np.nonzero(learn)[0]
+        evidence = np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
+        b = 1.0 / np.maximum(evidence, 2.0)
+        c = b / (1.0 - b)
+        dr, ur = d[rows], u[rows]
+        q = np.einsum("bi,bi->b", dr, ur)
+        k = (c / (1.0 + c * q)).astype(np.float32)
+        p = prec if every else prec[rows]
+        outer = np.einsum("bi,bj->bij", ur * k[:, None], ur)
+        p -= outer
+        p *= (1.0 / (1.0 - b)).astype(np.float32)[:, None, None]
+        # A precision that lost its positive diagonal to rounding (or a non-finite value,
+        # which reaches the diagonal) starts again from the prior.
+        diag = np.diagonal(p, axis1=1, axis2=2)
+        bad = ~(diag > 0).all(axis=1)
+        if bad.any():
+            p[bad] = self.prior_prec
+        if not every:
+            prec[rows] = p

@@ -1,0 +1,144 @@
+"""The relations check on small hand-made streams: sensors that follow one common load.
+
+Each stream's two sensors are a slow load plus a little noise of their own. The "model"
+predicts each sensor's next value as its last one, as a one-step predictor of a slowly
+wandering process nearly does, so a sensor that drifts away from the load, or turns against
+it, looks like the load moving: each step looks like the last. Only how the sensors stand to
+one another shows it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from detector.artifact import Normalisation
+from detector.scoring import Scorer, ScoringConfig, scorer_columns, student_t_score
+from detector.scoring.calibration import Calibration, RelationsPrior
+from detector.scoring.relations import Relations, relation_residuals, relations_precision
+from training.trainer.calibrate import relations_prior
+
+LOAD_PHI = 0.995  # the load wanders slowly ...
+LOAD_NOISE = math.sqrt(1.0 - LOAD_PHI**2)  # ... with a spread of 1
+OWN = 0.1  # each sensor's own noise
+F = 2
+START, END = 3000, 3600
+
+
+def related_stream(steps: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    load = np.zeros(steps)
+    for t in range(1, steps):
+        load[t] = LOAD_PHI * load[t - 1] + LOAD_NOISE * rng.standard_normal()
+    return load[:, None] * np.array([1.0, 0.8]) + OWN * rng.standard_normal((steps, F))
+
+
+# The last-value predictor's error variance: the load's step and two samples of own noise.
+STEP_VAR = LOAD_NOISE**2 + 2 * OWN**2
+
+
+def calibration_of(steps: int = 4000) -> Calibration:
+    """What the trainer measures on held-out data of the same process."""
+    x = related_stream(steps + 1, seed=99)
+    raw = student_t_score(x[1:], x[:-1], np.full((steps, F), math.log(STEP_VAR)))
+    window = 20
+    avg = np.array([raw[max(0, i - window + 1) : i + 1].mean() for i in range(len(raw))])
+    prior = relations_prior(Normalisation([0.0] * F, [1.0] * F), [x], 8, 50)
+    return Calibration(steps, float(raw.mean()), float(raw.std()), {}, window,
+                       float(raw.mean()), float(avg.std()), 0.9999, "student_t",
+                       relations=prior)  # fmt: skip
+
+
+CALIBRATION = calibration_of()
+
+
+def replay(x: np.ndarray, config: ScoringConfig | None = None) -> list[int]:
+    """One stream through a Scorer with the last-value predictor; the steps that raise."""
+    scorer = Scorer(config or ScoringConfig(), CALIBRATION)
+    cols = scorer_columns(1, F)
+    log_var = np.full((1, F), math.log(STEP_VAR))
+    raised = []
+    for t in range(1, len(x)):
+        out = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
+        if out.raised[0]:
+            raised.append(t)
+    return raised
+
+
+def caught_while_happening(raised: list[int], start: int = START, end: int = END) -> bool:
+    return any(start <= t < end for t in raised)
+
+
+OFF = ScoringConfig(relations_check=False)
+
+
+def test_a_long_normal_stream_of_related_sensors_raises_nothing() -> None:
+    assert replay(related_stream(20_000, seed=1)) == []
+
+
+def test_a_sensor_drifting_away_from_the_others_is_caught_while_it_drifts() -> None:
+    """A ramp of 1/600 of the load's spread a step on one sensor: 15 times its own noise at
+    the end, never beyond the range the load gives it. Without the check it goes unseen."""
+    x = related_stream(4000, seed=2)
+    x[START:END, 1] += 1.5 * np.arange(1, END - START + 1) / (END - START)
+    assert caught_while_happening(replay(x))
+    assert not caught_while_happening(replay(x, OFF))
+
+
+def test_a_sensor_that_stops_following_the_others_is_caught() -> None:
+    """The second sensor mirrors its own course from the break on: it moves against the load."""
+    x = related_stream(4000, seed=3)
+    x[START:END, 1] = 2.0 * x[START, 1] - x[START:END, 1]
+    assert caught_while_happening(replay(x))
+    assert not caught_while_happening(replay(x, OFF))
+
+
+def test_a_machine_left_in_a_new_state_raises_once() -> None:
+    """The second sensor ramps to a new offset and stays there: one alert, not one every
+    time the average lets the last one clear."""
+    x = related_stream(9000, seed=4)
+    x[START:END, 1] += 1.5 * np.arange(1, END - START + 1) / (END - START)
+    x[END:, 1] += 1.5
+    raised = replay(x)
+    assert caught_while_happening(raised)
+    assert len(raised) == 1
+
+
+def test_the_precision_follows_the_streams_own_covariance() -> None:
+    """The rank-one updates of P keep it the inverse of the stream's weighted covariance: a
+    stream whose sensors move against each other turns the prior's (they move together)
+    around."""
+    prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(2).items()}
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(3000)
+    x = np.stack([a, -0.5 * a + 0.3 * rng.standard_normal(3000)], axis=1)
+    ok, n = np.ones(1, np.bool_), np.zeros(1)
+    for t in range(len(x)):
+        part.step(cols, x[t : t + 1], ok, ok, n, n)
+        n += 1
+    cov = np.linalg.inv(cols["rel_prec"][0].astype(np.float64))
+    np.testing.assert_allclose(cov, np.cov(x.T), atol=0.08)
+    np.testing.assert_allclose(cols["rel_mean"][0], x.mean(axis=0), atol=1e-6)
+
+
+def test_residuals_are_each_sensor_given_the_others() -> None:
+    """For two sensors, sensor 2 given sensor 1 is the regression residual over its spread."""
+    cov = np.array([[1.0, 0.6], [0.6, 1.0]])
+    d = np.array([[0.5, 1.5]])
+    r = relation_residuals(relations_precision(cov), d)
+    ridge = 1.0 + 1e-3
+    expected = (1.5 - 0.6 / ridge * 0.5) / math.sqrt(ridge - 0.36 / ridge)
+    assert r[0, 1] == pytest.approx(expected, rel=1e-9)
+
+
+def test_one_sensor_or_a_file_without_relations_has_no_check() -> None:
+    assert Relations.columns(1) == {}
+    assert "rel_prec" not in scorer_columns(1, 1)
+    plain = Calibration(100, 2.0, 1.0, {}, 20, 2.0, 0.5, 0.9999, "student_t")
+    assert Scorer(ScoringConfig(), plain).relations is None
+    assert Scorer(OFF, CALIBRATION).relations is None
+    assert Scorer(ScoringConfig(), CALIBRATION).relations is not None
