@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +63,11 @@ class Link(Protocol):
         (scored, or counted as rejected or dropped): a QoS 1 one is acknowledged to the
         broker now, so that a crash before leaves it with the broker for the next run."""
 
+    def awaiting(self) -> bool:
+        """Whether a message put in the inbox and not yet acknowledged is one the broker
+        waits for (QoS 1). With none, what is in hand may be counted done when handed on,
+        without waiting for it to be scored: a crash loses QoS 0 messages either way."""
+
 
 @dataclass(frozen=True)
 class Published:
@@ -89,6 +95,7 @@ class MemoryLink:
         self.published: list[Published] = []
         self.dropped = 0
         self.acknowledged = 0  # messages the daemon said were done
+        self._unacked: deque[bool] = deque()  # per message in hand: QoS 1 (the broker waits)
         self._hooks: LinkHooks | None = None
         self._intake_open = False
         self._lock = threading.Lock()
@@ -104,16 +111,22 @@ class MemoryLink:
         self._hooks.on_connection(True)
         self.publish(self.status_topic, b"online", qos=1, retain=True)
 
-    def deliver(self, topic: str, payload: bytes, received: float | None = None) -> bool:
+    def deliver(
+        self, topic: str, payload: bytes, received: float | None = None, qos: int = 0
+    ) -> bool:
         """One message in, as the broker's would arrive: False when intake is closed (the
         broker keeps it) or the inbox is full (counted as dropped)."""
         hooks = self._hooks
         if hooks is None or not self._intake_open:
             return False
         at = time.time() if received is None else received
+        with self._lock:
+            self._unacked.append(qos > 0)
         try:
             hooks.inbox.put_nowait((topic, payload, at))
         except queue.Full:
+            with self._lock:
+                self._unacked.pop()
             self.dropped += 1
             hooks.on_drop()
             return False
@@ -150,6 +163,12 @@ class MemoryLink:
     def acknowledge(self, count: int) -> None:
         with self._lock:
             self.acknowledged += count
+            for _ in range(min(count, len(self._unacked))):
+                self._unacked.popleft()
+
+    def awaiting(self) -> bool:
+        with self._lock:
+            return any(self._unacked)
 
     def sent_to(self, prefix: str) -> list[Published]:
         """What was published on topics starting with ``prefix``, in order."""

@@ -70,6 +70,10 @@ class MqttLink:
         self._intake_open = True
         # (packet id, QoS) of each queued message, None for QoS 0, in arrival order.
         self._unacked: deque[tuple[int, int] | None] = deque()
+        # QoS 1 messages put in _unacked (counted by paho's thread) and taken out of it (by
+        # whoever acknowledges): each counter has one writer, so no lock is needed.
+        self._held_in = 0
+        self._held_out = 0
         self._subscribe_mid = -1
         self.client_id = client_id
         self.v5 = config.protocol != "3.1.1"
@@ -317,11 +321,16 @@ class MqttLink:
             topic = ""  # not UTF-8: no template matches it, so it is counted as unroutable
         received = time.time()
         # Its place among the messages to acknowledge, before another thread can take it.
-        self._unacked.append((msg.mid, msg.qos) if msg.qos else None)
+        if msg.qos:
+            self._unacked.append((msg.mid, msg.qos))
+            self._held_in += 1
+        else:
+            self._unacked.append(None)
         try:
             self.inbox.put_nowait((topic, bytes(msg.payload), received))
         except queue.Full:
-            self._unacked.pop()
+            if self._unacked.pop() is not None:
+                self._held_in -= 1
             self._on_drop()  # counted; acknowledged, or the broker would stall the session
             if msg.qos:
                 client.ack(msg.mid, msg.qos)
@@ -334,4 +343,8 @@ class MqttLink:
         for _ in range(min(count, len(unacked))):  # batches made elsewhere hold none of ours
             held = unacked.popleft()
             if held is not None:  # QoS 0 has nothing to acknowledge
+                self._held_out += 1
                 client.ack(*held)
+
+    def awaiting(self) -> bool:
+        return self._held_in > self._held_out

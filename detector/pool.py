@@ -115,8 +115,12 @@ def _worker_main(index: int, workers: int, config: Config, inbox: Connection,
             except Exception:  # a bug must not end the worker: count and go on
                 log.exception("batch of %d messages failed", len(message[1]))
                 metrics.messages.labels("dropped").inc(len(message[1]))
-            # What to publish, then that the chunk is done: its input may be acknowledged.
-            replies.send(("done", (message[0], outbox.take())))
+            # What to publish, then that the chunk is done: its input may be acknowledged
+            # (batch number 0: nothing waits for it).
+            if message[0]:
+                replies.send(("done", (message[0], outbox.take())))
+            elif outbox.items:
+                replies.send(("publish", outbox.take()))
         else:
             stop = _control(message, stage, metrics, replies, publisher.journal)
             if outbox.items:
@@ -240,17 +244,25 @@ class WorkerPool:
             chunks[shards[topic]].append(message)
         for target, count in refused.items():
             self.metrics.reject(REFUSED[target], count)
+        link = self.link
+        # Only input the broker waits for (QoS 1) needs its batch scored before it is
+        # acknowledged; a batch of none is done once handed on, and its workers send no
+        # word of it: a reply a batch would wake the reading process's threads for each.
+        wait = link is not None and link.awaiting()
         with self._send_lock:
-            self._number += 1
-            number = self._number
-            entry = [len(batch), sum(1 for chunk in chunks if chunk)]
+            number = 0
+            if wait:
+                self._number += 1
+                number = self._number
+            entry = [len(batch), sum(1 for chunk in chunks if chunk) if wait else 0]
             with self._done_lock:
                 self._batches.append(entry)
-                self._by_number[number] = entry
+                if wait:
+                    self._by_number[number] = entry
             for inbox, chunk in zip(self._inboxes, chunks, strict=True):
                 if chunk:
                     self._send(inbox, (number, chunk))
-        if not entry[1]:  # every message refused here: done already
+        if not entry[1]:  # nothing to wait for, or every message refused here: done already
             self._settle()
 
     def _done(self, number: int) -> None:

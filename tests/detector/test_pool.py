@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,45 @@ def test_stop_scores_everything_handed_over(tiny_model: Path) -> None:
     assert daemon.metrics.value("rnnsentry_messages_total", {"outcome": "rejected"}) == 2
     assert daemon.metrics.value("rnnsentry_messages_total", {"outcome": "dropped"}) == 0
     assert link.sent_to("rnnsentry/status")[-1].payload == b"offline"
+
+
+def test_qos1_input_waits_to_be_scored_and_qos0_input_does_not(
+    tiny_model: Path, stop_after: list[Daemon]
+) -> None:
+    """With the scoring processes paused, QoS 0 input is counted done once handed on (a
+    crash loses it either way, and nothing waits for a word from the workers); QoS 1 input
+    is acknowledged only once scored, and holds back what comes after it."""
+    daemon, link = pooled(tiny_model, 2, batch={"max_wait_ms": 1.0})
+    stop_after.append(daemon)
+    assert daemon.pool is not None
+    workers = [p.pid for p in daemon.pool._processes]
+    rows = tiny_fleet(n_streams=2, n_steps=30, seed=5, start_step=600).values
+
+    def send(t: int, qos: int) -> None:
+        for s in range(2):
+            payload = sample_payload(TINY_FEATURES, rows[s, t], T0 + t).encode()
+            assert link.deliver(f"sensors/pump-{s}", payload, qos=qos)
+
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for t in range(10):
+            send(t, qos=0)
+        poll_until(lambda: link.acknowledged == 20)
+        assert scored(daemon) == 0 and not link.awaiting()
+        send(10, qos=1)
+        for t in range(11, 20):
+            send(t, qos=0)
+        time.sleep(0.3)  # 300 batch waits: the batches are handed on long before
+        assert link.acknowledged == 20 and link.awaiting()  # held: a QoS 1 sample is unscored
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    poll_until(lambda: scored(daemon) == 40 and link.acknowledged == 40)
+    assert not link.awaiting()
+    for t in range(20, 30):
+        send(t, qos=0)
+    poll_until(lambda: scored(daemon) == 60 and link.acknowledged == 60)
 
 
 def test_a_worker_that_dies_fails_the_daemon(tiny_model: Path, stop_after: list[Daemon]) -> None:
