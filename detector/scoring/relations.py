@@ -177,16 +177,18 @@ class Relations:
         if fresh.any():  # a stream's first step: the model's covariance, its own mean
             prec[fresh] = self.prior_prec
             mean[fresh] = x[fresh]
-        d = np.where(ok[:, None], x - mean, 0.0)
-        d = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-        # P d in the precision's float32: half the memory traffic, ample for a residual
+        d = x - mean
+        d[~(ok[:, None] & np.isfinite(d))] = 0.0
+        # P d in the precision's float32: half the memory traffic, ample for a residual. A
+        # row in use has a positive diagonal (learning resets one that lost it); a row not
+        # in use is NaN here and stays out of the average.
         u = np.einsum("bij,bj->bi", prec, d.astype(np.float32))
-        diag = np.diagonal(prec, axis1=1, axis2=2)
-        r = np.where(diag > 0, u / np.sqrt(np.maximum(diag, 1e-30)), 0.0)
+        with np.errstate(invalid="ignore"):
+            r = u / np.sqrt(np.diagonal(prec, axis1=1, axis2=2))
         advance_average(avg, r, ok, self._alpha, count)
         young = average_var_share(self.window, count + 1) / self._share  # a young average
-        # spreads more
-        z = np.nan_to_num(avg / (self.average_sd * np.sqrt(young)[:, None]), nan=0.0)
+        # spreads more; z is NaN only on rows not in use (no average yet), whose tail is 1
+        z = avg / (self.average_sd * np.sqrt(young)[:, None])
         var = cols[PREFIX + "var"]
         x = np.abs(z) / np.sqrt(var)
         f = x.shape[-1]
