@@ -52,7 +52,7 @@ from common import (
 from detector.config import Config, build_config
 from detector.daemon import Daemon
 from detector.engine import Engine
-from detector.stage import _Pending
+from detector.stage import Pending
 
 WARMUP_STEPS = 10  # so that 10,000 streams reach alerting age in a short run
 
@@ -65,7 +65,7 @@ class TimedDaemon(Daemon):
         self.latencies: list[np.ndarray] = []
         step = self.stage._step
 
-        def timed_step(engine: Engine, p: _Pending) -> None:
+        def timed_step(engine: Engine, p: Pending) -> None:
             step(engine, p)
             done = time.time()
             self.latencies.append(done - np.asarray(p.received, dtype=np.float64))

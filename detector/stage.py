@@ -153,7 +153,7 @@ class PartialStreams:
 
 
 @dataclass
-class _Pending:
+class Pending:
     """Samples of one batch bound for one model."""
 
     streams: list[str]
@@ -230,7 +230,7 @@ class ScoringStage:
         ``parse_into``, which decodes once and says why when it rejects.
         """
         m = self.metrics
-        pending: dict[int, _Pending] = {}
+        pending: dict[int, Pending] = {}
         limits = self.config.payload
         engines, forms = self.engines, self._forms
         routes, resolve = self.routes.memo, self.routes.resolve
@@ -243,7 +243,7 @@ class ScoringStage:
                 continue
             p = pending.get(target)
             if p is None:
-                p = pending[target] = _Pending([], [], [], [])
+                p = pending[target] = Pending([], [], [], [])
             try:
                 k, ignored = parse_into(payload, forms[target], received, limits, p.ts, p.values)
             except PayloadError as exc:
@@ -264,7 +264,7 @@ class ScoringStage:
                 alerts |= self._step(engines[target], p)
         self.gauge_streams(alerts)
 
-    def _step(self, engine: Engine, p: _Pending) -> bool:
+    def _step(self, engine: Engine, p: Pending) -> bool:
         """Step one model's samples; True if an alert was raised or cleared."""
         m = self.metrics
         n = len(p.streams)
@@ -280,7 +280,7 @@ class ScoringStage:
             why = f"{bad} sample(s) in one batch: a time before 1970 or too far ahead of now"
             self._rejection_log.note("bad_timestamp", why, bad)
             keep = np.flatnonzero(sane)
-            p = _Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [])
+            p = Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [])
             x, ts, received, n = x[keep], ts[keep], received[keep], len(keep)
             if not n:
                 return False
