@@ -14,7 +14,7 @@ others put it in, however slowly it got there. What the check watches is the res
 average over the alert window, against how far such an average strays in normal data:
 the relations of real machines are not linear, so the residual wanders slowly, and an
 average of it strays further than the white-noise share would say. The model file
-measures that spread on held-out streams (``Calibration.relations_var``).
+measures that spread on held-out streams (``RelationsPrior.average_var``).
 
 The covariance's prior is the model's: the held-out streams' covariance within each
 stream, counted as ``prior_steps`` of the stream's own samples (a full memory for a model of
@@ -100,13 +100,13 @@ class Relations:
     >>> prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 5, [0.1, 0.1], 5000)
     >>> part = Relations(prior, 5, 1000.0, 8000)
     >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
-    >>> ok, n = np.ones(1, np.bool_), np.zeros(1)
+    >>> ok, count = np.ones(1, np.bool_), np.zeros(1)
     >>> tails = []
     >>> for i in range(60):
     ...     v = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0) + (i - 49) * 0.3
     ...     w = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0)
-    ...     tails.append(float(part.step(cols, np.array([[v, w]]), ok, ok, n, n)[0][0]))
-    ...     n += 1
+    ...     tails.append(float(part.step(cols, np.array([[v, w]]), ok, ok, count)[0][0]))
+    ...     count += 1
     >>> max(tails[:50]) == 1.0, tails[-1] < 1e-6
     (True, True)
     """
@@ -139,6 +139,7 @@ class Relations:
             PREFIX + "avg": ((f,), np.float32, math.nan),
             PREFIX + "var": ((f,), np.float32, 1.0),
             PREFIX + "armed": ((), np.bool_, True),  # a departure may raise (see ``gate``)
+            PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
         }
 
     gap_reset = (PREFIX + "avg", PREFIX + "armed")
@@ -165,13 +166,15 @@ class Relations:
         x: F64,
         ok: Mask,
         learn: Mask,
-        n: np.ndarray,
         count: np.ndarray,
     ) -> tuple[F64, F64]:
-        """Score then learn one step of values ``x`` [B, F] (training units). ``n``: each
-        stream's scored steps so far; ``count``: the values already in its averages.
-        Returns each stream's tail [B] and the standardised averages [B, F]."""
+        """Score then learn one step of values ``x`` [B, F] (training units). ``count``: the
+        values already in each stream's averages. Returns each stream's tail [B] and the
+        standardised averages [B, F]."""
         mean, prec, avg = (cols[PREFIX + k] for k in ("mean", "prec", "avg"))
+        # the samples this state has taken in: the stream's, or since the state was new (a
+        # snapshot from before the check restores the stream without it)
+        n = cols[PREFIX + "n"].astype(np.float64)
         x = np.asarray(x, np.float64)
         fresh = ok & np.isnan(prec[:, 0, 0])
         if fresh.any():  # a stream's first step: the model's covariance, its own mean
@@ -208,6 +211,7 @@ class Relations:
         # the mean: a plain running mean of the stream's own values, up to long_window (d is
         # 0 where a row is not ok)
         mean += d / np.minimum(n + 1.0, float(self.long_window))[:, None]
+        cols[PREFIX + "n"][ok] = np.minimum(n[ok] + 1.0, float(self.long_window))
         return tail, z
 
     def _learn_covariance(

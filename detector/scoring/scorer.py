@@ -190,7 +190,7 @@ class Scorer:
         learn = ok & (warm >= cfg.warmup_steps)
         relations_tail = residuals = None
         if self.relations is not None and seen.shape[-1] == self.relations.features:
-            relations_tail, residuals = self.relations.step(cols, seen, ok, learn, n, count)
+            relations_tail, residuals = self.relations.step(cols, seen, ok, learn, count)
         self.short.learn(cols, learn, short_delta, n)
         if self.alert is not None:
             self.alert.learn(cols, learn, alert_delta, n)

@@ -116,13 +116,29 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     rng = np.random.default_rng(5)
     a = rng.standard_normal(3000)
     x = np.stack([a, -0.5 * a + 0.3 * rng.standard_normal(3000)], axis=1)
-    ok, n = np.ones(1, np.bool_), np.zeros(1)
+    ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
-        part.step(cols, x[t : t + 1], ok, ok, n, n)
-        n += 1
+        part.step(cols, x[t : t + 1], ok, ok, count)
+        count += 1
     cov = np.linalg.inv(cols["rel_prec"][0].astype(np.float64))
     np.testing.assert_allclose(cov, np.cov(x.T), atol=0.08)
     np.testing.assert_allclose(cols["rel_mean"][0], x.mean(axis=0), atol=1e-6)
+
+
+def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> None:
+    """A snapshot from before the check restores a stream long in service with the check's
+    columns new: its mean and covariance are learnt from the samples they take in, not
+    from the stream's age (which would freeze the mean at its first value)."""
+    scorer = Scorer(ScoringConfig(), CALIBRATION)
+    cols = scorer_columns(1, F)
+    cols["n_scored"][:] = 100_000  # an old stream ...
+    cols["warm"][:] = 100_000
+    x = related_stream(6000, seed=6) + np.array([3.0, -2.0])  # ... far from the first sample
+    log_var = np.full((1, F), math.log(STEP_VAR))
+    for t in range(1, len(x)):
+        out = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
+        assert not out.raised[0], t
+    np.testing.assert_allclose(cols["rel_mean"][0], x[1:].mean(axis=0), atol=0.05)
 
 
 def test_residuals_are_each_sensor_given_the_others() -> None:
