@@ -18,6 +18,25 @@ import numpy.typing as npt
 from detector.scoring.stats import F64, ColumnSpec, Mask, advance_average, ewma_alpha
 
 
+def raise_once(armed: Mask, tail: F64, level: float, calm: float, ok: Mask) -> F64:
+    """A signal whose departure lasts (a stuck run, a sensor off the others) raises once: the
+    first step its ``tail`` falls below ``level`` may raise, later ones may not until the
+    tail has come back above ``calm`` (the departure has ended), so a machine left in a new
+    state after an incident does not raise again and again. ``armed`` [B] (a column per
+    signal) says whether a departure may raise, and is updated on the rows in ``ok``.
+    Returns the tail the alert may use (held above ``level`` where it may not raise).
+
+    >>> armed, ok = np.ones(1, np.bool_), np.ones(1, np.bool_)
+    >>> [float(raise_once(armed, np.array([t]), 1e-8, 0.01, ok)[0]) > 1e-8
+    ...  for t in (0.5, 1e-9, 1e-9, 0.001, 1e-9, 0.5, 1e-9)]
+    [True, False, True, True, True, True, False]
+    """
+    out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
+    now = (tail > calm) | (armed & (tail >= level))
+    armed[ok] = now[ok]
+    return out
+
+
 @dataclass
 class AlertSteps:
     raised: Mask

@@ -72,17 +72,23 @@ def relations_precision(covariance: np.ndarray | list[list[float]]) -> F64:
 
 def relation_residuals(prec: np.ndarray, d: np.ndarray) -> F64:
     """Each feature's residual given the others, (P d)_f / sqrt(P_ff), for deviations
-    ``d`` [..., F] from the mean and precisions ``prec`` [..., F, F] (broadcast).
+    ``d`` [..., F] from the mean and precisions ``prec`` [..., F, F] (broadcast): what the
+    calibration measures and the daemon watches.
 
     >>> prec = relations_precision([[1.0, 0.9], [0.9, 1.0]])
     >>> relation_residuals(prec, np.array([[1.0, 1.0], [2.0, 1.0]])).round(1).tolist()
     [[0.2, 0.2], [2.5, -1.8]]
     """
-    u = np.matmul(prec, np.asarray(d, np.float64)[..., None])[..., 0]
-    diag = np.diagonal(prec, axis1=-2, axis2=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out: F64 = np.where(diag > 0, u / np.sqrt(np.where(diag > 0, diag, 1.0)), 0.0)
-    return out
+    return _residuals(prec, d)[0]
+
+
+def _residuals(prec: np.ndarray, d: np.ndarray) -> tuple[F64, np.ndarray]:
+    """The residuals and P d (in the arrays' own precision). A precision in use has a
+    positive diagonal; a row of NaN (a stream not yet seen) gives NaN."""
+    u = np.matmul(prec, d[..., None])[..., 0]
+    with np.errstate(invalid="ignore"):
+        r: F64 = u / np.sqrt(np.diagonal(prec, axis1=-2, axis2=-1))
+    return r, u
 
 
 class Relations:
@@ -138,27 +144,11 @@ class Relations:
             PREFIX + "prec": ((f, f), np.float32, math.nan),
             PREFIX + "avg": ((f,), np.float32, math.nan),
             PREFIX + "var": ((f,), np.float32, 1.0),
-            PREFIX + "armed": ((), np.bool_, True),  # a departure may raise (see ``gate``)
+            PREFIX + "armed": ((), np.bool_, True),  # a departure may raise (alerts.raise_once)
             PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
         }
 
     gap_reset = (PREFIX + "avg", PREFIX + "armed")
-
-    @staticmethod
-    def gate(cols: dict[str, np.ndarray], tail: F64, level: float, calm: float, ok: Mask) -> F64:
-        """A departure raises once: the first step its tail falls below ``level`` may raise,
-        later ones may not until the tail has come back above ``calm`` (the departure has
-        ended). A machine left in a new state after an incident does not raise again and
-        again. Returns the tail the alert may use (held above ``level`` where it may not)."""
-        armed = cols[PREFIX + "armed"]
-        out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
-        now = (tail > calm) | (armed & (tail >= level))
-        armed[ok] = now[ok]
-        return out
-
-    @property
-    def features(self) -> int:
-        return len(self.prior_prec)
 
     def step(
         self,
@@ -182,12 +172,9 @@ class Relations:
             mean[fresh] = x[fresh]
         d = x - mean
         d[~(ok[:, None] & np.isfinite(d))] = 0.0
-        # P d in the precision's float32: half the memory traffic, ample for a residual. A
-        # row in use has a positive diagonal (learning resets one that lost it); a row not
-        # in use is NaN here and stays out of the average.
-        u = np.einsum("bij,bj->bi", prec, d.astype(np.float32))
-        with np.errstate(invalid="ignore"):
-            r = u / np.sqrt(np.diagonal(prec, axis1=1, axis2=2))
+        # In the precision's float32: half the memory traffic, ample for a residual. A row
+        # not in use is NaN and stays out of the average.
+        r, u = _residuals(prec, d.astype(np.float32))
         advance_average(avg, r, ok, self._alpha, count)
         young = average_var_share(self.window, count + 1) / self._share  # a young average
         # spreads more; z is NaN only on rows not in use (no average yet), whose tail is 1

@@ -17,7 +17,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from detector.scoring.alerts import Alerts
+from detector.scoring.alerts import Alerts, raise_once
 from detector.scoring.calibration import Calibration
 from detector.scoring.inputs import InputScale
 from detector.scoring.likelihood import Likelihood, prior_steps
@@ -178,18 +178,17 @@ class Scorer:
             alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, count)
         stuck_tail = None
         if cfg.stuck_check:
-            before = Stuck.tail(cols)
             stuck_tail = self.stuck.step(cols, seen, ok)
         step_tail = spread = None
         if cfg.step_check:
-            spread = self.step.spread(cols, s.std_errors)
+            spread = StepTail.spread(cols, s.std_errors)
             step_tail = self.step.score(cols, spread)
 
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
         # stream's first steps carry the network's cold start, not the stream's habits.
         learn = ok & (warm >= cfg.warmup_steps)
         relations_tail = residuals = None
-        if self.relations is not None and seen.shape[-1] == self.relations.features:
+        if self.relations is not None:
             relations_tail, residuals = self.relations.step(cols, seen, ok, learn, count)
         self.short.learn(cols, learn, short_delta, n)
         if self.alert is not None:
@@ -209,12 +208,11 @@ class Scorer:
         # A stuck run, or a sensor's departure from the others, raises once, as it becomes
         # too unlikely to be chance; one that goes on after its alert has cleared (a
         # machine left in a new state) does not raise again until it has ended.
-        level = (1.0 - cfg.threshold) / signals
+        level, calm_level = (1.0 - cfg.threshold) / signals, 1.0 - cfg.clear_threshold
         if stuck_tail is not None:
-            stuck_tail = np.where(before > level, stuck_tail, np.maximum(stuck_tail, level * 2))
+            stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level, ok)
         if relations_tail is not None:
-            relations_tail = Relations.gate(cols, relations_tail, level,
-                                            1.0 - cfg.clear_threshold, ok)  # fmt: skip
+            relations_tail = raise_once(cols["rel_armed"], relations_tail, level, calm_level, ok)
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail, relations_tail)
                        if t is not None]  # fmt: skip
         alert_tail = combine_tails(*alert_tails)

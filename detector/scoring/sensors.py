@@ -54,9 +54,10 @@ class Stuck:
             "repeat_logp": ((f,), np.float32, 0.0),
             "repeats": ((f,), np.float32, 0.0),
             "compared": ((), np.float32, 0.0),
+            "stuck_armed": ((), np.bool_, True),  # a run may raise (alerts.raise_once)
         }
 
-    gap_reset = ("last_value", "repeat_run", "repeat_logp")
+    gap_reset = ("last_value", "repeat_run", "repeat_logp", "stuck_armed")
 
     @staticmethod
     def tail(cols: dict[str, np.ndarray]) -> F64:

@@ -162,24 +162,23 @@ class StepTail:
     (True, True)
     """
 
-    def __init__(self, prior_steps: float, long_window: int, prefix: str = "") -> None:
+    def __init__(self, prior_steps: float, long_window: int) -> None:
         self.prior_steps = prior_steps
         self.long_window = long_window
-        self.names = tuple(prefix + name for name in self.columns(1))  # its columns, in order
 
     @staticmethod
-    def columns(f: int, prefix: str = "") -> dict[str, ColumnSpec]:
-        """Its columns; ``prefix`` tells apart two tails of one stream (each error kind)."""
+    def columns(f: int) -> dict[str, ColumnSpec]:
         return {
-            prefix + "error_var": ((f,), np.float32, 1.0),
-            prefix + "tail_rate": ((f,), np.float32, _GAUSS_RATE),
-            prefix + "tail_excess_sq": ((f,), np.float32, _GAUSS_EXCESS),
+            "error_var": ((f,), np.float32, 1.0),
+            "tail_rate": ((f,), np.float32, _GAUSS_RATE),
+            "tail_excess_sq": ((f,), np.float32, _GAUSS_EXCESS),
         }
 
-    def spread(self, cols: dict[str, np.ndarray], std_errors: F64) -> F64:
+    @staticmethod
+    def spread(cols: dict[str, np.ndarray], std_errors: F64) -> F64:
         """Each feature's error over the stream's error scale, |e| / s [B, F]: what ``score``
         and ``learn`` take. A NaN error (no prediction) counts as none."""
-        out: F64 = np.fmax(np.abs(std_errors) / np.sqrt(cols[self.names[0]]), 0.0)
+        out: F64 = np.fmax(np.abs(std_errors) / np.sqrt(cols["error_var"]), 0.0)
         return out
 
     def score(self, cols: dict[str, np.ndarray], x: F64) -> F64:
@@ -189,7 +188,7 @@ class StepTail:
         beyond = x > TAIL_FROM
         if beyond.any():  # ... and beyond it, each feature's own learnt tail
             at = np.nonzero(beyond)
-            rate, excess = cols[self.names[1]][at], cols[self.names[2]][at]
+            rate, excess = cols["tail_rate"][at], cols["tail_excess_sq"][at]
             tail = f * rate * np.exp(-_excess_sq(x[at]) / excess)
             np.minimum.at(out, at[0], tail)
         np.minimum(out, 1.0, out=out)
@@ -199,7 +198,8 @@ class StepTail:
         """Learn from this step's ``spread`` (the one ``score`` took)."""
         every = bool(learn.all())  # the usual step: views of whole columns, no copies
         rows = slice(None) if every else learn
-        var, rate, excess = (cols[k] if every else cols[k][rows] for k in self.names)
+        var, rate, excess = (cols[k] if every else cols[k][rows]
+                             for k in ("error_var", "tail_rate", "tail_excess_sq"))  # fmt: skip
         x = spread[rows]
         memory = float(self.long_window)
         evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
@@ -218,5 +218,5 @@ class StepTail:
         # the error scale: a Huber-robust mean square of the errors, x^2 var
         learn_mean_square(var, x * x * var, scale_alpha, ERROR_VAR_FLOOR)
         if not every:
-            for k, v in zip(self.names, (var, rate, excess), strict=True):
+            for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess_sq", excess)):
                 cols[k][rows] = v
