@@ -170,12 +170,16 @@ class Scorer:
         seen = z if z_train is None else z_train
         s = self.surprise.score(z, mean, log_var, has_pred)
         ok, n, warm = s.ok, cols["n_scored"], cols["warm"]
-        count = warm.copy()  # the values already in each stream's averages
+        # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
+        # stream's first steps carry the network's cold start, not the stream's habits. The
+        # averages start there too.
+        learn = ok & (warm >= cfg.warmup_steps)
+        count = np.maximum(warm - cfg.warmup_steps, 0)  # the values already in the averages
 
-        short_tail, short_delta = self.short.score(cols, s.raw, ok, count)
+        short_tail, short_delta = self.short.score(cols, s.raw, learn, count)
         alert_tail, alert_delta = short_tail, short_delta
         if self.alert is not None:
-            alert_tail, alert_delta = self.alert.score(cols, s.raw, ok, count)
+            alert_tail, alert_delta = self.alert.score(cols, s.raw, learn, count)
         stuck_tail = None
         if cfg.stuck_check:
             stuck_tail = self.stuck.step(cols, seen, ok)
@@ -184,9 +188,6 @@ class Scorer:
             spread = StepTail.spread(cols, s.std_errors)
             step_tail = self.step.score(cols, spread)
 
-        # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
-        # stream's first steps carry the network's cold start, not the stream's habits.
-        learn = ok & (warm >= cfg.warmup_steps)
         relations_tail = residuals = None
         if self.relations is not None:
             relations_tail, residuals = self.relations.step(cols, seen, ok, learn, count)
@@ -221,7 +222,7 @@ class Scorer:
         beyond = self.range.step(cols, seen, eligible)
         shown = self.onsets.step(cols, short_tail, beyond, ok)
         score = np.where(eligible, log_score(shown), 0.0)
-        steps = self.alerts.step(cols, likelihood, calm, s.parts, ok, eligible, n, count)
+        steps = self.alerts.step(cols, likelihood, calm, s.parts, learn, eligible, n, count)
         contributions = steps.contributions  # the alert's average's: each sensor's part
         # An alert names the sensors of the signal that is most surprising at this step: a
         # spike's own errors, a stuck sensor's run.

@@ -52,10 +52,11 @@ def fresh_columns(b: int, f: int = 1) -> dict[str, np.ndarray]:
     return scorer_columns(b, f)
 
 
-def test_short_average_is_what_the_scorer_keeps() -> None:
+def test_short_average_is_what_the_scorer_keeps_from_the_end_of_the_warm_up() -> None:
     rng = np.random.default_rng(7)
     z = rng.normal(0.0, 1.5, size=(40, 1))
-    scorer = Scorer(ScoringConfig(short_window=4), calibration(1.0, 0.5))
+    config = ScoringConfig(short_window=4)
+    scorer = Scorer(config, calibration(1.0, 0.5))
     cols = fresh_columns(1)
     kept, raws = [], []
     for t in range(len(z)):
@@ -63,7 +64,9 @@ def test_short_average_is_what_the_scorer_keeps() -> None:
                               np.ones(1, np.bool_))  # fmt: skip
         raws.append(float(s.raw[0]))
         kept.append(float(cols["short_avg"][0]))
-    np.testing.assert_allclose(kept, short_average(np.array(raws), 4), rtol=1e-12)
+    warm = config.warmup_steps
+    assert np.isnan(kept[:warm]).all()
+    np.testing.assert_allclose(kept[warm:], short_average(np.array(raws[warm:]), 4), rtol=1e-12)
 
 
 def test_a_stream_parked_at_its_centre_keeps_a_floor_under_its_spread() -> None:
@@ -200,6 +203,16 @@ def test_no_alert_during_warm_up_even_with_huge_errors() -> None:
     after = s.step(HUGE)  # the sixth scored step is past the warm-up
     assert after.raised[0] and after.active[0]
     assert float(after.likelihood[0]) >= 0.9999
+
+
+def test_the_cold_start_of_the_warm_up_does_not_carry_into_the_averages() -> None:
+    """A network's first steps from a zero state miss by far; the calibration skipped them,
+    so the averages the alerts watch start past the warm-up, not with those misses in."""
+    s = OneStream(warmup_steps=5, short_window=10)
+    s.run([HUGE] * 5)
+    after = s.step(CALM)
+    assert float(s.cols["short_avg"][0]) == pytest.approx(HALF_LOG_2PI)
+    assert float(after.likelihood[0]) < 0.99 and not after.raised[0]
 
 
 def test_steady_stream_then_a_spike_raises_exactly_once_and_holds() -> None:
