@@ -7,8 +7,12 @@ validation, fits the normalisation on the rest, cuts each stream into a few long
 consecutive lanes (each starts cold, its first ``burn_in`` steps unscored), batches
 lanes side by side, and trains with the hidden state carried (detached) from one
 window to the next, as streaming inference carries it. Learning rate: cosine from
-``lr`` down to ``lr * LR_FINAL_FRACTION``; sgd uses momentum 0.9. Early stopping on
-the validation loss restores the best epoch's weights. A fixed ``seed`` repeats a CPU
+``lr`` down to ``lr * LR_FINAL_FRACTION``; sgd uses momentum 0.9. What is validated,
+kept and exported is an exponential average of the weights over about the last epoch's
+optimiser steps (:class:`WeightAverage`), not the last step's: the step's weights wander
+around the minimum by as much as the gradient noise pushes them, and on small data an epoch
+is only a few dozen steps. Early stopping on the validation loss restores the best epoch's
+averaged weights. A fixed ``seed`` repeats a CPU
 run bit for bit. Training uses ``threads`` torch threads (1 by default: the default
 model is too small to gain from more) and restores torch's setting afterwards.
 """
@@ -314,6 +318,34 @@ def evaluate(model: RecurrentForecaster, parts: Sequence[np.ndarray], burn_in: i
 ProgressCallback = Callable[[float, float], None]  # (fraction of the epoch done, loss so far)
 
 
+class WeightAverage:
+    """An exponential average of a model's weights over its last ``horizon`` optimiser
+    steps (Polyak averaging): a plain mean while fewer steps have been taken, so the
+    untrained start is soon forgotten.
+
+    >>> net = nn.Linear(1, 1, bias=False)
+    >>> average = WeightAverage(net, horizon=2)
+    >>> for w in (1.0, 3.0, 5.0):
+    ...     _ = net.weight.data.fill_(w)
+    ...     average.update(net)
+    >>> average.model.weight.item()
+    3.5
+    """
+
+    def __init__(self, model: nn.Module, horizon: int) -> None:
+        self.model = copy.deepcopy(model)
+        self.horizon = max(1, horizon)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Take in the weights ``model`` has after an optimiser step."""
+        self.steps += 1
+        alpha = 1.0 / min(self.steps, self.horizon)
+        for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
+            mine.lerp_(theirs, alpha)
+
+
 def run_epoch(
     model: RecurrentForecaster,
     optimiser: torch.optim.Optimizer,
@@ -322,8 +354,9 @@ def run_epoch(
     options: TrainOptions,
     rng: np.random.Generator,
     on_progress: ProgressCallback | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over every lane in shuffled batches.
+    """One pass over every lane in shuffled batches; ``average`` takes in every step.
 
     Returns (mean training loss, max grad norm, windows trained on: lanes x windows).
     """
@@ -345,6 +378,8 @@ def run_epoch(
                 if not torch.isfinite(loss):
                     raise TrainingError("the training loss is not finite; try a lower --lr")
                 grad_max = max(grad_max, optimise_step(model, optimiser, loss, options.clip))
+                if average is not None:
+                    average.update(model)
                 total += float(loss.detach()) * scored
                 weight += scored
                 windows += int((m.sum(dim=1) > 0).sum())
@@ -458,15 +493,18 @@ def _fit(
     )
     history: list[EpochStats] = []
     best_loss, best_epoch, best_weights, waited = math.inf, 0, None, 0
+    length = max(len(lane) - 1 for lane in lanes)
+    per_epoch = math.ceil(len(lanes) / batch) * math.ceil(length / options.step_stride)
+    average = WeightAverage(model, per_epoch)  # what is validated, kept and exported
     for epoch in range(1, options.epochs + 1):
         began = time.perf_counter()
         lr = optimiser.param_groups[0]["lr"]
         on_progress = None if progress is None else partial(progress.update, epoch)
         train_loss, grad_max, windows = run_epoch(
-            model, optimiser, lanes, batch, options, rng, on_progress
+            model, optimiser, lanes, batch, options, rng, on_progress, average
         )
         val_began = time.perf_counter()
-        val_loss = evaluate(model, val_z, options.burn_in) if val_z else math.nan
+        val_loss = evaluate(average.model, val_z, options.burn_in) if val_z else math.nan
         ended = time.perf_counter()
         schedule.step()
         stats = EpochStats(
@@ -477,7 +515,7 @@ def _fit(
         improved = watched < best_loss
         if improved:
             best_loss, best_epoch, waited = watched, epoch, 0
-            best_weights = copy.deepcopy(model.state_dict())
+            best_weights = copy.deepcopy(average.model.state_dict())
         else:
             waited += 1
         if progress is not None:

@@ -143,6 +143,35 @@ def test_early_stopping_stops_and_restores_the_best_weights() -> None:
     )
 
 
+def test_what_is_kept_is_the_average_of_the_epochs_weights_not_the_last_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The weights validated and exported are the exponential average over about an epoch
+    of optimiser steps (WeightAverage), which a noisy last step does not move far."""
+    import training.trainer.train as train_module
+
+    seen: list[train_module.WeightAverage] = []
+    last_step: dict[str, torch.Tensor] = {}
+
+    class Watched(train_module.WeightAverage):
+        def __init__(self, model: torch.nn.Module, horizon: int) -> None:
+            super().__init__(model, horizon)
+            seen.append(self)
+
+        def update(self, model: torch.nn.Module) -> None:
+            super().update(model)
+            last_step.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(train_module, "WeightAverage", Watched)
+    result = train(sine_streams(), tiny(epochs=1, lr=0.03), quiet=True)
+    (average,) = seen
+    assert average.steps > 1 and average.horizon > 1
+    kept = result.model.state_dict()
+    averaged = average.model.state_dict()
+    assert all(torch.equal(kept[k], averaged[k]) for k in kept)
+    assert not all(torch.equal(kept[k], last_step[k]) for k in kept)
+
+
 def test_training_lowers_the_loss_and_reports_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
     result = train(sine_streams(), tiny(epochs=4, patience=0))
     lines = capsys.readouterr().err.strip().splitlines()
