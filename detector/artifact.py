@@ -91,9 +91,11 @@ def meta_from_dict(doc: dict[str, Any]) -> ModelMeta:
         norm = Normalisation(**doc["normalisation"])
         cal_doc = doc["calibration"]
         relations = cal_doc.get("relations") if isinstance(cal_doc, dict) else None
-        if relations is not None and not isinstance(relations, dict):
-            raise ModelFileError("metadata field calibration.relations has the wrong type")
-        cal = Calibration(**{**cal_doc, "relations": RelationsPrior.parse(relations)})
+        if relations is not None:
+            if not isinstance(relations, dict):
+                raise ModelFileError("metadata field calibration.relations has the wrong type")
+            relations = RelationsPrior(**relations)
+        cal = Calibration(**{**cal_doc, "relations": relations})
         known = {k: doc[k] for k in ModelMeta.__dataclass_fields__ if k in doc}
         known.update(normalisation=norm, calibration=cal)
         meta = ModelMeta(**known)

@@ -8,7 +8,7 @@ the scoring core, so the core needs no module that reads files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 # The raw scores a calibration can be of (detector.scoring.surprise computes each).
 RAW_SCORES: Final = ("student_t", "gaussian_nll")
@@ -28,11 +28,6 @@ class RelationsPrior:
     window: int
     average_var: list[float]
     steps: int
-
-    @classmethod
-    def parse(cls, doc: RelationsPrior | dict[str, Any] | None) -> RelationsPrior | None:
-        """From the model file's JSON object (or as it is)."""
-        return cls(**doc) if isinstance(doc, dict) else doc
 
 
 @dataclass(frozen=True)
