@@ -275,16 +275,25 @@ def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
     >>> from detector.scoring import RelationsPrior
     >>> relations_text(None, True)
     'off: the model file has none (one sensor, or a file from before it)'
-    >>> relations_text(RelationsPrior([[1.0, 0.0], [0.0, 1.0]], 50, [0.3, 0.2], 900), True)
-    'on: 2 sensors, covariance and 50-step average spreads from 900 held-out steps'
+    >>> old = RelationsPrior([[1.0, 0.0], [0.0, 1.0]], 50, [0.3, 0.2], 900)
+    >>> for part in relations_text(old, True).split("; "):
+    ...     print(part)
+    on: 2 sensors against the others (a file from before their averages joined)
+    covariance and 50-step average spreads from 900 held-out steps
     """
     if prior is None:
         return "off: the model file has none (one sensor, or a file from before it)"
     if not enabled:
         return "off: relations_check = false"
+    f = len(prior.average_var)
+    against = (
+        f"against the others' values and {prior.window}-step averages"
+        if len(prior.covariance) == 2 * f
+        else "against the others (a file from before their averages joined)"
+    )
     return (
-        f"on: {len(prior.covariance)} sensors, covariance and {prior.window}-step average"
-        f" spreads from {prior.steps} held-out steps"
+        f"on: {f} sensors {against}; covariance and {prior.window}-step average spreads"
+        f" from {prior.steps} held-out steps"
     )
 
 

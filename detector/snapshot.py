@@ -265,12 +265,8 @@ def _mismatch(entry: _Saved, engine: Engine) -> str:
     fingerprint = engine.model.meta.fingerprint
     if entry.fingerprint != fingerprint:
         return f"model fingerprint {fingerprint} differs from the snapshot's {entry.fingerprint}"
-    # Columns on one side only are a newer or older scorer's (see _restore); a column on
-    # both sides must agree.
-    layout = _layout(engine.table.columns)
-    diff = sorted(k for k in entry.layout.keys() & layout.keys() if entry.layout[k] != layout[k])
-    if diff:
-        return f"state columns differ from the snapshot's: {diff}"
+    # Columns on one side only, or kept in another shape, are a newer or older scorer's
+    # (see _restore): the model, which the fingerprint vouches for, is the same.
     if len(engine.table):
         return f"its state table already holds {len(engine.table)} streams"
     return ""
@@ -280,11 +276,13 @@ def _restore(
     entry: _Saved, engine: Engine, now: float, keep: Callable[[str], bool] | None = None
 ) -> int:
     """Put the saved streams into the engine's table. A column this version keeps and the
-    snapshot lacks (an upgrade) starts at its initial value, as for a new stream; a saved
-    column this version does not keep is dropped."""
+    snapshot lacks, or keeps in another shape (an upgrade), starts at its initial value, as
+    for a new stream; a saved column this version does not keep is dropped."""
     table = engine.table
-    new = sorted(table.columns.keys() - entry.values.keys())
-    old = sorted(entry.values.keys() - table.columns.keys())
+    layout = _layout(table.columns)
+    usable = {k for k in entry.values.keys() & layout.keys() if entry.layout[k] == layout[k]}
+    new = sorted(table.columns.keys() - usable)
+    old = sorted(entry.values.keys() - usable)
     if new or old:
         log.info("model %s: state columns %s start afresh, saved columns %s are dropped",
                  entry.name, new or "none", old or "none")  # fmt: skip
@@ -309,7 +307,7 @@ def _restore(
     table.scatter(rows, {
         name: np.take(values, keep_rows, axis=table.columns[name].axis)
         for name, values in entry.values.items()
-        if name in table.columns
+        if name in usable
     })  # fmt: skip
     table.last_seen[rows] = entry.last_seen[keep_rows]
     engine.mark_resumed(rows)

@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from detector.scoring.stats import F64, ColumnSpec, Mask, advance_average, ewma_alpha
 
+ARMED: Final = np.iinfo(np.int16).max  # a raise_once column's initial value: armed
 
-def raise_once(armed: Mask, tail: F64, level: float, calm: float, ok: Mask) -> F64:
+
+def raise_once(run: np.ndarray, tail: F64, level: float, calm: float, needed: int,
+               ok: Mask) -> F64:  # fmt: skip
     """A signal whose departure lasts (a stuck run, a sensor off the others) raises once: the
     first step its ``tail`` falls below ``level`` may raise, later ones may not until the
-    tail has come back above ``calm`` (the departure has ended), so a machine left in a new
-    state after an incident does not raise again and again. ``armed`` [B] (a column per
-    signal) says whether a departure may raise, and is updated on the rows in ``ok``.
+    departure has ended as an alert clears, with the tail above ``calm`` for ``needed``
+    samples in a row. So a machine left in a new state after an incident does not raise
+    again and again, nor each time its tail touches calm on the way. ``run`` [B] (an int16
+    column per signal, initially ARMED) counts the calm samples since the last raise; the
+    signal may raise once it reaches ``needed``. It is updated on the rows in ``ok``.
     Returns the tail the alert may use (held above ``level`` where it may not raise).
 
-    >>> armed, ok = np.ones(1, np.bool_), np.ones(1, np.bool_)
-    >>> [float(raise_once(armed, np.array([t]), 1e-8, 0.01, ok)[0]) > 1e-8
-    ...  for t in (0.5, 1e-9, 1e-9, 0.001, 1e-9, 0.5, 1e-9)]
-    [True, False, True, True, True, True, False]
+    >>> run, ok = np.full(1, ARMED, np.int16), np.ones(1, np.bool_)
+    >>> [float(raise_once(run, np.array([t]), 1e-8, 0.01, 2, ok)[0]) > 1e-8
+    ...  for t in (0.5, 1e-9, 1e-9, 0.5, 1e-9, 0.5, 0.5, 1e-9)]
+    [True, False, True, True, True, True, True, False]
     """
+    armed = run >= needed
     out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
-    now = (tail > calm) | (armed & (tail >= level))
-    armed[ok] = now[ok]
+    after = np.where(armed & (tail < level), 0,
+                     np.where(armed, run, np.where(tail > calm, run + 1, 0)))  # fmt: skip
+    run[ok] = after[ok]
     return out
 
 

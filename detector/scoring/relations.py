@@ -38,6 +38,7 @@ from typing import Final
 
 import numpy as np
 
+from detector.scoring.alerts import ARMED
 from detector.scoring.calibration import RelationsPrior
 from detector.scoring.stats import (
     F64,
@@ -71,24 +72,78 @@ def relations_precision(covariance: np.ndarray | list[list[float]]) -> F64:
 
 
 def relation_residuals(prec: np.ndarray, d: np.ndarray) -> F64:
-    """Each feature's residual given the others, (P d)_f / sqrt(P_ff), for deviations
-    ``d`` [..., F] from the mean and precisions ``prec`` [..., F, F] (broadcast): what the
-    calibration measures and the daemon watches.
+    """Each sensor's residual given the others' values and averages, for deviations ``d``
+    [..., 2F] from the mean of the values and their averages, and precisions ``prec``
+    [..., 2F, 2F] over them (broadcast): what the calibration measures and the daemon
+    watches. The sensor's own average s is left out of what it is judged against (it
+    follows a drift): with u = P d, marginalising s out of the Gaussian gives
 
-    >>> prec = relations_precision([[1.0, 0.9], [0.9, 1.0]])
-    >>> relation_residuals(prec, np.array([[1.0, 1.0], [2.0, 1.0]])).round(1).tolist()
-    [[0.2, 0.2], [2.5, -1.8]]
+        r_f = (u_f - P_fs u_s / P_ss) / sqrt(P_ff - P_fs^2 / P_ss).
+
+    Two sensors that move together, values and averages alike; the second is off by one:
+
+    >>> cov = np.array([[1.0, 0.9], [0.9, 1.0]])
+    >>> prec = relations_precision(np.kron(np.ones((2, 2)), cov) + 0.1 * np.eye(4))
+    >>> relation_residuals(prec, np.array([0.0, 1.0, 0.0, 0.0])).round(1).tolist()
+    [-0.7, 1.7]
     """
     return _residuals(prec, d)[0]
 
 
 def _residuals(prec: np.ndarray, d: np.ndarray) -> tuple[F64, np.ndarray]:
-    """The residuals and P d (in the arrays' own precision). A precision in use has a
-    positive diagonal; a row of NaN (a stream not yet seen) gives NaN."""
-    u = np.matmul(prec, d[..., None])[..., 0]
-    with np.errstate(invalid="ignore"):
-        r: F64 = u / np.sqrt(np.diagonal(prec, axis1=-2, axis2=-1))
+    """The residuals [..., F] and P d [..., 2F] (in the arrays' own precision). A precision
+    in use has a positive diagonal; a row of NaN (a stream not yet seen) gives NaN."""
+    u = np.einsum("...ij,...j->...i", prec, d)  # numpy's batched matmul is slow at this size
+    f = u.shape[-1] // 2
+    diag = np.diagonal(prec, axis1=-2, axis2=-1)
+    p_fs = np.diagonal(prec[..., :f, f:], axis1=-2, axis2=-1)  # each value with its average
+    p_ss = diag[..., f:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = p_fs / p_ss
+        r: F64 = (u[..., :f] - k * u[..., f:]) / np.sqrt(diag[..., :f] - k * p_fs)
     return r, u
+
+
+def slow_prior(covariance: np.ndarray | list[list[float]], f: int) -> F64:
+    """The covariance over the values and their averages [2F, 2F] that a prior gives: its
+    own, or for a file that measured the values alone [F, F] (before the averages joined),
+    the values' with the averages taken as unrelated to them, which each stream then learns.
+
+    >>> slow_prior([[2.0]], 1).tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
+    """
+    cov: F64 = np.asarray(covariance, np.float64)
+    if len(cov) == 2 * f:
+        return cov
+    out = np.zeros((2 * f, 2 * f))
+    out[:f, :f] = out[f:, f:] = cov
+    return out
+
+
+def packing(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """How a symmetric n x n matrix is kept as its upper triangle (n (n + 1) / 2 values, row
+    by row): the triangle's index of each entry [n, n], and the entries the triangle holds.
+
+    >>> index, upper = packing(2)
+    >>> index.tolist(), [a.tolist() for a in upper]
+    ([[0, 1], [1, 2]], [[0, 0, 1], [0, 1, 1]])
+    """
+    upper = np.triu_indices(n)
+    index = np.zeros((n, n), np.intp)
+    index[upper] = np.arange(len(upper[0]))
+    index = np.maximum(index, index.T)
+    return index, upper
+
+
+def precision_of(packed: np.ndarray) -> F64:
+    """The full precision [..., 2F, 2F] of a stream's ``rel_prec`` column [..., triangle].
+
+    >>> precision_of(np.array([1.0, 2.0, 3.0])).tolist()
+    [[1.0, 2.0], [2.0, 3.0]]
+    """
+    n = int(round((math.sqrt(8 * packed.shape[-1] + 1) - 1) / 2))
+    out: F64 = packed[..., packing(n)[0]]
+    return out
 
 
 class Relations:
@@ -120,10 +175,16 @@ class Relations:
     def __init__(
         self, prior: RelationsPrior, window: int, prior_steps: float, long_window: int
     ) -> None:
-        f = len(prior.covariance)
-        if f < 2 or len(prior.average_var) != f:
-            raise ValueError("relations need an F x F covariance and F average spreads, F >= 2")
-        self.prior_prec = relations_precision(prior.covariance)
+        f = len(prior.average_var)
+        if f < 2 or len(prior.covariance) not in (f, 2 * f):
+            raise ValueError(
+                "relations need F average spreads, F >= 2, and a covariance of"
+                " the values and their averages, 2F x 2F (or F x F)"
+            )
+        self.prior_prec = relations_precision(slow_prior(prior.covariance, f))
+        self._index, self._upper = packing(2 * f)
+        self._prior_packed = self.prior_prec[self._upper].astype(np.float32)
+        self._diagonal = np.diagonal(self._index).copy()  # where the triangle keeps P_ii
         rescale = ewma_var_share(window) / ewma_var_share(prior.window)
         self.average_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * rescale, 1e-12))
         self.window = window
@@ -140,15 +201,18 @@ class Relations:
         if f < 2:  # one sensor has no others to be judged against
             return {}
         return {
-            PREFIX + "mean": ((f,), np.float32, math.nan),
-            PREFIX + "prec": ((f, f), np.float32, math.nan),
+            PREFIX + "slow": ((f,), np.float32, math.nan),  # the values' own averages
+            PREFIX + "mean": ((2 * f,), np.float32, math.nan),  # of the values and averages
+            # the precision's upper triangle (it is symmetric): 2F (2F + 1) / 2 values
+            PREFIX + "prec": ((f * (2 * f + 1),), np.float32, math.nan),
             PREFIX + "avg": ((f,), np.float32, math.nan),
             PREFIX + "var": ((f,), np.float32, 1.0),
-            PREFIX + "armed": ((), np.bool_, True),  # a departure may raise (alerts.raise_once)
+            PREFIX + "armed": ((), np.int16, ARMED),  # calm samples since the last raise
+            # (alerts.raise_once)
             PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
         }
 
-    gap_reset = (PREFIX + "avg", PREFIX + "armed")
+    gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed")
 
     def step(
         self,
@@ -161,20 +225,32 @@ class Relations:
         """Score then learn one step of values ``x`` [B, F] (training units). ``count``: the
         values already in each stream's averages. Returns each stream's tail [B] and the
         standardised averages [B, F]."""
-        mean, prec, avg = (cols[PREFIX + k] for k in ("mean", "prec", "avg"))
-        # the samples this state has taken in: the stream's, or since the state was new (a
-        # snapshot from before the check restores the stream without it)
-        n = cols[PREFIX + "n"].astype(np.float64)
+        mean, packed, avg, slow = (cols[PREFIX + k] for k in ("mean", "prec", "avg", "slow"))
         x = np.asarray(x, np.float64)
-        fresh = ok & np.isnan(prec[:, 0, 0])
-        if fresh.any():  # a stream's first step: the model's covariance, its own mean
-            prec[fresh] = self.prior_prec
-            mean[fresh] = x[fresh]
-        d = x - mean
+        # A stream's first step, or one whose state is new (a snapshot from before the check,
+        # or from a version that kept it in another shape, restores the stream without it):
+        # the model's covariance, its own mean, and the part's other columns anew.
+        fresh = ok & np.isnan(packed[:, 0])
+        if fresh.any():
+            packed[fresh] = self._prior_packed
+            mean[fresh] = np.concatenate([x[fresh], x[fresh]], axis=1)
+            for name, (_, _, fill) in self.columns(x.shape[1]).items():
+                if name not in (PREFIX + "prec", PREFIX + "mean"):
+                    cols[name][fresh] = fill
+        n = cols[PREFIX + "n"].astype(np.float64)  # the samples this state has taken in
+        # each value's own average over the window, from the stream's (or the gap's) first
+        fine = ok[:, None] & np.isfinite(x)
+        restart = fine & np.isnan(slow)
+        slow[restart] = x[restart]
+        with np.errstate(invalid="ignore"):
+            slow += np.where(fine, self._alpha * (x - slow), 0.0).astype(np.float32)
+        d = np.concatenate([x, slow], axis=1) - mean
         d[~(ok[:, None] & np.isfinite(d))] = 0.0
         # In the precision's float32: half the memory traffic, ample for a residual. A row
         # not in use is NaN and stays out of the average.
-        r, u = _residuals(prec, d.astype(np.float32))
+        prec = packed[:, self._index]
+        d = d.astype(np.float32)
+        r, u = _residuals(prec, d)
         advance_average(avg, r, ok, self._alpha, count)
         young = average_var_share(self.window, count + 1) / self._share  # a young average
         # spreads more; z is NaN only on rows not in use (no average yet), whose tail is 1
@@ -194,7 +270,7 @@ class Relations:
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
-            self._learn_covariance(prec, d, u, learn, n)
+            self._learn_covariance(packed, d, u, learn, n)
         # the mean: a plain running mean of the stream's own values, up to long_window (d is
         # 0 where a row is not ok)
         mean += d / np.minimum(n + 1.0, float(self.long_window))[:, None]
@@ -202,10 +278,10 @@ class Relations:
         return tail, z
 
     def _learn_covariance(
-        self, prec: np.ndarray, d: F64, u: F64, learn: Mask, n: np.ndarray
+        self, packed: np.ndarray, d: F64, u: F64, learn: Mask, n: np.ndarray
     ) -> None:
         """S' = (1 - b) S + b d d^T, b = 1 / evidence; so, with c = b / (1 - b),
-        P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d."""
+        P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d; on P's upper triangle."""
         every = bool(learn.all())  # the usual step: whole columns in place, no copies
         rows = slice(None) if every else np.nonzero(learn)[0]
         evidence = np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
@@ -214,15 +290,20 @@ class Relations:
         dr, ur = d[rows], u[rows]
         q = np.einsum("bi,bi->b", dr, ur)
         k = (c / (1.0 + c * q)).astype(np.float32)
-        p = prec if every else prec[rows]
-        outer = np.einsum("bi,bj->bij", ur * k[:, None], ur)
-        p -= outer
-        p *= (1.0 / (1.0 - b)).astype(np.float32)[:, None, None]
+        p = packed if every else packed[rows]
+        # row by row of the triangle, P[a, a:] -= k u_a u[a:]: slices, not a gather, so a
+        # large batch stays in cache
+        uk = ur * k[:, None]
+        m = ur.shape[1]
+        start = 0
+        for a in range(m):
+            p[:, start : start + m - a] -= uk[:, a : a + 1] * ur[:, a:]
+            start += m - a
+        p *= (1.0 / (1.0 - b)).astype(np.float32)[:, None]
         # A precision that lost its positive diagonal to rounding (or a non-finite value,
         # which reaches the diagonal) starts again from the prior.
-        diag = np.diagonal(p, axis1=1, axis2=2)
-        bad = ~(diag > 0).all(axis=1)
+        bad = ~(p[:, self._diagonal] > 0).all(axis=1)
         if bad.any():
-            p[bad] = self.prior_prec
+            p[bad] = self._prior_packed
         if not every:
-            prec[rows] = p
+            packed[rows] = p

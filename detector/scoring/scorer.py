@@ -211,9 +211,11 @@ class Scorer:
         # machine left in a new state) does not raise again until it has ended.
         level, calm_level = (1.0 - cfg.threshold) / signals, 1.0 - cfg.clear_threshold
         if stuck_tail is not None:
-            stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level, ok)
+            stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level,
+                                    cfg.clear_steps, ok)  # fmt: skip
         if relations_tail is not None:
-            relations_tail = raise_once(cols["rel_armed"], relations_tail, level, calm_level, ok)
+            relations_tail = raise_once(cols["rel_armed"], relations_tail, level, calm_level,
+                                        cfg.clear_steps, ok)  # fmt: skip
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail, relations_tail)
                        if t is not None]  # fmt: skip
         alert_tail = combine_tails(*alert_tails)

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from detector.scoring.alerts import ARMED
 from detector.scoring.stats import (
     F64,
     ColumnSpec,
@@ -54,7 +55,8 @@ class Stuck:
             "repeat_logp": ((f,), np.float32, 0.0),
             "repeats": ((f,), np.float32, 0.0),
             "compared": ((), np.float32, 0.0),
-            "stuck_armed": ((), np.bool_, True),  # a run may raise (alerts.raise_once)
+            "stuck_armed": ((), np.int16, ARMED),  # calm samples since the last raise
+            # (alerts.raise_once)
         }
 
     gap_reset = ("last_value", "repeat_run", "repeat_logp", "stuck_armed")

@@ -355,6 +355,10 @@ def test_the_level_spread_is_optional_and_checked() -> None:
             meta_from_dict(doc)
 
 
+def identity(n: int) -> list[list[float]]:
+    return [[float(i == j) for j in range(n)] for i in range(n)]
+
+
 def test_the_relations_prior_is_optional_and_checked() -> None:
     doc = meta_doc(tiny_model())  # as files before it: no relations, the check is off
     assert meta_from_dict(doc).calibration.relations is None
@@ -363,8 +367,18 @@ def test_the_relations_prior_is_optional_and_checked() -> None:
     doc["calibration"]["relations"] = good
     rel = meta_from_dict(doc).calibration.relations
     assert rel is not None and rel.covariance[1][1] == 2.0 and rel.steps == 3000
+    # the values and their averages (2F x 2F), as the trainer writes it now
+    doc["calibration"]["relations"] = {**good, "covariance": identity(4)}
+    rel = meta_from_dict(doc).calibration.relations
+    assert rel is not None and len(rel.covariance) == 4
+    three = identity(3)
     bad_values = {
-        "covariance": ([[1.0, 0.5]], [[1.0, 0.5], [0.5, float("nan")]], [[-1.0, 0], [0, 1.0]]),
+        "covariance": (
+            [[1.0, 0.5]],
+            [[1.0, 0.5], [0.5, float("nan")]],
+            [[-1.0, 0], [0, 1.0]],
+            three,
+        ),  # fmt: skip
         "average_var": ([0.3], [0.3, -0.1], [0.3, "0.4"]),
         "window": (0, 2.5),
         "steps": (0, "3000"),

@@ -165,20 +165,27 @@ def with_columns(monkeypatch: pytest.MonkeyPatch, **changes: ColumnSpec) -> None
     monkeypatch.setattr(Scorer, "column_specs", staticmethod(lambda f: original(f) | changes))
 
 
-def test_a_changed_column_layout_is_not_restored(
+def test_a_column_kept_in_another_shape_starts_afresh_and_the_rest_is_restored(
     model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     live = engine(model)
     run(live, batches(model, ["p1"], 3, 0, seed=8))
     save_snapshot(tmp_path / "s.npz", [live])
-    # A later version of the scorer that keeps one of its columns in another type.
-    with_columns(monkeypatch, episodes=((), np.float64, 0.0))
+    # A later version of the scorer that keeps one of its columns in another shape: the
+    # stream keeps its network state and the rest of its statistics.
+    with_columns(monkeypatch, n_scored=((2,), np.int64, 0))
     newer = engine(model)
-    with caplog.at_level(logging.WARNING, logger="detector.snapshot"):
-        assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 0}
-    assert len(newer.table) == 0
-    assert "pump" in caplog.text and "episodes" in caplog.text
+    with caplog.at_level(logging.INFO, logger="detector.snapshot"):
+        assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 1}
+    assert "n_scored" in caplog.text
+    row, old_row = newer.table.rows_for(["p1"], T0), live.table.rows_for(["p1"], T0)
+    assert newer.table.arrays["n_scored"][row].tolist() == [[0, 0]]
+    h = newer.table.columns["warm"].axis
+    np.testing.assert_array_equal(
+        np.take(newer.table.arrays["warm"], row, axis=h),
+        np.take(live.table.arrays["warm"], old_row, axis=h),
+    )
 
 
 def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
+from typing import Final
 
 import numpy as np
 import onnx
@@ -23,6 +24,7 @@ from detector.scoring import (
     Calibration,
     RelationsPrior,
     ScoringConfig,
+    ewma_alpha,
     ewma_var_share,
     short_average,
     student_t_score,
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 QUANTILES = ("0.5", "0.9", "0.99", "0.999")
 DEFAULT_WINDOW = ScoringConfig().short_window
+FOLDS: Final = 5  # the relations' spreads are measured out of fold (relations_prior)
 ALERT_WINDOW = ScoringConfig().alert_window  # the relations check's average: the alerts'
 RAW_SCORE = "student_t"  # what the calibration describes, and so what the daemon computes
 DEFAULT_THRESHOLD = 0.9999
@@ -76,17 +79,20 @@ def relations_prior(
     """What the relations check (:mod:`detector.scoring.relations`) takes as its prior, from
     held-out streams (raw units, each from ``burn_in`` on); None for a single feature.
 
-    - The covariance of the normalised inputs about each stream's own mean, pooled over the
-      streams: how the sensors of one stream move together, not how streams differ.
+    - The covariance [2F, 2F] of the normalised inputs and their averages over ``window``
+      steps, about each stream's own mean, pooled over the streams: how the sensors of one
+      stream move together, not how streams differ.
     - Per feature, the variance of the average over ``window`` steps of the residual given
-      the others, taken as the daemon takes it (about the stream's running mean), and the
+      the others' values and averages, taken as the daemon takes it (about the stream's
+      running mean, with a covariance that has not seen the step: out of fold), and the
       steps it was measured on.
 
     >>> t = np.arange(400.0)
     >>> x = np.stack([np.sin(t / 9), 2 * np.sin(t / 9) + 5], axis=1)
     >>> rel = relations_prior(Normalisation([0.0, 5.0], [1.0, 2.0]), [x, x], 0, 20)
-    >>> np.round(np.array(rel.covariance) / rel.covariance[0][0], 6).tolist(), rel.steps
-    ([[1.0, 1.0], [1.0, 1.0]], 758)
+    >>> cov = np.array(rel.covariance)
+    >>> cov.shape, np.round(cov[:2, :2] / cov[0, 0], 2).tolist(), rel.steps
+    ((4, 4), [[1.0, 1.0], [1.0, 1.0]], 758)
     """
     scale = 1.0 / np.asarray(norm.scale, np.float64)
     f = len(scale)
@@ -98,14 +104,31 @@ def relations_prior(
     parts = [z for z in parts if len(z) > window + 1]
     if not parts:
         raise DataError(f"no held-out stream is longer than {burn_in + window + 1} steps")
-    within = [z - z.mean(axis=0) for z in parts]
-    cov = sum(d.T @ d for d in within) / sum(len(d) - 1 for d in within)
-    prec = relations_precision(cov)
-    averages = []
-    for z in parts:
-        running = np.cumsum(z, axis=0) / np.arange(1, len(z) + 1)[:, None]
-        d = z[1:] - running[:-1]  # each step against the mean of the steps before it
-        r = relation_residuals(prec[None], d)
+    # the values beside their own averages over the window, as the daemon keeps them
+    parts = [np.concatenate([z, slow_averages(z, window)], axis=1) for z in parts]
+    within = np.concatenate([y - y.mean(axis=0) for y in parts])
+    cov = within.T @ within / (len(within) - len(parts))
+    # Each step's residual is taken with a covariance measured without the rows around it
+    # (the rows in FOLDS blocks, each left out in turn), as the daemon meets steps its
+    # covariance has not seen: a covariance fitted to the same rows explains part of their
+    # slow wander (the averages' relations rest on few independent values), and would
+    # promise a spread that new data does not keep.
+    bounds = np.linspace(0, len(within), FOLDS + 1).astype(int)
+    fold = np.searchsorted(bounds, np.arange(len(within)), side="right") - 1
+    precs = []
+    for k in range(FOLDS):
+        rest = within[fold != k]
+        precs.append(relations_precision(rest.T @ rest / max(len(rest) - len(parts), 1)))
+    averages, start = [], 0
+    for y in parts:
+        running = np.cumsum(y, axis=0) / np.arange(1, len(y) + 1)[:, None]
+        d = y[1:] - running[:-1]  # each step against the mean of the steps before it
+        folds_here = fold[start + 1 : start + len(y)]
+        start += len(y)
+        r = np.empty((len(d), f))
+        for k in np.unique(folds_here):
+            mine = folds_here == k
+            r[mine] = relation_residuals(precs[k][None], d[mine])
         averages.append(np.stack([short_average(r[:, i], window) for i in range(f)], 1)[window:])
     avg = np.concatenate(averages)
     return RelationsPrior(
@@ -114,6 +137,22 @@ def relations_prior(
         average_var=[float(v) for v in np.mean(avg**2, axis=0)],
         steps=len(avg),
     )
+
+
+def slow_averages(z: np.ndarray, window: int) -> np.ndarray:
+    """Each column's exponential average over ``window`` steps, from its first value, as
+    ``detector.scoring.relations`` keeps it.
+
+    >>> slow_averages(np.array([[0.0], [3.0], [3.0]]), 2).round(2).tolist()
+    [[0.0], [2.0], [2.67]]
+    """
+    alpha = ewma_alpha(window)
+    out = np.empty_like(z, dtype=np.float64)
+    acc = np.asarray(z[0], np.float64)
+    for i, row in enumerate(np.asarray(z, np.float64)):
+        acc = acc + alpha * (row - acc)
+        out[i] = acc
+    return out
 
 
 def within_std(parts: Sequence[np.ndarray]) -> float:

@@ -9,16 +9,28 @@ one another shows it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from detector.artifact import Normalisation
-from detector.scoring import Scorer, ScoringConfig, scorer_columns, student_t_score
+from detector.scoring import (
+    Scorer,
+    ScoringConfig,
+    scorer_columns,
+    short_average,
+    student_t_score,
+)
 from detector.scoring.calibration import Calibration, RelationsPrior
-from detector.scoring.relations import Relations, relation_residuals, relations_precision
-from training.trainer.calibrate import relations_prior
+from detector.scoring.relations import (
+    Relations,
+    precision_of,
+    relation_residuals,
+    relations_precision,
+)
+from training.trainer.calibrate import relations_prior, slow_averages
 
 LOAD_PHI = 0.995  # the load wanders slowly ...
 LOAD_NOISE = math.sqrt(1.0 - LOAD_PHI**2)  # ... with a spread of 1
@@ -54,9 +66,11 @@ def calibration_of(steps: int = 4000) -> Calibration:
 CALIBRATION = calibration_of()
 
 
-def replay(x: np.ndarray, config: ScoringConfig | None = None) -> list[int]:
+def replay(
+    x: np.ndarray, config: ScoringConfig | None = None, calibration: Calibration = CALIBRATION
+) -> list[int]:
     """One stream through a Scorer with the last-value predictor; the steps that raise."""
-    scorer = Scorer(config or ScoringConfig(), CALIBRATION)
+    scorer = Scorer(config or ScoringConfig(), calibration)
     cols = scorer_columns(1, F)
     log_var = np.full((1, F), math.log(STEP_VAR))
     raised = []
@@ -120,9 +134,12 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     for t in range(len(x)):
         part.step(cols, x[t : t + 1], ok, ok, count)
         count += 1
-    cov = np.linalg.inv(cols["rel_prec"][0].astype(np.float64))
-    np.testing.assert_allclose(cov, np.cov(x.T), atol=0.08)
-    np.testing.assert_allclose(cols["rel_mean"][0], x.mean(axis=0), atol=1e-6)
+    y = np.concatenate([x, slow_averages(x, 50)], axis=1)  # the values and their averages
+    cov = np.linalg.inv(precision_of(cols["rel_prec"][0]).astype(np.float64))
+    # the prior, taking the averages as unrelated to the values, counts as 10 samples
+    prior_cov = np.linalg.inv(part.prior_prec)
+    np.testing.assert_allclose(cov, (10.0 * prior_cov + 3000 * np.cov(y.T)) / 3010, atol=0.003)
+    np.testing.assert_allclose(cols["rel_mean"][0], y.mean(axis=0), atol=1e-5)
 
 
 def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> None:
@@ -138,17 +155,35 @@ def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> 
     for t in range(1, len(x)):
         out = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
         assert not out.raised[0], t
-    np.testing.assert_allclose(cols["rel_mean"][0], x[1:].mean(axis=0), atol=0.05)
+    np.testing.assert_allclose(cols["rel_mean"][0][:F], x[1:].mean(axis=0), atol=0.05)
 
 
-def test_residuals_are_each_sensor_given_the_others() -> None:
-    """For two sensors, sensor 2 given sensor 1 is the regression residual over its spread."""
-    cov = np.array([[1.0, 0.6], [0.6, 1.0]])
-    d = np.array([[0.5, 1.5]])
-    r = relation_residuals(relations_precision(cov), d)
-    ridge = 1.0 + 1e-3
-    expected = (1.5 - 0.6 / ridge * 0.5) / math.sqrt(ridge - 0.36 / ridge)
-    assert r[0, 1] == pytest.approx(expected, rel=1e-9)
+def test_residuals_are_each_sensor_given_the_others_values_and_averages() -> None:
+    """A sensor's residual is its regression on every other variable but its own average,
+    over that regression's spread: the Gaussian conditional, not the precision's shortcut."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((6, 6))
+    cov = a @ a.T + np.eye(6)  # three sensors, their three averages
+    d = rng.standard_normal(6)
+    r = relation_residuals(relations_precision(cov), d[None])[0]
+    full = cov + 1e-3 * np.eye(6)  # the ridge the precision takes
+    for f in range(3):
+        given = [j for j in range(6) if j not in (f, f + 3)]
+        beta = np.linalg.solve(full[np.ix_(given, given)], full[given, f])
+        spread = math.sqrt(full[f, f] - full[f, given] @ beta)
+        assert r[f] == pytest.approx((d[f] - d[given] @ beta) / spread, rel=1e-9)
+
+
+def test_a_file_that_measured_the_values_alone_still_has_the_check() -> None:
+    """A model file from before the averages joined carries an F x F covariance: the check
+    takes the averages as unrelated to the values until the stream has learnt them."""
+    old = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
+    part = Relations(old, 50, prior_steps=10.0, long_window=8000)
+    assert part.prior_prec.shape == (4, 4) and part.prior_prec[0, 2] == 0.0
+    x = related_stream(4000, seed=2)
+    x[START:END, 1] += 1.5 * np.arange(1, END - START + 1) / (END - START)
+    calibration = dataclasses.replace(CALIBRATION, relations=old)
+    assert caught_while_happening(replay(x, calibration=calibration))
 
 
 def test_one_sensor_or_a_file_without_relations_has_no_check() -> None:
@@ -158,3 +193,58 @@ def test_one_sensor_or_a_file_without_relations_has_no_check() -> None:
     assert Scorer(ScoringConfig(), plain).relations is None
     assert Scorer(OFF, CALIBRATION).relations is None
     assert Scorer(ScoringConfig(), CALIBRATION).relations is not None
+
+
+LAG_PHI = 0.95  # a load that moves within tens of steps ...
+LAG = 20  # ... and a sensor that follows it with a lag of about as many (a temperature)
+
+
+def lagging_stream(steps: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    load, lagged = np.zeros(steps), np.zeros(steps)
+    for t in range(1, steps):
+        load[t] = LAG_PHI * load[t - 1] + math.sqrt(1.0 - LAG_PHI**2) * rng.standard_normal()
+        lagged[t] = lagged[t - 1] + (load[t] - lagged[t - 1]) / LAG
+    return np.stack([load, lagged], axis=1) + OWN * rng.standard_normal((steps, F))
+
+
+def values_alone(prior: RelationsPrior, x: np.ndarray) -> RelationsPrior:
+    """The prior a file from before the averages joined would carry: the values' covariance
+    and how the average of their same-step residuals strays on ``x``."""
+    cov = np.array(prior.covariance)[:F, :F]
+    y = np.concatenate([x, x], axis=1)  # the averages' half does not enter the residuals
+    running = np.cumsum(y, axis=0) / np.arange(1, len(y) + 1)[:, None]
+    r = relation_residuals(relations_precision(np.kron(np.eye(2), cov)), y[1:] - running[:-1])
+    avg = np.stack([short_average(r[:, f], 50) for f in range(F)], axis=1)[50:]
+    return RelationsPrior(cov.tolist(), 50, np.mean(avg**2, axis=0).tolist(), len(avg))
+
+
+def test_a_lagging_sensor_drifting_is_caught_against_the_others_averages() -> None:
+    """The second sensor follows the load with a lag: at the same step it is loosely tied to
+    the first, so a slow drift of it hides in that slack until it ends; against the first's
+    average it is tightly tied, and the drift shows a third of the way in."""
+    held_out = lagging_stream(4001, seed=99)
+    both = relations_prior(Normalisation([0.0] * F, [1.0] * F), [held_out], 8, 50)
+    assert both is not None
+    step_var = np.var(np.diff(held_out, axis=0), axis=0)
+    raw = student_t_score(held_out[1:], held_out[:-1], np.log(step_var)[None])
+    avg = short_average(raw, 20)
+    calibration = Calibration(4000, float(raw.mean()), float(raw.std()), {}, 20,
+                              float(raw.mean()), float(avg[20:].std()), 0.9999, "student_t",
+                              relations=both)  # fmt: skip
+    x = lagging_stream(4000, seed=10)
+    x[START:END, 1] += np.arange(1, END - START + 1) / (END - START)  # 10 own noises
+
+    def raised(prior: RelationsPrior) -> list[int]:
+        scorer = Scorer(ScoringConfig(), dataclasses.replace(calibration, relations=prior))
+        cols = scorer_columns(1, F)
+        log_var = np.log(step_var)[None]
+        out = []
+        for t in range(1, len(x)):
+            step = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
+            if step.raised[0]:
+                out.append(t)
+        return out
+
+    assert caught_while_happening(raised(both))
+    assert not caught_while_happening(raised(values_alone(both, held_out)))

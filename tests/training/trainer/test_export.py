@@ -195,7 +195,7 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     assert cal.raw_score == "student_t"
     rel = cal.relations  # the relations check's prior, of the model's features
     assert rel is not None and rel.window == ScoringConfig().alert_window and rel.steps > 0
-    assert np.array(rel.covariance).shape == (len(meta.features),) * 2
+    assert np.array(rel.covariance).shape == (2 * len(meta.features),) * 2  # and averages
     assert len(rel.average_var) == len(meta.features) and min(rel.average_var) > 0
 
 
