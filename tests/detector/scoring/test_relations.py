@@ -67,12 +67,15 @@ CALIBRATION = calibration_of()
 
 
 def replay(
-    x: np.ndarray, config: ScoringConfig | None = None, calibration: Calibration = CALIBRATION
+    x: np.ndarray,
+    config: ScoringConfig | None = None,
+    calibration: Calibration = CALIBRATION,
+    step_var: np.ndarray | float = STEP_VAR,
 ) -> list[int]:
     """One stream through a Scorer with the last-value predictor; the steps that raise."""
     scorer = Scorer(config or ScoringConfig(), calibration)
     cols = scorer_columns(1, F)
-    log_var = np.full((1, F), math.log(STEP_VAR))
+    log_var = np.log(np.broadcast_to(step_var, (1, F)))
     raised = []
     for t in range(1, len(x)):
         out = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
@@ -236,15 +239,8 @@ def test_a_lagging_sensor_drifting_is_caught_against_the_others_averages() -> No
     x[START:END, 1] += np.arange(1, END - START + 1) / (END - START)  # 10 own noises
 
     def raised(prior: RelationsPrior) -> list[int]:
-        scorer = Scorer(ScoringConfig(), dataclasses.replace(calibration, relations=prior))
-        cols = scorer_columns(1, F)
-        log_var = np.log(step_var)[None]
-        out = []
-        for t in range(1, len(x)):
-            step = scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
-            if step.raised[0]:
-                out.append(t)
-        return out
+        with_prior = dataclasses.replace(calibration, relations=prior)
+        return replay(x, calibration=with_prior, step_var=step_var)
 
     assert caught_while_happening(raised(both))
     assert not caught_while_happening(raised(values_alone(both, held_out)))
