@@ -9,7 +9,7 @@ keeping scoring apart from learning; :class:`Scorer` composes them:
   history, with the model's calibration as the prior;
 - ``sensors``: what a one-step predictor cannot see (a stuck sensor, a value beyond
   all seen);
-- ``relations``: each sensor against the others at the same step (a drift, a broken
+- ``relations``: each sensor against the others' values and their averages (a drift, a broken
   correlation);
 - ``onsets``: ``anomaly_score`` marks where an anomaly starts;
 - ``alerts``: warm-up, raise, hold, clear;

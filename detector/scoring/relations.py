@@ -1,26 +1,34 @@
-"""Relations: each sensor against the stream's other sensors at the same step.
+"""Relations: each sensor against the stream's other sensors and their recent course.
 
 A one-step predictor follows a sensor that drifts or breaks away from the others: it reads
 the change as the process moving and predicts the next step from it. What it cannot
-follow is how the sensors stand to one another. ``Relations`` keeps, per stream, the mean
-and the inverse covariance (precision) P of its values in training units, and each
-sensor's residual given all the others at the same step (a Gaussian graphical model):
+follow is how the sensors stand to one another. ``Relations`` keeps, per stream, each
+sensor's own average over the window beside its value, and the mean and the inverse
+covariance (precision) P of the values and averages together (2F of them, in training
+units). Each sensor's residual is taken given every other value and every other sensor's
+average, its own average left out (it follows a drift of its own sensor): with u = P d,
+d = (x, s) - mean, marginalising the sensor's average s out of the Gaussian gives
 
-    r_f = (P d)_f / sqrt(P_ff),  d = x - mean,
+    r_f = (u_f - P_fs u_s / P_ss) / sqrt(P_ff - P_fs^2 / P_ss),
 
-N(0, 1) for a sensor where the others say it should be. A drifting sensor, a sensor whose
-partner stopped following it, or one stuck while the others move, leaves the place the
-others put it in, however slowly it got there. What the check watches is the residual's
-average over the alert window, against how far such an average strays in normal data:
-the relations of real machines are not linear, so the residual wanders slowly, and an
-average of it strays further than the white-noise share would say. The model file
-measures that spread on held-out streams (``RelationsPrior.average_var``).
+N(0, 1) for a sensor where the others say it should be (a Gaussian graphical model). The
+others' averages pin down a sensor that lags them, as a temperature lags the load, which
+their values at the same step leave loose. A drifting sensor, a sensor whose partner
+stopped following it, or one stuck while the others move, leaves the place the others put
+it in, however slowly it got there. What the check watches is the residual's average over
+the alert window, against how far such an average strays in normal data: the relations of
+real machines are not linear, so the residual wanders slowly, and an average of it strays
+further than the white-noise share would say. The model file measures that spread on
+held-out streams (``RelationsPrior.average_var``), each step with a covariance that had not
+seen it.
 
 The covariance's prior is the model's: the held-out streams' covariance within each
 stream, counted as ``prior_steps`` of the stream's own samples (a full memory for a model of
 one stream, a few dozen for a fleet of unlike machines). Each step past the warm-up moves it
 by 1 / evidence, up to ``long_window``; its precision is kept by a rank-one
-(Sherman-Morrison) update, F^2 work a step and no inversion. The mean is the stream's own
+(Sherman-Morrison) update, (2F)^2 work a step and no inversion, and stored as its upper
+triangle. A model file from before the averages joined (an F x F covariance) takes them as
+unrelated to the values until the stream has learnt them. The mean is the stream's own
 from its first sample. Each stream learns how much its own averages stray, in units of the
 calibration's (a Huber-robust mean square, with the calibration as its prior), so a stream
 whose relations wander more learns a wider spread. The tail is a Student t whose degrees of
