@@ -64,6 +64,8 @@ PREFIX: Final = "rel_"
 # Added to the covariance's diagonal (training units, where a sensor's variance is about 1)
 # before it is inverted: a sensor that never moved in the held-out data still has a precision.
 RIDGE: Final = 1e-3
+SMALL_BATCH: Final = 256  # streams a step below which the precision's update gathers (faster
+# there than a Python loop over the triangle's rows; slower above, as the gather leaves cache)
 VAR_FLOOR: Final = 0.1  # a stream's averages stray at least a tenth of the calibration's
 
 
@@ -299,14 +301,16 @@ class Relations:
         q = np.einsum("bi,bi->b", dr, ur)
         k = (c / (1.0 + c * q)).astype(np.float32)
         p = packed if every else packed[rows]
-        # row by row of the triangle, P[a, a:] -= k u_a u[a:]: slices, not a gather, so a
-        # large batch stays in cache
         uk = ur * k[:, None]
-        m = ur.shape[1]
-        start = 0
-        for a in range(m):
-            p[:, start : start + m - a] -= uk[:, a : a + 1] * ur[:, a:]
-            start += m - a
+        if len(p) <= SMALL_BATCH:  # one gather of the triangle's pairs
+            i, j = self._upper
+            p -= uk[:, i] * ur[:, j]
+        else:  # row by row, P[a, a:] -= k u_a u[a:]: slices, so a large batch stays in cache
+            m = ur.shape[1]
+            start = 0
+            for a in range(m):
+                p[:, start : start + m - a] -= uk[:, a : a + 1] * ur[:, a:]
+                start += m - a
         p *= (1.0 / (1.0 - b)).astype(np.float32)[:, None]
         # A precision that lost its positive diagonal to rounding (or a non-finite value,
         # which reaches the diagonal) starts again from the prior.

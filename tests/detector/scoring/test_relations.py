@@ -25,6 +25,7 @@ from detector.scoring import (
 )
 from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
+    SMALL_BATCH,
     Relations,
     precision_of,
     relation_residuals,
@@ -244,3 +245,20 @@ def test_a_lagging_sensor_drifting_is_caught_against_the_others_averages() -> No
 
     assert caught_while_happening(raised(both))
     assert not caught_while_happening(raised(values_alone(both, held_out)))
+
+
+def test_a_large_batch_learns_as_a_small_one_does() -> None:
+    """Above SMALL_BATCH streams the precision's update runs row by row of its triangle,
+    below it as one gather: the same numbers either way."""
+    prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
+    x = related_stream(300, seed=12)
+    precisions = []
+    for b in (1, SMALL_BATCH + 1):
+        cols = {k: np.full((b, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+        ok, count = np.ones(b, np.bool_), np.zeros(b)
+        for t in range(len(x)):
+            part.step(cols, np.repeat(x[t : t + 1], b, axis=0), ok, ok, count)
+            count += 1
+        precisions.append(cols["rel_prec"][-1])
+    np.testing.assert_allclose(precisions[0], precisions[1], rtol=1e-5)
