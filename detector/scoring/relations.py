@@ -157,9 +157,12 @@ def precision_of(packed: np.ndarray) -> F64:
 
 
 class Relations:
-    """Columns: ``rel_mean`` [F], ``rel_prec`` [F, F], the residuals' average ``rel_avg``
-    [F], and the stream's own spread of that average ``rel_var`` [F] (in the calibration's
-    units). The stream's tail is the smallest over its features, times their number.
+    """Columns: each sensor's own average ``rel_slow`` [F], the mean of the values and
+    averages ``rel_mean`` [2F], their precision's upper triangle ``rel_prec`` [F (2F + 1)],
+    the residuals' average ``rel_avg`` [F], the stream's own spread of that average
+    ``rel_var`` [F] (in the calibration's units), the calm samples since the last raise
+    ``rel_armed`` and the samples taken in ``rel_n``. The stream's tail is the smallest over
+    its features, times their number.
 
     The prior's ``average_var`` is the spread of the average over its ``window``; for another
     ``window`` it is rescaled by the exponential averages' white-noise shares (close, not
