@@ -303,13 +303,13 @@ def _check_relations(rel: RelationsPrior, n: int) -> None:
                 and all(_is_num(v) and math.isfinite(v) for v in values))  # fmt: skip
 
     cov = rel.covariance
-    m = len(cov) if isinstance(cov, list) and len(cov) in (n, 2 * n) else 2 * n
-    if not (isinstance(cov, list) and len(cov) == m and all(numbers(row, m) for row in cov)):
+    if not (isinstance(cov, list) and len(cov) in (n, 2 * n)
+            and all(numbers(row, len(cov)) for row in cov)):  # fmt: skip
         raise ModelFileError(
             f"metadata calibration.relations.covariance must be {2 * n} x {2 * n} numbers"
             f" (the values and their averages; {n} x {n}: the values alone)"
         )
-    if not all(cov[i][i] >= 0 for i in range(m)):
+    if not all(cov[i][i] >= 0 for i in range(len(cov))):
         raise ModelFileError("metadata calibration.relations.covariance has a negative variance")
     if not (numbers(rel.average_var, n) and min(rel.average_var) >= 0):
         raise ModelFileError(f"metadata calibration.relations.average_var must be {n} numbers >= 0")

@@ -39,8 +39,8 @@ def raise_once(run: np.ndarray, tail: F64, level: float, calm: float, needed: in
     """
     armed = run >= needed
     out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
-    after = np.where(armed & (tail < level), 0,
-                     np.where(armed, run, np.where(tail > calm, run + 1, 0)))  # fmt: skip
+    counted = np.where(tail > calm, run + 1, 0)  # a disarmed signal counts its calm run
+    after = np.where(armed, np.where(tail < level, 0, run), counted)
     run[ok] = after[ok]
     return out
 

@@ -145,17 +145,6 @@ def packing(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     return index, upper
 
 
-def precision_of(packed: np.ndarray) -> F64:
-    """The full precision [..., 2F, 2F] of a stream's ``rel_prec`` column [..., triangle].
-
-    >>> precision_of(np.array([1.0, 2.0, 3.0])).tolist()
-    [[1.0, 2.0], [2.0, 3.0]]
-    """
-    n = int(round((math.sqrt(8 * packed.shape[-1] + 1) - 1) / 2))
-    out: F64 = packed[..., packing(n)[0]]
-    return out
-
-
 class Relations:
     """Columns: each sensor's own average ``rel_slow`` [F], the mean of the values and
     averages ``rel_mean`` [2F], their precision's upper triangle ``rel_prec`` [F (2F + 1)],
@@ -252,11 +241,7 @@ class Relations:
                     cols[name][fresh] = fill
         n = cols[PREFIX + "n"].astype(np.float64)  # the samples this state has taken in
         # each value's own average over the window, from the stream's (or the gap's) first
-        fine = ok[:, None] & np.isfinite(x)
-        restart = fine & np.isnan(slow)
-        slow[restart] = x[restart]
-        with np.errstate(invalid="ignore"):
-            slow += np.where(fine, self._alpha * (x - slow), 0.0).astype(np.float32)
+        advance_average(slow, x, ok, self._alpha)
         d = np.concatenate([x, slow], axis=1) - mean
         d[~(ok[:, None] & np.isfinite(d))] = 0.0
         # In the precision's float32: half the memory traffic, ample for a residual. A row

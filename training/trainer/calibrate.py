@@ -30,6 +30,7 @@ from detector.scoring import (
     student_t_score,
 )
 from detector.scoring.relations import relation_residuals, relations_precision
+from detector.scoring.stats import advance_average
 from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,13 @@ def slow_averages(z: np.ndarray, window: int) -> np.ndarray:
     >>> slow_averages(np.array([[0.0], [3.0], [3.0]]), 2).round(2).tolist()
     [[0.0], [2.0], [2.67]]
     """
-    alpha = ewma_alpha(window)
-    out = np.empty_like(z, dtype=np.float64)
-    acc = np.asarray(z[0], np.float64)
-    for i, row in enumerate(np.asarray(z, np.float64)):
-        acc = acc + alpha * (row - acc)
-        out[i] = acc
+    alpha, one = ewma_alpha(window), np.ones(1, np.bool_)
+    z = np.asarray(z, np.float64)
+    out = np.empty_like(z)
+    acc = np.full((1, z.shape[1]), np.nan)
+    for i in range(len(z)):
+        advance_average(acc, z[i : i + 1], one, alpha)
+        out[i] = acc[0]
     return out
 
 

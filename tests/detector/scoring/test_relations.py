@@ -27,7 +27,7 @@ from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
     SMALL_BATCH,
     Relations,
-    precision_of,
+    packing,
     relation_residuals,
     relations_precision,
 )
@@ -139,7 +139,8 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
         part.step(cols, x[t : t + 1], ok, ok, count)
         count += 1
     y = np.concatenate([x, slow_averages(x, 50)], axis=1)  # the values and their averages
-    cov = np.linalg.inv(precision_of(cols["rel_prec"][0]).astype(np.float64))
+    packed = cols["rel_prec"][0].astype(np.float64)  # the precision's upper triangle
+    cov = np.linalg.inv(packed[packing(2 * F)[0]])
     # the prior, taking the averages as unrelated to the values, counts as 10 samples
     prior_cov = np.linalg.inv(part.prior_prec)
     np.testing.assert_allclose(cov, (10.0 * prior_cov + 3000 * np.cov(y.T)) / 3010, atol=0.003)
