@@ -27,7 +27,11 @@ stream, counted as ``prior_steps`` of the stream's own samples (a full memory fo
 one stream, a few dozen for a fleet of unlike machines). Each step past the warm-up moves it
 by 1 / evidence, up to ``long_window``; its precision is kept by a rank-one
 (Sherman-Morrison) update, (2F)^2 work a step and no inversion, and stored as its upper
-triangle. A model file from before the averages joined (an F x F covariance) takes them as
+triangle. The covariance and the mean are Huber-robust, as the other learnt spreads are: a
+step far from what the relations say (its squared Mahalanobis distance past the bound of
+``stats.huber_scatter``) counts for less, so a stream's own incidents (a stuck sensor while
+the load moved, a level shift) do not loosen the relations that would show the next one.
+A model file from before the averages joined (an F x F covariance) takes them as
 unrelated to the values until the stream has learnt them. The mean is the stream's own
 from its first sample. Each stream learns how much its own averages stray, in units of the
 calibration's (a Huber-robust mean square, with the calibration as its prior), so a stream
@@ -56,6 +60,7 @@ from detector.scoring.stats import (
     average_var_share,
     ewma_alpha,
     ewma_var_share,
+    huber_scatter,
     learn_mean_square,
     student_tail,
 )
@@ -187,6 +192,7 @@ class Relations:
         self._index, self._upper = packing(2 * f)
         self._prior_packed = self.prior_prec[self._upper].astype(np.float32)
         self._diagonal = np.diagonal(self._index).copy()  # where the triangle keeps P_ii
+        self._bound, self._consistency = huber_scatter(2 * f)
         rescale = ewma_var_share(window) / ewma_var_share(prior.window)
         self.average_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * rescale, 1e-12))
         self.window = window
@@ -268,25 +274,30 @@ class Relations:
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
-            self._learn_covariance(packed, d, u, learn, n)
-        # the mean: a plain running mean of the stream's own values, up to long_window (d is
-        # 0 where a row is not ok)
-        mean += d / np.minimum(n + 1.0, float(self.long_window))[:, None]
+            held = self._learn_covariance(packed, d, u, learn, n)
+        else:
+            held = np.ones(len(n))
+        # the mean: a running mean of the stream's own values, up to long_window, each step
+        # held back as the covariance holds it back (d is 0 where a row is not ok)
+        mean += d * (held / np.minimum(n + 1.0, float(self.long_window)))[:, None]
         cols[PREFIX + "n"][ok] = np.minimum(n[ok] + 1.0, float(self.long_window))
         return tail, z
 
     def _learn_covariance(
         self, packed: np.ndarray, d: F64, u: F64, learn: Mask, n: np.ndarray
-    ) -> None:
+    ) -> F64:
         """S' = (1 - b) S + b d d^T, b = 1 / evidence; so, with c = b / (1 - b),
         P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d; on P's upper triangle."""
         every = bool(learn.all())  # the usual step: whole columns in place, no copies
         rows = slice(None) if every else np.nonzero(learn)[0]
         evidence = np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
         b = 1.0 / np.maximum(evidence, 2.0)
-        c = b / (1.0 - b)
         dr, ur = d[rows], u[rows]
         q = np.einsum("bi,bi->b", dr, ur)
+        # Huber-robust: a sample far from the others (its squared Mahalanobis distance q
+        # past the bound) counts for less, so a stream's anomalies do not loosen its relations
+        held = np.minimum(1.0, self._bound / np.maximum(q, 1e-12))
+        c = b * held / self._consistency / (1.0 - b)
         k = (c / (1.0 + c * q)).astype(np.float32)
         p = packed if every else packed[rows]
         uk = ur * k[:, None]
@@ -307,3 +318,6 @@ class Relations:
             p[bad] = self._prior_packed
         if not every:
             packed[rows] = p
+        out: F64 = np.ones(len(n))
+        out[rows] = held
+        return out

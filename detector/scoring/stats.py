@@ -190,6 +190,41 @@ def huber_consistency(clip: float) -> float:
     return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)
 
 
+def chi2_even_sf(x: float, dof: int) -> float:
+    """P(X > x) for X ~ chi^2 with an even ``dof``: exp(-x / 2) sum_{j < dof / 2} (x / 2)^j / j!.
+
+    >>> round(chi2_even_sf(2.0, 2), 4), round(chi2_even_sf(0.0, 16), 4)
+    (0.3679, 1.0)
+    """
+    half, term, total = 0.5 * x, 1.0, 0.0
+    for j in range(dof // 2):
+        if j:
+            term *= half / j
+        total += term
+    return math.exp(-half) * total
+
+
+def huber_scatter(dim: int, clip: float = ROBUST_CLIP) -> tuple[float, float]:
+    """For a Huber-robust covariance of ``dim`` (even) variables, each sample's outer product
+    weighted min(1, k / q), q its squared Mahalanobis distance: the bound k, where as large a
+    share of Gaussian samples is held back as a clip at ``clip`` holds back of one variable
+    (so ROBUST_CLIP stays the one setting), and E[min(q, k)] / dim, which makes the estimate
+    consistent as huber_consistency does.
+
+    >>> k, c = huber_scatter(2, 40.0); round(c, 4)
+    1.0
+    """
+    share = math.erfc(clip / math.sqrt(2.0))  # of one variable's values beyond the clip
+    lo, hi = 0.0, 10.0 * dim + 100.0
+    for _ in range(200):  # bisection: chi2_even_sf(k, dim) = share
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if chi2_even_sf(mid, dim) > share else (lo, mid)
+    k = 0.5 * (lo + hi)
+    # E[q; q <= k] = dim P(chi^2_{dim + 2} <= k)
+    consistency = (1.0 - chi2_even_sf(k, dim + 2)) + k / dim * chi2_even_sf(k, dim)
+    return k, consistency
+
+
 def learn_mean_square(
     var: np.ndarray, sq: np.ndarray, alpha: float | np.ndarray, floor: float,
     clip: float = ROBUST_CLIP,

@@ -30,7 +30,7 @@ from detector.scoring import (
     student_t_score,
 )
 from detector.scoring.relations import relation_residuals, relations_precision
-from detector.scoring.stats import advance_average
+from detector.scoring.stats import advance_average, huber_scatter
 from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def relations_prior(
 
     - The covariance [2F, 2F] of the normalised inputs and their averages over ``window``
       steps, about each stream's own mean, pooled over the streams: how the sensors of one
-      stream move together, not how streams differ.
+      stream move together, not how streams differ. Huber-robust (``robust_covariance``),
+      as the daemon learns it.
     - Per feature, the variance of the average over ``window`` steps of the residual given
       the others' values and averages, taken as the daemon takes it (about the stream's
       running mean, with a covariance that has not seen the step: out of fold), and the
@@ -108,7 +109,7 @@ def relations_prior(
     # the values beside their own averages over the window, as the daemon keeps them
     parts = [np.concatenate([z, slow_averages(z, window)], axis=1) for z in parts]
     within = np.concatenate([y - y.mean(axis=0) for y in parts])
-    cov = within.T @ within / (len(within) - len(parts))
+    cov = robust_covariance(within, len(parts))
     # Each step's residual is taken with a covariance measured without the rows around it
     # (the rows in FOLDS blocks, each left out in turn), as the daemon meets steps its
     # covariance has not seen: a covariance fitted to the same rows explains part of their
@@ -119,7 +120,7 @@ def relations_prior(
     precs = []
     for k in range(FOLDS):
         rest = within[fold != k]
-        precs.append(relations_precision(rest.T @ rest / max(len(rest) - len(parts), 1)))
+        precs.append(relations_precision(robust_covariance(rest, len(parts))))
     averages, start = [], 0
     for y in parts:
         running = np.cumsum(y, axis=0) / np.arange(1, len(y) + 1)[:, None]
@@ -138,6 +139,28 @@ def relations_prior(
         average_var=[float(v) for v in np.mean(avg**2, axis=0)],
         steps=len(avg),
     )
+
+
+def robust_covariance(rows: np.ndarray, means: int, rounds: int = 20) -> np.ndarray:
+    """The covariance of ``rows`` [N, D] (deviations from ``means`` means taken out), Huber
+    robust as the daemon learns it (``detector.scoring.stats.huber_scatter``): each row
+    weighted min(1, k / q), q its squared Mahalanobis distance, to the fixed point.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((4000, 2)) * [1.0, 2.0]
+    >>> x[:40] = 50.0  # a few gross outliers
+    >>> np.round(np.sqrt(np.diag(robust_covariance(x, 0))), 1).tolist()
+    [1.0, 2.0]
+    """
+    bound, consistency = huber_scatter(rows.shape[1])
+    dof = max(len(rows) - means, 1)
+    cov = rows.T @ rows / dof
+    for _ in range(rounds):
+        prec = relations_precision(cov)
+        q = np.einsum("ni,ij,nj->n", rows, prec, rows)
+        weight = np.minimum(1.0, bound / np.maximum(q, 1e-12)) / consistency
+        cov = (rows * weight[:, None]).T @ rows / dof
+    return cov
 
 
 def slow_averages(z: np.ndarray, window: int) -> np.ndarray:

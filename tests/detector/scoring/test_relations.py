@@ -31,6 +31,7 @@ from detector.scoring.relations import (
     relation_residuals,
     relations_precision,
 )
+from detector.scoring.stats import huber_scatter
 from training.trainer.calibrate import relations_prior, slow_averages
 
 LOAD_PHI = 0.995  # the load wanders slowly ...
@@ -125,26 +126,60 @@ def test_a_machine_left_in_a_new_state_raises_once() -> None:
 
 
 def test_the_precision_follows_the_streams_own_covariance() -> None:
-    """The rank-one updates of P keep it the inverse of the stream's weighted covariance: a
-    stream whose sensors move against each other turns the prior's (they move together)
-    around."""
+    """The rank-one updates of P keep it the inverse of the stream's weighted covariance,
+    each step weighted as the Huber rule says: against the same recursion on the covariance
+    itself, in float64. A stream whose sensors move against each other turns the prior's
+    (they move together) around, and ends near its own covariance."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
     part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(2).items()}
     rng = np.random.default_rng(5)
     a = rng.standard_normal(3000)
     x = np.stack([a, -0.5 * a + 0.3 * rng.standard_normal(3000)], axis=1)
+    y = np.concatenate([x, slow_averages(x, 50)], axis=1)  # the values and their averages
+    bound, consistency = huber_scatter(2 * F)
+    cov, mean = np.linalg.inv(part.prior_prec), y[0].copy()
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
         part.step(cols, x[t : t + 1], ok, ok, count)
         count += 1
-    y = np.concatenate([x, slow_averages(x, 50)], axis=1)  # the values and their averages
+        d = y[t] - mean
+        b = 1.0 / max(min(10.0 + t + 1.0, 8000.0), 2.0)
+        held = min(1.0, bound / max(float(d @ np.linalg.solve(cov, d)), 1e-12))
+        cov = (1.0 - b) * cov + b * held / consistency * np.outer(d, d)
+        mean += d * held / min(t + 1.0, 8000.0)
     packed = cols["rel_prec"][0].astype(np.float64)  # the precision's upper triangle
-    cov = np.linalg.inv(packed[packing(2 * F)[0]])
-    # the prior, taking the averages as unrelated to the values, counts as 10 samples
-    prior_cov = np.linalg.inv(part.prior_prec)
-    np.testing.assert_allclose(cov, (10.0 * prior_cov + 3000 * np.cov(y.T)) / 3010, atol=0.003)
-    np.testing.assert_allclose(cols["rel_mean"][0], y.mean(axis=0), atol=1e-5)
+    learnt = np.linalg.inv(packed[packing(2 * F)[0]])
+    np.testing.assert_allclose(learnt, cov, rtol=0.01, atol=1e-4)
+    np.testing.assert_allclose(cols["rel_mean"][0], mean, atol=1e-4)
+    own = np.cov(y.T)
+    assert np.all(np.abs(learnt[:2, :2] - own[:2, :2]) < 0.15 * own[0, 0])
+
+
+def conditional_sd(x: np.ndarray) -> float:
+    """How closely the second sensor is tied to the first (its value and average) and its
+    own average, by the precision a stream learns over ``x``."""
+    assert CALIBRATION.relations is not None
+    part = Relations(CALIBRATION.relations, 50, prior_steps=10.0, long_window=8000)
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
+    ok, count = np.ones(1, np.bool_), np.zeros(1)
+    for t in range(len(x)):
+        part.step(cols, x[t : t + 1], ok, ok, count)
+        count += 1
+    prec = cols["rel_prec"][0].astype(np.float64)[packing(2 * F)[0]]
+    return float(1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3]))
+
+
+def test_a_streams_own_anomalies_do_not_loosen_its_relations() -> None:
+    """The precision is Huber-robust: a stream whose second sensor once broke away for a
+    while keeps the relation it had (a plain covariance would take the incident in as
+    ten times the spread), and a later, slower departure still shows."""
+    clean = related_stream(4000, seed=6)
+    broken = clean.copy()
+    broken[1000:1200, 1] += 40.0 * OWN  # an earlier incident, over by step 1200
+    assert conditional_sd(broken[:2500]) < 1.2 * conditional_sd(clean[:2500])
+    broken[START:END, 1] += 8.0 * OWN * np.arange(1, END - START + 1) / (END - START)
+    assert caught_while_happening(replay(broken))
 
 
 def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> None:
