@@ -175,6 +175,18 @@ def _check_meta(meta: ModelMeta) -> None:
         raise ModelFileError("metadata calibration.level_streams must not be negative")
     if cal.relations is not None:
         _check_relations(cal.relations, n)
+    if (cal.tail_rate is None) != (cal.tail_excess is None):
+        raise ModelFileError("metadata calibration has one of tail_rate and tail_excess")
+    for name, tail in (("tail_rate", cal.tail_rate), ("tail_excess", cal.tail_excess)):
+        if tail is None:
+            continue
+        good = isinstance(tail, list) and len(tail) == n
+        good = good and all(_is_num(v) and math.isfinite(v) and v > 0 for v in tail)
+        if not good or (name == "tail_rate" and max(tail) > 1.0):
+            raise ModelFileError(
+                f"metadata calibration.{name} must hold {n} finite positive numbers"
+                + (" of at most 1" if name == "tail_rate" else "")
+            )
     if cal.raw_score not in RAW_SCORES:
         raise ModelFileError(
             f"metadata calibration.raw_score {cal.raw_score!r} is not one of"

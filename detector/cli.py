@@ -269,6 +269,21 @@ def alert_rule_text(scoring: ScoringConfig) -> str:
     )
 
 
+def tail_text(features: list[str], rate: list[float] | None, excess: list[float] | None) -> str:
+    """What the per-step check's tail starts from, per feature.
+
+    >>> tail_text(["a", "b"], [0.0027, 0.05], [0.92, 210.0])
+    'held-out errors beyond 3 sd, share and mean excess: a 0.27 % 0.92, b 5 % 210'
+    >>> tail_text(["a"], None, None)
+    "a Gaussian's (a file from before the model measured it)"
+    """
+    if rate is None or excess is None:
+        return "a Gaussian's (a file from before the model measured it)"
+    parts = [f"{name} {100 * r:.2g} % {b:.3g}"
+             for name, r, b in zip(features, rate, excess, strict=True)]  # fmt: skip
+    return "held-out errors beyond 3 sd, share and mean excess: " + ", ".join(parts)
+
+
 def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
     """Whether the daemon watches each sensor against the others for this model, and why.
 
@@ -342,6 +357,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("calibration suggestion", f"likelihood {cal.threshold:.12g}, stored at training;"
          " not applied (alerts use the rule above)"),
         ("relations check", relations_text(cal.relations, scoring.relations_check)),
+        ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)),
     ]  # fmt: skip
     for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
         if key in meta.training:

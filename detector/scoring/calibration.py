@@ -43,6 +43,9 @@ class Calibration:
     own sampling noise explains (0 when the calibration saw one stream), measured on
     ``level_streams`` streams (0: not recorded, as in files before it).
     ``relations`` is the prior of the relations check (:class:`RelationsPrior`).
+    ``tail_rate`` and ``tail_excess`` are the per-step check's prior, per feature: the share
+    of held-out standardised errors beyond 3 and their mean excess of x^2 / 2
+    (``detector.scoring.surprise.tail_prior``); None in files before it (a Gaussian's).
     """
 
     n: int
@@ -59,3 +62,5 @@ class Calibration:
     level_streams: int = 0  # the held-out streams level_std was measured on
     relations: RelationsPrior | None = None  # how the sensors relate (None: one sensor, or a
     # file from before the relations check)
+    tail_rate: list[float] | None = None  # per feature: held-out errors beyond 3 spreads
+    tail_excess: list[float] | None = None  # ... and their mean excess of x^2 / 2

@@ -113,8 +113,11 @@ class Scorer:
             if cfg.alert_window
             else None
         )
-        self.step = StepTail(float(calibration.n), cfg.long_window)  # the held-out steps that
-        # showed the model's predicted variance
+        # the held-out steps that showed the model's predicted variance, and its tail; a
+        # cluster of exceedances ends as an alert clears
+        rate, excess = calibration.tail_rate, calibration.tail_excess
+        tail = None if rate is None or excess is None else (rate, excess)
+        self.step = StepTail(float(calibration.n), cfg.long_window, cfg.clear_steps, tail)
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations
         self.relations = (
@@ -186,6 +189,7 @@ class Scorer:
         step_tail = spread = None
         if cfg.step_check:
             spread = StepTail.spread(cols, s.std_errors)
+            self.step.start(cols, ok & (n == 0))
             step_tail = self.step.score(cols, spread)
 
         relations_tail = residuals = None

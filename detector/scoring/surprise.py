@@ -136,6 +136,25 @@ def _excess_sq(x: F64) -> F64:
     return out
 
 
+def tail_prior(errors: np.ndarray) -> tuple[list[float], list[float]]:
+    """Each feature's tail as held-out standardised ``errors`` [N, F] show it: the rate of
+    errors beyond TAIL_FROM and their mean excess of x^2 / 2, each with the Gaussian's as one
+    exceedance's worth of prior (a short held-out stretch may show none). What the model
+    file carries (``Calibration.tail_rate``, ``tail_excess``) and each stream starts from.
+
+    >>> rate, excess = tail_prior(np.zeros((1000, 1)))
+    >>> round(rate[0] / _GAUSS_RATE, 2), round(excess[0], 4)
+    (0.27, 0.9247)
+    """
+    x = np.abs(np.asarray(errors, np.float64))
+    x = np.where(np.isfinite(x), x, 0.0)
+    over = x > TAIL_FROM
+    seen = over.sum(axis=0)
+    excess = (np.where(over, _excess_sq(x), 0.0).sum(axis=0) + _GAUSS_EXCESS) / (seen + 1.0)
+    rate = (seen + 1.0) / (len(x) + TAIL_PRIOR_STEPS)
+    return [float(v) for v in rate], [float(v) for v in excess]
+
+
 class StepTail:
     """How unlikely one step's error is on its own, each feature against its stream's own
     history: a spike or a step change that the averages dilute shows here at once.
@@ -150,21 +169,39 @@ class StepTail:
     larger b and does not alert on its usual outliers. The stream's
     tail is the smallest over its features, times their number.
 
-    Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate`` and
-    ``tail_excess_sq`` (b). The scale's prior is the model's own variance, counted as
-    ``prior_steps``; the tail's is a Gaussian's, counted as TAIL_PRIOR_STEPS (one
-    exceedance's worth). Every step size shrinks like 1 / evidence, up to ``long_window``.
+    Exceedances come in clusters, and the mean excess learns one exceedance from each, its
+    largest (runs declustering, Coles 2001, 5.3): a cluster ends after ``cluster_gap`` calm
+    steps in a row, as an alert clears. A noise burst of thirty steps is one event, not
+    thirty, and does not teach the tail to pass the next spike. The rate counts every
+    exceedance. A sensor whose large errors are a habit from the start (a reading that
+    jumps by quanta) is known from the model's held-out errors: the tail starts from
+    ``prior`` (the model file's rate and mean excess per feature; a Gaussian's for a file
+    without them), counted as TAIL_PRIOR_STEPS, one Gaussian exceedance's worth.
 
-    >>> part = StepTail(prior_steps=100.0, long_window=1000)
+    Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate``,
+    ``tail_excess_sq`` (b), ``tail_peak`` (the open cluster's largest excess) and
+    ``tail_calm`` (steps since the last exceedance). The scale's prior is the model's own
+    variance, counted as ``prior_steps``. Every step size shrinks like 1 / evidence, up to
+    ``long_window``.
+
+    >>> part = StepTail(prior_steps=100.0, long_window=1000, cluster_gap=20)
     >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
     >>> tail = part.score(cols, part.spread(cols, np.array([[0.5, -1.0], [0.0, 9.0]])))
     >>> float(tail[0]) > 0.5, float(tail[1]) < 1e-10
     (True, True)
     """
 
-    def __init__(self, prior_steps: float, long_window: int) -> None:
+    def __init__(
+        self,
+        prior_steps: float,
+        long_window: int,
+        cluster_gap: int,
+        prior: tuple[list[float], list[float]] | None = None,
+    ) -> None:
         self.prior_steps = prior_steps
         self.long_window = long_window
+        self.cluster_gap = cluster_gap
+        self.prior = None if prior is None else tuple(np.asarray(p, np.float32) for p in prior)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
@@ -172,7 +209,16 @@ class StepTail:
             "error_var": ((f,), np.float32, 1.0),
             "tail_rate": ((f,), np.float32, _GAUSS_RATE),
             "tail_excess_sq": ((f,), np.float32, _GAUSS_EXCESS),
+            "tail_peak": ((f,), np.float32, 0.0),  # the open cluster's largest excess
+            "tail_calm": ((f,), np.int16, np.iinfo(np.int16).max),  # steps since the last
+            # exceedance: a cluster is open while they are under cluster_gap
         }
+
+    def start(self, cols: dict[str, np.ndarray], fresh: Mask) -> None:
+        """The model's tail for streams taking their first step (``fresh``)."""
+        if self.prior is not None and fresh.any():
+            cols["tail_rate"][fresh] = self.prior[0]
+            cols["tail_excess_sq"][fresh] = self.prior[1]
 
     @staticmethod
     def spread(cols: dict[str, np.ndarray], std_errors: F64) -> F64:
@@ -198,25 +244,35 @@ class StepTail:
         """Learn from this step's ``spread`` (the one ``score`` took)."""
         every = bool(learn.all())  # the usual step: views of whole columns, no copies
         rows = slice(None) if every else learn
-        var, rate, excess = (cols[k] if every else cols[k][rows]
-                             for k in ("error_var", "tail_rate", "tail_excess_sq"))  # fmt: skip
+        names = ("error_var", "tail_rate", "tail_excess_sq", "tail_peak", "tail_calm")
+        var, rate, excess, peak, calm = (cols[k] if every else cols[k][rows] for k in names)
         x = spread[rows]
         memory = float(self.long_window)
         evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
         alpha = (1.0 / evidence)[:, None]
         scale_alpha = (1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, memory))[:, None]
-        over = np.nonzero(x > TAIL_FROM)
-        if len(over[0]):
-            # the mean excess learns from the exceedances alone, each clipped at 3 of the
+        gap = self.cluster_gap
+        over = x > TAIL_FROM
+        # a cluster ends at its cluster_gap-th calm step; its peak teaches the excess
+        ends = ~over & (calm == gap - 1)
+        if over.any():
+            np.maximum(peak, np.where(over, _excess_sq(x), 0.0), out=peak)
+        ends &= peak > 0
+        if ends.any():
+            # the mean excess learns from the clusters' peaks alone, each clipped at 3 of the
             # excess so far (an exponential passes that one time in twenty): a spike is
             # not a habit
-            counted = evidence[over[0]] * rate[over]
-            seen = np.minimum(_excess_sq(x[over]), 3.0 * excess[over])
-            excess[over] += (seen - excess[over]) / (counted + 1.0)
+            at = np.nonzero(ends)
+            counted = evidence[at[0]] * rate[at]
+            seen = np.minimum(peak[at], 3.0 * excess[at])
+            excess[at] += (seen - excess[at]) / (counted + 1.0)
+            peak[at] = 0.0
+        np.add(calm, 1, out=calm, where=~over & (calm < gap))
+        calm[over] = 0
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
-        rate[over] += alpha[over[0], 0]
+        rate += np.where(over, alpha, 0.0)
         # the error scale: a Huber-robust mean square of the errors, x^2 var
         learn_mean_square(var, x * x * var, scale_alpha, ERROR_VAR_FLOOR)
         if not every:
-            for k, v in (("error_var", var), ("tail_rate", rate), ("tail_excess_sq", excess)):
+            for k, v in zip(names, (var, rate, excess, peak, calm), strict=True):
                 cols[k][rows] = v

@@ -397,6 +397,21 @@ def test_the_relations_prior_is_optional_and_checked() -> None:
             meta_from_dict(doc)
 
 
+def test_the_step_checks_tail_prior_is_optional_and_checked() -> None:
+    doc = meta_doc(tiny_model())  # as files before it: a Gaussian's tail
+    cal = meta_from_dict(doc).calibration
+    assert cal.tail_rate is None and cal.tail_excess is None
+    doc["calibration"].update(tail_rate=[0.003, 0.05], tail_excess=[0.9, 210.0])
+    cal = meta_from_dict(doc).calibration
+    assert cal.tail_rate == [0.003, 0.05] and cal.tail_excess == [0.9, 210.0]
+    for field, bad in (("tail_rate", [0.003]), ("tail_rate", [0.003, 1.5]),
+                       ("tail_rate", [0.0, 0.05]), ("tail_excess", [0.9, float("inf")]),
+                       ("tail_excess", [0.9, "210"]), ("tail_excess", None)):  # fmt: skip
+        wrong = {**doc["calibration"], field: bad}
+        with pytest.raises(ModelFileError, match="tail_"):
+            meta_from_dict({**doc, "calibration": wrong})
+
+
 def test_a_model_file_anyone_may_write_is_loaded_with_a_warning(
     tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,7 @@ from detector.scoring import (
 )
 from detector.scoring.relations import relation_residuals, relations_precision
 from detector.scoring.stats import advance_average, huber_scatter
+from detector.scoring.surprise import standardised_errors, tail_prior
 from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,19 @@ def stream_scores(
     streams: Sequence[np.ndarray],
 ) -> list[np.ndarray]:
     """Raw score per step of each stream (NaN at step 0, which has no prediction)."""
+    return [raw for raw, _ in stream_errors(proto, cell, layers, hidden_size, norm, streams)]
+
+
+def stream_errors(
+    proto: onnx.ModelProto | bytes,
+    cell: str,
+    layers: int,
+    hidden_size: int,
+    norm: Normalisation,
+    streams: Sequence[np.ndarray],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
+    0, which has no prediction)."""
     lengths = [len(s) for s in streams]
     steps = max(lengths)
     # Streams side by side; a short one is padded with its last row, scored only to its end.
@@ -65,13 +79,15 @@ def stream_scores(
     mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
     # The daemon normalises in float64 with a reciprocal; so do we.
     z = (x - np.asarray(norm.centre)) * (1.0 / np.asarray(norm.scale))  # (B, T, F)
-    scores = []
+    out = []
     for b, n in enumerate(lengths):
         raw = np.full(n, np.nan)
+        errors = np.full((n, x.shape[2]), np.nan)
         if n > 1:
             raw[1:] = student_t_score(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
-        scores.append(raw)
-    return scores
+            errors[1:] = standardised_errors(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
+        out.append((raw, errors))
+    return out
 
 
 def relations_prior(
@@ -297,10 +313,18 @@ def calibrate(
 ) -> Calibration:
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
-    scores = stream_scores(proto, cell, layers, hidden_size, norm, streams)
+    scored = stream_errors(proto, cell, layers, hidden_size, norm, streams)
+    scores = [raw for raw, _ in scored]
+    # the per-step check's tail on the steps the calibration counts
+    firsts = [burn_in if score_from is None else max(burn_in, score_from[i] - 1)
+              for i in range(len(scored))]  # fmt: skip
+    errors = np.concatenate([e[1:][first:] for (_, e), first in zip(scored, firsts, strict=True)])
+    rate, excess = tail_prior(errors)
     calibration = dataclasses.replace(
         summarise(scores, burn_in, window, threshold, score_from),
         relations=relations_prior(norm, streams, burn_in, ALERT_WINDOW),
+        tail_rate=rate,
+        tail_excess=excess,
     )
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",

@@ -17,7 +17,7 @@ from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_column
 from detector.scoring.calibration import Calibration
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.sensors import Stuck
-from detector.scoring.surprise import StepTail, student_t_score
+from detector.scoring.surprise import StepTail, student_t_score, tail_prior
 
 PHI = 0.9
 NOISE = math.sqrt(1.0 - PHI**2)  # the stream's variance is 1
@@ -171,7 +171,7 @@ def test_a_new_stream_far_from_a_few_calibration_streams_is_not_yet_anomalous() 
 
 
 def test_the_step_tail_learns_each_streams_own_error_scale() -> None:
-    part = StepTail(prior_steps=10.0, long_window=1000)
+    part = StepTail(prior_steps=10.0, long_window=1000, cluster_gap=20)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
     rng = np.random.default_rng(6)
     ok = np.ones(1, bool)
@@ -181,6 +181,48 @@ def test_the_step_tail_learns_each_streams_own_error_scale() -> None:
     assert cols["error_var"][0] == pytest.approx([4.0, 4.0], rel=0.2)
     # an error of 8 is 4 of this stream's spreads: not remarkable on its own
     assert part.score(cols, part.spread(cols, np.array([[8.0, 0.0]])))[0] > 1e-6
+
+
+def tail_after_a_burst(cluster_gap: int) -> float:
+    """The tail of a 7-spread error, 500 steps after a noise burst of 30 steps at five times
+    the usual errors, on a stream 3,000 steps old."""
+    part = StepTail(prior_steps=10.0, long_window=8000, cluster_gap=cluster_gap)
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+    rng = np.random.default_rng(8)
+    ok = np.ones(1, bool)
+    for n in range(3530):
+        scale = 5.0 if 3000 <= n < 3030 else 1.0
+        errors = scale * rng.standard_normal((1, F))
+        part.learn(cols, part.spread(cols, errors), ok, np.array([n]))
+    return float(part.score(cols, part.spread(cols, np.array([[7.0, 0.0]])))[0])
+
+
+def test_a_noise_burst_teaches_the_step_tail_once() -> None:
+    """Runs declustering: the burst's exceedances are one cluster, and its peak alone moves
+    the tail's mean excess, so a spike after it still passes the alert level (2.5e-9 with
+    four signals); a cluster that ends at its first calm step lets the burst teach it
+    many times."""
+    assert tail_after_a_burst(cluster_gap=20) < 1e-9
+    assert tail_after_a_burst(cluster_gap=1) > 2.5e-8
+
+
+def test_a_sensor_that_jumps_by_habit_starts_from_the_models_tail() -> None:
+    """A reading that jumps by quanta: 50 spreads in one step of ten in held-out errors. Its
+    tail starts there, so its usual jump does not alert a new stream; a Gaussian's would."""
+    rng = np.random.default_rng(9)
+    held_out = rng.standard_normal((2000, F))
+    held_out[rng.random(2000) < 0.1, 1] = 50.0
+    rate, excess = tail_prior(held_out)
+    assert rate[1] == pytest.approx(0.1, rel=0.2) and excess[1] > 1000.0
+    assert rate[0] < 0.01 and excess[0] < 2.0  # the Gaussian feature: near a Gaussian's
+    jump = np.array([[0.0, 50.0]])
+    tails = []
+    for prior in ((rate, excess), None):
+        part = StepTail(prior_steps=10.0, long_window=8000, cluster_gap=20, prior=prior)
+        cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+        part.start(cols, np.ones(1, bool))
+        tails.append(float(part.score(cols, part.spread(cols, jump))[0]))
+    assert tails[0] > 1e-3 and tails[1] < 1e-100
 
 
 def test_stuck_needs_a_longer_run_on_a_sensor_that_often_repeats() -> None:

@@ -197,6 +197,10 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     assert rel is not None and rel.window == ScoringConfig().alert_window and rel.steps > 0
     assert np.array(rel.covariance).shape == (2 * len(meta.features),) * 2  # and averages
     assert len(rel.average_var) == len(meta.features) and min(rel.average_var) > 0
+    # the step check's tail, per feature, from the same held-out errors
+    assert cal.tail_rate is not None and cal.tail_excess is not None
+    assert len(cal.tail_rate) == len(cal.tail_excess) == len(meta.features)
+    assert 0 < min(cal.tail_rate) <= max(cal.tail_rate) < 1 and min(cal.tail_excess) > 0
 
 
 def test_the_relations_prior_is_of_one_streams_sensors_not_of_how_streams_differ() -> None:
