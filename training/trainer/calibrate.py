@@ -45,18 +45,6 @@ DEFAULT_THRESHOLD = 0.9999
 MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not positive
 
 
-def stream_scores(
-    proto: onnx.ModelProto | bytes,
-    cell: str,
-    layers: int,
-    hidden_size: int,
-    norm: Normalisation,
-    streams: Sequence[np.ndarray],
-) -> list[np.ndarray]:
-    """Raw score per step of each stream (NaN at step 0, which has no prediction)."""
-    return [raw for raw, _ in stream_errors(proto, cell, layers, hidden_size, norm, streams)]
-
-
 def stream_errors(
     proto: onnx.ModelProto | bytes,
     cell: str,
@@ -256,6 +244,12 @@ def level_std(
     return math.sqrt(max(between, 0.0))
 
 
+def first_counted(i: int, burn_in: int, score_from: Sequence[int] | None) -> int:
+    """Where stream ``i``'s counted steps start, in its scores from step 1 on: after the
+    burn-in, and within its held-out part when ``score_from`` says where that starts."""
+    return burn_in if score_from is None else max(burn_in, score_from[i] - 1)
+
+
 def summarise(
     scores: Sequence[np.ndarray],
     burn_in: int,
@@ -270,7 +264,7 @@ def summarise(
     ``burn_in + 1``."""
     raw_parts, avg_parts = [], []
     for i, raw in enumerate(scores):
-        first = burn_in if score_from is None else max(burn_in, score_from[i] - 1)
+        first = first_counted(i, burn_in, score_from)
         if len(raw) <= first + 1:
             continue
         # The daemon's short average starts at the first scored step, before any warm-up.
@@ -316,9 +310,9 @@ def calibrate(
     scored = stream_errors(proto, cell, layers, hidden_size, norm, streams)
     scores = [raw for raw, _ in scored]
     # the per-step check's tail on the steps the calibration counts
-    firsts = [burn_in if score_from is None else max(burn_in, score_from[i] - 1)
-              for i in range(len(scored))]  # fmt: skip
-    errors = np.concatenate([e[1:][first:] for (_, e), first in zip(scored, firsts, strict=True)])
+    errors = np.concatenate(
+        [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
+    )
     rate, excess = tail_prior(errors)
     calibration = dataclasses.replace(
         summarise(scores, burn_in, window, threshold, score_from),

@@ -27,7 +27,7 @@ from detector.replay import replay_table
 from detector.scoring import ScoringConfig
 from training.evaluation.synth import generate_fleet
 from training.trainer import fit_and_export
-from training.trainer.calibrate import stream_scores
+from training.trainer.calibrate import stream_errors
 from training.trainer.export import (
     PARITY_MIN_STEPS,
     ParityError,
@@ -177,14 +177,14 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
-    raw_cal = stream_scores(
+    raw_cal = stream_errors(
         onnx.load(tiny_model),
         meta.cell,
         meta.layers,
         meta.hidden_size,
         meta.normalisation,
         [values],
-    )[0]
+    )[0][0]
     replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
