@@ -180,9 +180,7 @@ def _check_meta(meta: ModelMeta) -> None:
     for name, tail in (("tail_rate", cal.tail_rate), ("tail_excess", cal.tail_excess)):
         if tail is None:
             continue
-        good = isinstance(tail, list) and len(tail) == n
-        good = good and all(_is_num(v) and math.isfinite(v) and v > 0 for v in tail)
-        if not good or (name == "tail_rate" and max(tail) > 1.0):
+        if not (_numbers(tail, n) and min(tail) > 0) or (name == "tail_rate" and max(tail) > 1.0):
             raise ModelFileError(
                 f"metadata calibration.{name} must hold {n} finite positive numbers"
                 + (" of at most 1" if name == "tail_rate" else "")
@@ -309,21 +307,23 @@ def expected_io(meta: ModelMeta) -> tuple[dict[str, list[Any]], dict[str, list[A
     return inputs, outputs
 
 
-def _check_relations(rel: RelationsPrior, n: int) -> None:
-    def numbers(values: Any, count: int) -> bool:
-        return (isinstance(values, list) and len(values) == count
-                and all(_is_num(v) and math.isfinite(v) for v in values))  # fmt: skip
+def _numbers(values: Any, count: int) -> bool:
+    """A list of ``count`` finite numbers."""
+    return (isinstance(values, list) and len(values) == count
+            and all(_is_num(v) and math.isfinite(v) for v in values))  # fmt: skip
 
+
+def _check_relations(rel: RelationsPrior, n: int) -> None:
     cov = rel.covariance
     if not (isinstance(cov, list) and len(cov) in (n, 2 * n)
-            and all(numbers(row, len(cov)) for row in cov)):  # fmt: skip
+            and all(_numbers(row, len(cov)) for row in cov)):  # fmt: skip
         raise ModelFileError(
             f"metadata calibration.relations.covariance must be {2 * n} x {2 * n} numbers"
             f" (the values and their averages; {n} x {n}: the values alone)"
         )
     if not all(cov[i][i] >= 0 for i in range(len(cov))):
         raise ModelFileError("metadata calibration.relations.covariance has a negative variance")
-    if not (numbers(rel.average_var, n) and min(rel.average_var) >= 0):
+    if not (_numbers(rel.average_var, n) and min(rel.average_var) >= 0):
         raise ModelFileError(f"metadata calibration.relations.average_var must be {n} numbers >= 0")
     if not (_is_int(rel.window) and rel.window >= 1 and _is_int(rel.steps) and rel.steps >= 1):
         raise ModelFileError("metadata calibration.relations.window and steps must be positive")

@@ -62,6 +62,7 @@ from detector.scoring.stats import (
     ewma_var_share,
     huber_scatter,
     learn_mean_square,
+    scatter_weight,
     student_tail,
 )
 
@@ -296,7 +297,7 @@ class Relations:
         q = np.einsum("bi,bi->b", dr, ur)
         # Huber-robust: a sample far from the others (its squared Mahalanobis distance q
         # past the bound) counts for less, so a stream's anomalies do not loosen its relations
-        held = np.minimum(1.0, self._bound / np.maximum(q, 1e-12))
+        held = scatter_weight(q, self._bound)
         c = b * held / self._consistency / (1.0 - b)
         k = (c / (1.0 + c * q)).astype(np.float32)
         p = packed if every else packed[rows]

@@ -225,6 +225,17 @@ def huber_scatter(dim: int, clip: float = ROBUST_CLIP) -> tuple[float, float]:
     return k, consistency
 
 
+def scatter_weight(q: np.ndarray, bound: float) -> F64:
+    """Each sample's weight in a Huber-robust covariance (:func:`huber_scatter`): min(1, k / q)
+    for its squared Mahalanobis distance ``q`` and the bound k.
+
+    >>> scatter_weight(np.array([1.0, 40.0]), 20.0).tolist()
+    [1.0, 0.5]
+    """
+    out: F64 = np.minimum(1.0, bound / np.maximum(q, 1e-12))
+    return out
+
+
 def learn_mean_square(
     var: np.ndarray, sq: np.ndarray, alpha: float | np.ndarray, floor: float,
     clip: float = ROBUST_CLIP,

@@ -2,7 +2,7 @@
 
 The exported step runs in onnxruntime over each held-out stream from a zero state,
 feeding its state back exactly as the daemon does; every step after the burn-in is
-scored with the raw score :data:`RAW_SCORE` (:func:`detector.scoring.student_t_score`)
+scored with the raw score :data:`RAW_SCORE` (the sum of :func:`detector.scoring.error_parts`)
 against the previous prediction, and its short-term average with
 :func:`detector.scoring.short_average` over the daemon's default short window.
 """
@@ -24,13 +24,13 @@ from detector.scoring import (
     Calibration,
     RelationsPrior,
     ScoringConfig,
+    error_parts,
     ewma_alpha,
     ewma_var_share,
     short_average,
-    student_t_score,
 )
 from detector.scoring.relations import relation_residuals, relations_precision
-from detector.scoring.stats import advance_average, huber_scatter
+from detector.scoring.stats import advance_average, huber_scatter, scatter_weight
 from detector.scoring.surprise import standardised_errors, tail_prior
 from training.trainer.export import make_session, onnx_rollout
 
@@ -72,8 +72,8 @@ def stream_errors(
         raw = np.full(n, np.nan)
         errors = np.full((n, x.shape[2]), np.nan)
         if n > 1:
-            raw[1:] = student_t_score(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
             errors[1:] = standardised_errors(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
+            raw[1:] = np.sum(error_parts(errors[1:], RAW_SCORE), axis=-1)  # as the daemon sums
         out.append((raw, errors))
     return out
 
@@ -161,9 +161,8 @@ def robust_covariance(rows: np.ndarray, means: int, rounds: int = 20) -> np.ndar
     cov = rows.T @ rows / dof
     for _ in range(rounds):
         prec = relations_precision(cov)
-        q = np.einsum("ni,ij,nj->n", rows, prec, rows)
-        weight = np.minimum(1.0, bound / np.maximum(q, 1e-12)) / consistency
-        cov = (rows * weight[:, None]).T @ rows / dof
+        held = scatter_weight(np.einsum("ni,ij,nj->n", rows, prec, rows), bound)
+        cov = (rows * (held / consistency)[:, None]).T @ rows / dof
     return cov
 
 
