@@ -20,6 +20,8 @@ from detector.scoring.stats import (
     F64,
     ColumnSpec,
     Mask,
+    row_any,
+    row_min,
 )
 
 
@@ -65,7 +67,7 @@ class Stuck:
     def tail(cols: dict[str, np.ndarray]) -> F64:
         """Each stream's tail: its least likely run, times its number of features."""
         logp = cols["repeat_logp"]
-        out: F64 = np.minimum(1.0, logp.shape[-1] * np.exp(np.min(logp, axis=-1)))
+        out: F64 = np.minimum(1.0, logp.shape[-1] * np.exp(row_min(logp)))
         return out
 
     def step(self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask) -> F64:
@@ -130,5 +132,5 @@ class Range:
         finite = np.isfinite(x)
         np.minimum(lo, np.where(finite, x, np.inf), out=lo)
         np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
-        out: Mask = eligible & beyond.any(axis=-1)
+        out: Mask = eligible & row_any(beyond)
         return out

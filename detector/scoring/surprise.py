@@ -19,6 +19,7 @@ from detector.scoring.stats import (
     Mask,
     gaussian_tail,
     learn_mean_square,
+    row_max,
 )
 
 LOG_2PI: Final = math.log(2.0 * math.pi)
@@ -128,6 +129,7 @@ _GAUSS_EXCESS: Final = 0.9247401  # E[(X^2 - 9) / 2 | |X| > 3], X ~ N(0,1): the 
 # The Gaussian tail is an assumption, not evidence: it counts as the steps in which one
 # exceedance is expected, so a stream's first exceedances already speak for its own tail.
 TAIL_PRIOR_STEPS: Final = 1.0 / _GAUSS_RATE
+_PEAK_MAX: Final = float(np.finfo(np.float32).max)
 
 
 def _excess_sq(x: F64) -> F64:
@@ -230,7 +232,7 @@ class StepTail:
     def score(self, cols: dict[str, np.ndarray], x: F64) -> F64:
         f = x.shape[-1]
         # The Gaussian body: the largest error's, no lower than at TAIL_FROM ...
-        out: F64 = 2.0 * f * gaussian_tail(np.minimum(np.max(x, axis=-1), TAIL_FROM))
+        out: F64 = 2.0 * f * gaussian_tail(np.minimum(row_max(x), TAIL_FROM))
         beyond = x > TAIL_FROM
         if beyond.any():  # ... and beyond it, each feature's own learnt tail
             at = np.nonzero(beyond)
@@ -256,7 +258,9 @@ class StepTail:
         # a cluster ends at its cluster_gap-th calm step; its peak teaches the excess
         ends = ~over & (calm == gap - 1)
         if over.any():
-            np.maximum(peak, np.where(over, _excess_sq(x), 0.0), out=peak)
+            # (in float32, whose range a wild value's square may pass: it counts as the
+            # largest there, as it is learnt no larger than three mean excesses anyway)
+            np.maximum(peak, np.where(over, np.minimum(_excess_sq(x), _PEAK_MAX), 0.0), out=peak)
         ends &= peak > 0
         if ends.any():
             # the mean excess learns from the clusters' peaks alone, each clipped at 3 of the

@@ -25,7 +25,6 @@ from detector.scoring import (
 )
 from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
-    SMALL_BATCH,
     Relations,
     packing,
     relation_residuals,
@@ -283,18 +282,24 @@ def test_a_lagging_sensor_drifting_is_caught_against_the_others_averages() -> No
     assert not caught_while_happening(raised(values_alone(both, held_out)))
 
 
-def test_a_large_batch_learns_as_a_small_one_does() -> None:
-    """Above SMALL_BATCH streams the precision's update runs row by row of its triangle,
-    below it as one gather: the same numbers either way."""
+def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left_alone() -> None:
+    """The precisions are updated feature-major, 128 streams in a row one element longer
+    (``feature_major``): the same numbers as one stream alone; and a row that does not learn
+    (here, the first on every step) keeps its precision to the bit."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
     part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
     x = related_stream(300, seed=12)
     precisions = []
-    for b in (1, SMALL_BATCH + 1):
+    for b in (1, 128):
         cols = {k: np.full((b, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
         ok, count = np.ones(b, np.bool_), np.zeros(b)
+        learn = ok.copy()
+        learn[0] = b == 1
         for t in range(len(x)):
-            part.step(cols, np.repeat(x[t : t + 1], b, axis=0), ok, ok, count)
+            part.step(cols, np.repeat(x[t : t + 1], b, axis=0), ok, learn, count)
             count += 1
         precisions.append(cols["rel_prec"][-1])
+        if b > 1:
+            assert np.array_equal(cols["rel_prec"][0], part.prior_prec[np.triu_indices(2 * F)]
+                                  .astype(np.float32))  # fmt: skip
     np.testing.assert_allclose(precisions[0], precisions[1], rtol=1e-5)
