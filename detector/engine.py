@@ -1,10 +1,11 @@
 """One batched step of many streams through one model: the data path's core.
 
 ``Engine.process`` takes B samples (stream ids, timestamps, raw values), splits
-them into rounds so a stream seen twice is stepped in order, and per round:
-checks timestamps (out of order, duplicate, gap reset), gathers states, makes
-ONE onnxruntime call, scores against the previous predictions, and scatters
-the new states back. The daemon, ``replay`` and the evaluation all use it.
+them into rounds so a stream seen twice is stepped in order, gathers the batch's
+streams' states once, and per round: checks timestamps (out of order, duplicate,
+gap reset), makes ONE onnxruntime call and scores against the previous
+predictions; the new states are scattered back once, after the last round. The
+daemon, ``replay`` and the evaluation all use it.
 """
 
 from __future__ import annotations
@@ -68,15 +69,19 @@ class BatchResult:
     call_seconds: list[float] = field(default_factory=list)
 
 
-def _rounds(streams: list[str]) -> list[np.ndarray]:
-    """Indices split so that no stream appears twice in a round, order kept.
+def _rounds(streams: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Indices split so that no stream appears twice in a round, order kept; and each
+    sample's stream as a number, in order of first appearance (its place in the first
+    round, which holds every stream once).
 
-    >>> [r.tolist() for r in _rounds(["a", "b", "a", "a"])]
-    [[0, 1], [2], [3]]
+    >>> rounds, place = _rounds(["a", "b", "a", "a"])
+    >>> [r.tolist() for r in rounds], place.tolist()
+    ([[0, 1], [2], [3]], [0, 1, 0, 0])
     """
     n = len(streams)
     if len(set(streams)) == n:
-        return [np.arange(n)]  # the usual case: every stream once
+        every = np.arange(n)
+        return [every], every  # the usual case: every stream once
     # A sample's round is how many samples of its stream come before it (batch payloads:
     # a hundred per stream), worked out with sorts rather than a Python loop.
     ids: dict[str, int] = {}  # stream -> a number of its own (its first sample's index)
@@ -86,7 +91,8 @@ def _rounds(streams: list[str]) -> list[np.ndarray]:
     occurrence = np.empty(n, dtype=np.int64)
     occurrence[by_stream] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
     by_round = np.argsort(occurrence, kind="stable")
-    return np.split(by_round, np.cumsum(np.bincount(occurrence))[:-1])
+    place = np.unique(codes, return_inverse=True)[1].reshape(n)
+    return np.split(by_round, np.cumsum(np.bincount(occurrence))[:-1]), place
 
 
 class Engine:
@@ -152,32 +158,41 @@ class Engine:
         now = time.time() if now is None else now
         ts = np.asarray(ts, dtype=np.float64)
         x = np.asarray(x, dtype=np.float64)
-        rounds = _rounds(streams)
-        if len(rounds) == 1:
-            self._round(rounds[0], streams, ts, x, now, result)
-            return result
+        rounds, place = _rounds(streams)
+        # The batch's streams' rows, made once (a batch payload's hundred samples of a stream
+        # are a hundred rounds), and one copy of their columns that every round works on:
+        # gathered before the first, scattered after the last.
+        table = self.table
+        before, evicted = len(table), table.evicted
+        first = rounds[0]
+        rows = table.rows_for(
+            streams if len(rounds) == 1 else [streams[i] for i in first.tolist()], now
+        )
+        result.evicted += table.evicted - evicted
+        result.new_streams += len(table) - before + (table.evicted - evicted)
+        if self.pending_events:
+            result.events.extend(self.take_pending())
+        local = table.gather(rows)
         for idx in rounds:
-            self._round(idx, [streams[i] for i in idx.tolist()], ts[idx], x[idx], now, result)
+            names = streams if len(rounds) == 1 else [streams[i] for i in idx.tolist()]
+            self._round(idx, place[idx], local, names, ts[idx], x[idx], result)
+        table.scatter(rows, local)
         return result
 
     def _round(
         self,
         idx: np.ndarray,
+        at: np.ndarray,
+        local: dict[str, np.ndarray],
         streams: list[str],
         ts: np.ndarray,
         x: np.ndarray,
-        now: float,
         result: BatchResult,
     ) -> None:
-        table = self.table
-        before, evicted = len(table), table.evicted
-        rows = table.rows_for(streams, now)
-        result.evicted += table.evicted - evicted
-        if self.pending_events:
-            result.events.extend(self.take_pending())
-        result.new_streams += len(table) - before + (table.evicted - evicted)
-        last = table.arrays["last_ts"][rows]
-        resumed = table.arrays["resumed"][rows]
+        """One round: samples ``idx`` of the batch, whose streams are at ``at`` in ``local``
+        (the batch's copy of their columns, updated in place)."""
+        last = local["last_ts"][at]
+        resumed = local["resumed"][at]
         since = ts - last  # NaN for a new stream
         with np.errstate(invalid="ignore"):
             ooo = ts < last
@@ -192,16 +207,19 @@ class Engine:
         result.status[idx[ooo]] = OUT_OF_ORDER
         result.status[idx[dup]] = DUPLICATE
         if gap.any():
-            table.reset_rows(rows[gap], self._gap_reset)
+            self._reset(local, at[gap], self._gap_reset)
             result.gap_resets += int(gap.sum())
         keep = ~(ooo | dup)
         if not keep.any():
             return
         if not keep.all():
-            idx, rows, ts, x = idx[keep], rows[keep], ts[keep], x[keep]
+            idx, at, ts, x = idx[keep], at[keep], ts[keep], x[keep]
             streams = [streams[j] for j in np.flatnonzero(keep)]
 
-        cols = table.gather(rows)
+        # Every stream of the copy, in its order (a round of a batch of single samples, or
+        # of a batch payload's streams that sent alike): the copy's own arrays, no gather.
+        whole = len(at) == len(local["last_ts"]) and bool((at == np.arange(len(at))).all())
+        cols = dict(local) if whole else self._take(local, at)
         if resumed.any():
             if absent.any():
                 # The prediction it holds was for a sample that came while the daemon was
@@ -215,7 +233,7 @@ class Engine:
         t0 = time.perf_counter()
         out = model.step(fed, [cols[s] for s in model.meta.state_names])
         result.call_seconds.append(time.perf_counter() - t0)
-        result.call_sizes.append(len(rows))
+        result.call_sizes.append(len(at))
 
         finite = np.isfinite(out.mean).all(1) & np.isfinite(out.log_var).all(1)
         for state in out.states:
@@ -223,14 +241,15 @@ class Engine:
         if not finite.all():
             # A network that produced NaN leaves the stream's previous state in place.
             result.status[idx[~finite]] = MODEL_NON_FINITE
-            idx, rows, ts = idx[finite], rows[finite], ts[finite]
+            idx, at, ts = idx[finite], at[finite], ts[finite]
             z, z_train = z[finite], z_train[finite]
             streams = [streams[j] for j in np.flatnonzero(finite)]
-            cols = {k: v[:, finite] if table.columns[k].axis == 1 else v[finite]
+            cols = {k: v[:, finite] if self.table.columns[k].axis == 1 else v[finite]
                     for k, v in cols.items()}  # fmt: skip
             out.mean, out.log_var = out.mean[finite], out.log_var[finite]
             out.states = [s[:, finite] for s in out.states]
-            if len(rows) == 0:
+            whole = False  # the finite rows alone go back into the copy
+            if len(at) == 0:
                 return
 
         scores = self.scorer.step_batch(
@@ -239,11 +258,14 @@ class Engine:
         for name, state in zip(model.meta.state_names, out.states, strict=True):
             cols[name] = state
         cols["mean"], cols["log_var"] = out.mean, out.log_var
-        cols["has_pred"] = np.ones(len(rows), np.bool_)
+        cols["has_pred"] = np.ones(len(at), np.bool_)
         cols["last_ts"] = ts
         if scores.raised.any():
             cols["episode_ts"] = np.where(scores.raised, ts, cols["episode_ts"])
-        table.scatter(rows, cols)
+        if whole:
+            local.update(cols)
+        else:
+            self._put(local, at, cols)
 
         result.raw[idx] = scores.raw
         result.likelihood[idx] = scores.likelihood
@@ -254,6 +276,25 @@ class Engine:
             result.events.append(
                 self._event(int(k), idx, streams, ts, scores, float(cols["episode_ts"][k]))
             )
+
+    def _take(self, local: dict[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
+        """The columns of the copy's streams ``at``."""
+        columns = self.table.columns
+        return {k: v.take(at, axis=columns[k].axis) for k, v in local.items()}
+
+    def _put(self, local: dict[str, np.ndarray], at: np.ndarray,
+             cols: dict[str, np.ndarray]) -> None:  # fmt: skip
+        """``cols`` back into the copy, at its streams ``at``."""
+        for name, value in cols.items():
+            index: tuple[Any, ...] = (slice(None),) * self.table.columns[name].axis + (at,)
+            local[name][index] = value
+
+    def _reset(self, local: dict[str, np.ndarray], at: np.ndarray, names: list[str]) -> None:
+        """The copy's streams ``at`` back to their columns' initial values, for ``names``."""
+        for name in names:
+            col = self.table.columns[name]
+            index: tuple[Any, ...] = (slice(None),) * col.axis + (at,)
+            local[name][index] = col.fill
 
     def _event(
         self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any,

@@ -72,7 +72,11 @@ def _rounds_by_counting(streams: list[str]) -> list[list[int]]:
 @settings(database=None, deadline=None)
 @given(streams=st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=60))
 def test_rounds_split_repeated_streams_in_order(streams: list[str]) -> None:
-    assert [r.tolist() for r in _rounds(streams)] == _rounds_by_counting(streams)
+    rounds, place = _rounds(streams)
+    assert [r.tolist() for r in rounds] == _rounds_by_counting(streams)
+    # each sample's stream by its place in the first round, which holds every stream once
+    first = [streams[i] for i in rounds[0].tolist()]
+    assert [first[k] for k in place.tolist()] == streams
 
 
 def test_an_empty_batch_is_an_empty_result_and_no_call(model: LoadedModel) -> None:
@@ -105,6 +109,23 @@ def test_a_stream_twice_in_a_batch_is_stepped_in_order_as_if_one_at_a_time(
         one = alone.process([streams[i]], np.asarray([ts[i]]), normal[i : i + 1], now=ts[i])
         assert one.raw[0] == together.raw[i] or (np.isnan(one.raw[0]) and np.isnan(together.raw[i]))
         assert one.likelihood[0] == together.likelihood[i]
+
+
+def test_a_batch_of_uneven_runs_of_samples_is_stepped_as_one_sample_a_call(
+    model: LoadedModel, normal: np.ndarray
+) -> None:
+    """Rounds that hold every stream of the batch work on its gathered copy itself, the
+    others on a part of it; either way, the same numbers as one sample a call, with a gap
+    and a stream that sends fewer samples than the others."""
+    streams = ["a", "b", "c"] * 4 + ["a", "b", "a"]
+    ts = [T0 + t for t in range(4) for _ in range(3)] + [T0 + 4, T0 + 4, T0 + 99_999]
+    together = engine(model).process(streams, np.asarray(ts), normal[:15], now=ts[-1])
+    assert together.call_sizes == [3, 3, 3, 3, 2, 1] and together.gap_resets == 1
+    alone = engine(model)
+    for i in range(15):
+        one = alone.process([streams[i]], np.asarray([ts[i]]), normal[i : i + 1], now=ts[i])
+        np.testing.assert_array_equal(one.raw, together.raw[i : i + 1])
+        assert one.likelihood[0] == together.likelihood[i] and one.score[0] == together.score[i]
 
 
 def test_out_of_order_and_duplicate_samples_are_refused_and_change_nothing(
@@ -183,6 +204,26 @@ def test_a_network_output_that_is_not_finite_leaves_that_stream_as_it_was(
     after = state_of(eng, "a")
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_a_network_output_not_finite_in_a_later_round_keeps_the_rounds_before(
+    model: LoadedModel, normal: np.ndarray
+) -> None:
+    """Within one batch: the round that goes wrong for a stream leaves it as the rounds
+    before left it, as one sample a call does, and the other streams go on."""
+    streams, ts = ["a", "b"] * 3, [T0, T0, T0 + 1, T0 + 1, T0 + 2, T0 + 2]
+    x = normal[:6].copy()
+    x[2] = 1e300  # a's second sample
+    together = engine(model)
+    out = together.process(streams, np.asarray(ts), x, now=T0 + 2)
+    assert out.status.tolist() == [SCORED, SCORED, MODEL_NON_FINITE, SCORED, SCORED, SCORED]
+    alone = engine(model)
+    for i in range(6):
+        alone.process([streams[i]], np.asarray([ts[i]]), x[i : i + 1], now=ts[i])
+    for stream in ("a", "b"):  # float32 sums over a batch of two round otherwise than of one
+        for name, value in state_of(alone, stream).items():
+            np.testing.assert_allclose(state_of(together, stream)[name], value, rtol=1e-6,
+                                       err_msg=name)  # fmt: skip
 
 
 def test_a_full_table_forgets_the_least_recently_seen_stream(
