@@ -7,9 +7,10 @@
    ``process`` per micro-batch of batch.max (512) over 10,000 streams. Timed without a
    profiler (onnxruntime's share from a timer around ``InferenceSession.run``), then under
    cProfile, split by the module the time is spent in.
-3. The reading process's cost of handing messages over to scoring processes
+3. The same worker on batch payloads (100 samples a message, 2,000 streams): samples/s.
+4. The reading process's cost of handing messages over to scoring processes
    (``WorkerPool.dispatch``) per message, for 1, 2 and 4 processes that only read.
-4. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
+5. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
    lists it.
 
     .venv/bin/python bench/step.py [--streams 10000] [--messages 200000] [--seconds 0.3]
@@ -281,6 +282,31 @@ def worker_profile(model: Path, streams: int, messages: int) -> None:
     )
 
 
+def batch_payloads(model: Path, streams: int = 2000, per_message: int = 100) -> None:
+    """The worker's path on batch payloads (``per_message`` samples a message, values as
+    lists), as the queue holds them, no broker: samples/s and µs a sample. A micro-batch of
+    512 messages is 512 streams stepped ``per_message`` rounds."""
+    load = Load(streams=streams, rounds=3 * per_message, per_message=per_message, named=False)
+    inbound = inbound_messages(load)
+    daemon = make_daemon(model, streams)
+    batches = batches_of(inbound, daemon.config.batch.max)
+    warm = len(batches) // 3  # the streams' first samples: their rows are made there
+    drain(daemon, batches[:warm])
+    seconds = drain(daemon, batches[warm:])
+    messages = sum(len(b) for b in batches[warm:])
+    samples = messages * per_message
+    print(
+        table(
+            ["measure (no profiler)", "value"],
+            [
+                ("messages, samples, streams", f"{messages:,}, {samples:,}, {streams:,}"),
+                ("worker throughput (`process`)", f"**{samples / seconds:,.0f} samples/s**"),
+                ("worker time per sample", f"{seconds / samples * 1e6:.2f} µs"),
+            ],
+        )
+    )
+
+
 def _discard(conn: Any) -> None:
     """A stand-in scoring process: takes what is handed over and drops it."""
     try:
@@ -381,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print("the daemon's worker on queued single-sample messages (gru, batch.max 512):\n")
     worker_profile(paths["gru"], args.streams, args.messages)
+    print()
+    print("the daemon's worker on batch payloads (gru, 100 samples a message, values as lists):\n")
+    batch_payloads(paths["gru"])
     print()
     print("the hand-over to scoring processes (`WorkerPool.dispatch`), processes that only read:\n")
     handover_cost(paths["gru"], args.streams, args.messages)
