@@ -130,10 +130,9 @@ def _given_the_others(u_f: np.ndarray, u_s: np.ndarray, p_ff: np.ndarray, p_fs: 
 
 def feature_major(packed: np.ndarray) -> np.ndarray:
     """A copy of the batch's triangles [B, T] laid out [T, B]: each entry across the batch is
-    one contiguous row, so the products of the rank-one update are whole-row operations
-    (several times faster than over [B, T], where each is a short strided piece). Where B is
-    a multiple of 128, the rows are one element longer: a stride of a power of two would
-    make the copy back to [B, T] fight over the same cache sets (six times slower at 512).
+    one contiguous row, so the products of the rank-one update are whole-row operations,
+    not short strided pieces. Where B is a multiple of 128, the rows are one element longer:
+    with a stride of a power of two, the copy back to [B, T] contends for the same cache sets.
 
     >>> feature_major(np.arange(6.0).reshape(3, 2)).tolist()
     [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
