@@ -21,7 +21,7 @@ import numpy as np
 from detector.config import StreamConfig
 from detector.model import LoadedModel
 from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, top_features
-from detector.state import Column, StateTable
+from detector.state import Column, StateTable, put_rows, reset_rows, take_rows
 
 # Per-sample outcome codes in BatchResult.status.
 SCORED: Final = 0
@@ -164,18 +164,17 @@ class Engine:
         # gathered before the first, scattered after the last.
         table = self.table
         before, evicted = len(table), table.evicted
-        first = rounds[0]
-        rows = table.rows_for(
-            streams if len(rounds) == 1 else [streams[i] for i in first.tolist()], now
-        )
+        # each round's streams; the first round holds every stream once
+        names = [streams] if len(rounds) == 1 else [[streams[i] for i in r.tolist()]
+                                                    for r in rounds]  # fmt: skip
+        rows = table.rows_for(names[0], now)
         result.evicted += table.evicted - evicted
         result.new_streams += len(table) - before + (table.evicted - evicted)
         if self.pending_events:
             result.events.extend(self.take_pending())
         local = table.gather(rows)
-        for idx in rounds:
-            names = streams if len(rounds) == 1 else [streams[i] for i in idx.tolist()]
-            self._round(idx, place[idx], local, names, ts[idx], x[idx], result)
+        for idx, round_streams in zip(rounds, names, strict=True):
+            self._round(idx, place[idx], local, round_streams, ts[idx], x[idx], result)
         table.scatter(rows, local)
         return result
 
@@ -207,7 +206,7 @@ class Engine:
         result.status[idx[ooo]] = OUT_OF_ORDER
         result.status[idx[dup]] = DUPLICATE
         if gap.any():
-            self._reset(local, at[gap], self._gap_reset)
+            reset_rows(self.table.columns, local, at[gap], self._gap_reset)
             result.gap_resets += int(gap.sum())
         keep = ~(ooo | dup)
         if not keep.any():
@@ -219,7 +218,7 @@ class Engine:
         # Every stream of the copy, in its order (a round of a batch of single samples, or
         # of a batch payload's streams that sent alike): the copy's own arrays, no gather.
         whole = len(at) == len(local["last_ts"]) and bool((at == np.arange(len(at))).all())
-        cols = dict(local) if whole else self._take(local, at)
+        cols = dict(local) if whole else take_rows(self.table.columns, local, at)
         if resumed.any():
             if absent.any():
                 # The prediction it holds was for a sample that came while the daemon was
@@ -244,8 +243,7 @@ class Engine:
             idx, at, ts = idx[finite], at[finite], ts[finite]
             z, z_train = z[finite], z_train[finite]
             streams = [streams[j] for j in np.flatnonzero(finite)]
-            cols = {k: v[:, finite] if self.table.columns[k].axis == 1 else v[finite]
-                    for k, v in cols.items()}  # fmt: skip
+            cols = take_rows(self.table.columns, cols, np.flatnonzero(finite))
             out.mean, out.log_var = out.mean[finite], out.log_var[finite]
             out.states = [s[:, finite] for s in out.states]
             whole = False  # the finite rows alone go back into the copy
@@ -265,7 +263,7 @@ class Engine:
         if whole:
             local.update(cols)
         else:
-            self._put(local, at, cols)
+            put_rows(self.table.columns, local, at, cols)
 
         result.raw[idx] = scores.raw
         result.likelihood[idx] = scores.likelihood
@@ -276,25 +274,6 @@ class Engine:
             result.events.append(
                 self._event(int(k), idx, streams, ts, scores, float(cols["episode_ts"][k]))
             )
-
-    def _take(self, local: dict[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
-        """The columns of the copy's streams ``at``."""
-        columns = self.table.columns
-        return {k: v.take(at, axis=columns[k].axis) for k, v in local.items()}
-
-    def _put(self, local: dict[str, np.ndarray], at: np.ndarray,
-             cols: dict[str, np.ndarray]) -> None:  # fmt: skip
-        """``cols`` back into the copy, at its streams ``at``."""
-        for name, value in cols.items():
-            index: tuple[Any, ...] = (slice(None),) * self.table.columns[name].axis + (at,)
-            local[name][index] = value
-
-    def _reset(self, local: dict[str, np.ndarray], at: np.ndarray, names: list[str]) -> None:
-        """The copy's streams ``at`` back to their columns' initial values, for ``names``."""
-        for name in names:
-            col = self.table.columns[name]
-            index: tuple[Any, ...] = (slice(None),) * col.axis + (at,)
-            local[name][index] = col.fill
 
     def _event(
         self, k: int, idx: np.ndarray, streams: list[str], ts: np.ndarray, scores: Any,

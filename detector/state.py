@@ -30,6 +30,40 @@ class Column:
         return tuple(dims)
 
 
+def take_rows(columns: dict[str, Column], arrays: dict[str, Any], rows: np.ndarray,
+              names: Iterable[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Copies of the named columns (default: all of ``columns``) of ``arrays`` at ``rows``,
+    along each column's stream axis: :meth:`StateTable.gather`, or of a batch's own copy."""
+    return {
+        name: arrays[name].take(rows, axis=columns[name].axis)
+        for name in (names if names is not None else columns)
+    }
+
+
+def put_rows(columns: dict[str, Column], arrays: dict[str, Any], rows: np.ndarray,
+             values: dict[str, Any]) -> None:  # fmt: skip
+    """``values`` into ``arrays`` at ``rows``, along each column's stream axis."""
+    for name, value in values.items():
+        axis = columns[name].axis
+        if axis == 0:
+            arrays[name][rows] = value
+        else:
+            index: tuple[Any, ...] = (slice(None),) * axis + (rows,)
+            arrays[name][index] = value
+
+
+def reset_rows(columns: dict[str, Column], arrays: dict[str, Any], rows: np.ndarray,
+               names: Iterable[str] | None = None) -> None:  # fmt: skip
+    """The named columns (default: all) of ``arrays`` at ``rows`` back to their initial
+    values."""
+    if len(rows) == 0:
+        return
+    for name in names if names is not None else columns:
+        col = columns[name]
+        index: tuple[Any, ...] = (slice(None),) * col.axis + (rows,)
+        arrays[name][index] = col.fill
+
+
 class StateTable:
     """Rows of per-stream state; ``gather`` and ``scatter`` move whole batches.
 
@@ -140,29 +174,14 @@ class StateTable:
 
     def gather(self, rows: np.ndarray, names: Iterable[str] | None = None) -> dict[str, Any]:
         """Copies of the named columns for these rows (stream axis as each column's)."""
-        arrays, columns = self.arrays, self.columns
-        return {
-            name: arrays[name].take(rows, axis=columns[name].axis)
-            for name in (names if names is not None else columns)
-        }
+        return take_rows(self.columns, self.arrays, rows, names)
 
     def scatter(self, rows: np.ndarray, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            col = self.columns[name]
-            if col.axis == 0:
-                self.arrays[name][rows] = value
-            else:
-                index: tuple[Any, ...] = (slice(None),) * col.axis + (rows,)
-                self.arrays[name][index] = value
+        put_rows(self.columns, self.arrays, rows, values)
 
     def reset_rows(self, rows: np.ndarray, names: Iterable[str] | None = None) -> None:
         """Put these rows' columns back to their initial values."""
-        if len(rows) == 0:
-            return
-        for name in names if names is not None else self.columns:
-            col = self.columns[name]
-            index: tuple[Any, ...] = (slice(None),) * col.axis + (rows,)
-            self.arrays[name][index] = col.fill
+        reset_rows(self.columns, self.arrays, rows, names)
 
     def streams(self) -> list[str]:
         return list(self.index)

@@ -105,17 +105,11 @@ def relation_residuals(prec: np.ndarray, d: np.ndarray) -> F64:
     >>> relation_residuals(prec, np.array([0.0, 1.0, 0.0, 0.0])).round(1).tolist()
     [-0.7, 1.7]
     """
-    return _residuals(prec, d)[0]
-
-
-def _residuals(prec: np.ndarray, d: np.ndarray) -> tuple[F64, np.ndarray]:
-    """The residuals [..., F] and P d [..., 2F] (in the arrays' own precision). A precision
-    in use has a positive diagonal; a row of NaN (a stream not yet seen) gives NaN."""
     u = np.einsum("...ij,...j->...i", prec, d)  # numpy's batched matmul is slow at this size
     f = u.shape[-1] // 2
     diag = np.diagonal(prec, axis1=-2, axis2=-1)
     p_fs = np.diagonal(prec[..., :f, f:], axis1=-2, axis2=-1)  # each value with its average
-    return _given_the_others(u[..., :f], u[..., f:], diag[..., :f], p_fs, diag[..., f:]), u
+    return _given_the_others(u[..., :f], u[..., f:], diag[..., :f], p_fs, diag[..., f:])
 
 
 def _given_the_others(u_f: np.ndarray, u_s: np.ndarray, p_ff: np.ndarray, p_fs: np.ndarray,
