@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from detector.errors import ModelFileError
 from detector.scoring.calibration import RAW_SCORES, Calibration, RelationsPrior
+from detector.scoring.surprise import MAX_ERROR_LAG
 
 METADATA_KEY: Final = "rnnsentry"
 FORMAT_VERSION: Final = 1
@@ -185,6 +186,14 @@ def _check_meta(meta: ModelMeta) -> None:
                 f"metadata calibration.{name} must hold {n} finite positive numbers"
                 + (" of at most 1" if name == "tail_rate" else "")
             )
+    if cal.error_lag is not None and not (
+        _numbers(cal.error_lag, n) and max(abs(v) for v in cal.error_lag) <= MAX_ERROR_LAG
+    ):
+        raise ModelFileError(
+            f"metadata calibration.error_lag must hold {n} numbers within ±{MAX_ERROR_LAG}"
+        )
+    if cal.settle_steps is not None and not (_is_int(cal.settle_steps) and cal.settle_steps >= 0):
+        raise ModelFileError("metadata calibration.settle_steps must be a count of steps")
     if cal.raw_score not in RAW_SCORES:
         raise ModelFileError(
             f"metadata calibration.raw_score {cal.raw_score!r} is not one of"

@@ -28,7 +28,7 @@ from detector.labelargs import add_label_arguments
 from detector.logs import configure
 
 if TYPE_CHECKING:
-    from detector.scoring import RelationsPrior, ScoringConfig
+    from detector.scoring import Calibration, RelationsPrior, ScoringConfig
 
 log = logging.getLogger("rnnsentry")
 
@@ -284,6 +284,44 @@ def tail_text(features: list[str], rate: list[float] | None, excess: list[float]
     return "held-out errors beyond 3 sd, share and mean excess: " + ", ".join(parts)
 
 
+def lag_text(features: list[str], lag: list[float] | None) -> str:
+    """What the surprise takes out of each error: the model's lag-one autocorrelation.
+
+    >>> lag_text(["a", "b"], [-0.312, 0.04])
+    'each error less what the last one foretells: a -0.31, b 0.04'
+    >>> lag_text(["a"], None)
+    'none: the errors as they come (a file from before the model measured it)'
+    """
+    if lag is None or not any(lag):
+        return "none: the errors as they come (a file from before the model measured it)"
+    parts = [f"{name} {r:.2g}" for name, r in zip(features, lag, strict=True)]
+    return "each error less what the last one foretells: " + ", ".join(parts)
+
+
+def warmup_text(scoring: ScoringConfig, cal: Calibration) -> str:
+    """The warm-up the daemon applies to a new stream, and where it comes from.
+
+    >>> from detector.scoring import Calibration, ScoringConfig
+    >>> cal = Calibration(100, 1.0, 1.0, {}, 20, 1.0, 0.5, 0.9999, settle_steps=140)
+    >>> warmup_text(ScoringConfig(), cal)
+    '140 steps: the network settles from a cold start in 140'
+    >>> warmup_text(ScoringConfig(warmup_steps=5), cal)
+    '5 steps: [scoring] warmup_steps (the network settles in 140)'
+    """
+    from detector.scoring.scorer import warmup_steps
+
+    steps = warmup_steps(scoring, cal)
+    settle = cal.settle_steps
+    if scoring.warmup_steps >= 0:
+        said = "not measured" if settle is None else f"settles in {settle}"
+        return f"{steps} steps: [scoring] warmup_steps (the network {said})"
+    if settle is None:
+        return f"{steps} steps: the least warm-up (a file from before the model measured it)"
+    if steps > settle:
+        return f"{steps} steps: the least warm-up (the network settles in {settle})"
+    return f"{steps} steps: the network settles from a cold start in {settle}"
+
+
 def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
     """Whether the daemon watches each sensor against the others for this model, and why.
 
@@ -358,6 +396,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          " not applied (alerts use the rule above)"),
         ("relations check", relations_text(cal.relations, scoring.relations_check)),
         ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)),
+        ("errors' lag", lag_text(meta.features, cal.error_lag)),
+        ("warm-up", warmup_text(scoring, cal)),
     ]  # fmt: skip
     for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
         if key in meta.training:

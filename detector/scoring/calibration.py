@@ -46,6 +46,13 @@ class Calibration:
     ``tail_rate`` and ``tail_excess`` are the per-step check's prior, per feature: the share
     of held-out standardised errors beyond 3 and their mean excess of x^2 / 2
     (``detector.scoring.surprise.tail_prior``); None in files before it (a Gaussian's).
+    ``error_lag`` is, per feature, the lag-one autocorrelation of the held-out standardised
+    errors (``detector.scoring.surprise.error_lag``), which the surprise takes out of each
+    step's error; the raw scores and the tail above are of the errors so whitened. None in
+    files before it (errors taken as they come). ``settle_steps`` is how many steps the
+    network takes to settle from a cold start (its predictions within a tenth of a spread of
+    a warm start's, on the held-out streams): the daemon's warm-up. None where it was not
+    measured (a file before it, or a calibration without a warm start to compare with).
     """
 
     n: int
@@ -64,3 +71,5 @@ class Calibration:
     # file from before the relations check)
     tail_rate: list[float] | None = None  # per feature: held-out errors beyond 3 spreads
     tail_excess: list[float] | None = None  # ... and their mean excess of x^2 / 2
+    error_lag: list[float] | None = None  # per feature: the errors' lag-one autocorrelation
+    settle_steps: int | None = None  # steps a cold start takes to settle: the warm-up

@@ -32,7 +32,9 @@ from detector.scoring.surprise import StepTail, Surprise
 class ScoringConfig:
     """How raw scores become likelihoods and alerts; one setting serves every stream."""
 
-    warmup_steps: int = 30  # steps scored before a stream may alert
+    warmup_steps: int = -1  # steps scored before a stream may alert (-1: as long as the
+    # network takes to settle from a cold start, its calibration says, and at least
+    # FALLBACK_WARMUP)
     short_window: int = 20  # steps in the average of the raw score that anomaly_score shows
     alert_window: int = 50  # steps in the average the alert rule watches (0: the short one):
     # an alert is for a condition that lasts, the score marks where one starts
@@ -63,11 +65,31 @@ class ScoringConfig:
         for name in ("short_window", "long_window", "clear_steps", "top_k"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("warmup_steps", "min_interval_steps", "update_every_steps",
+        if self.warmup_steps < -1:
+            problems.append("warmup_steps must be -1 (the model's) or a count of steps")
+        for name in ("min_interval_steps", "update_every_steps",
                      "onset_hold_steps", "alert_window", "input_scale_window"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         return problems
+
+
+FALLBACK_WARMUP: Final = 30  # the least default warm-up (a file that does not say how long
+# its network takes to settle: this)
+
+
+def warmup_steps(config: ScoringConfig, calibration: Calibration) -> int:
+    """The steps a stream is scored before it may alert: the setting, or by default as long
+    as the network takes to settle from a cold start (``Calibration.settle_steps``), and at
+    least FALLBACK_WARMUP.
+
+    >>> cal = Calibration(100, 1.0, 1.0, {}, 20, 1.0, 0.5, 0.9999, settle_steps=140)
+    >>> warmup_steps(ScoringConfig(), cal), warmup_steps(ScoringConfig(warmup_steps=5), cal)
+    (140, 5)
+    """
+    if config.warmup_steps >= 0:
+        return config.warmup_steps
+    return max(FALLBACK_WARMUP, calibration.settle_steps or 0)
 
 
 # The likelihoods' columns: (the average, its long-run mean, its long-run variance).
@@ -102,8 +124,9 @@ class Scorer:
     def __init__(self, config: ScoringConfig, calibration: Calibration) -> None:
         self.config = config
         cfg = config
+        self.warmup = warmup_steps(cfg, calibration)
         self.inputs = InputScale(cfg.input_scale_window)
-        self.surprise = Surprise(calibration.raw_score)
+        self.surprise = Surprise(calibration.raw_score, calibration.error_lag)
         weight = prior_steps(calibration, cfg.long_window)  # how much the model's
         # calibration says of this stream: a stream like those it was measured on
         self.short = Likelihood(SHORT_STATS, cfg.short_window, calibration, cfg.long_window,
@@ -140,7 +163,7 @@ class Scorer:
         }
         for names in (SHORT_STATS, ALERT_STATS):
             specs.update({name: ((), np.float64, math.nan) for name in names})
-        for part in (InputScale, StepTail, Stuck, Relations, Range, Onsets, Alerts):
+        for part in (Surprise, InputScale, StepTail, Stuck, Relations, Range, Onsets, Alerts):
             specs.update(part.columns(f))
         return specs
 
@@ -171,13 +194,13 @@ class Scorer:
         (default ``z``); the stuck and range checks and the input spread work on them."""
         cfg = self.config
         seen = z if z_train is None else z_train
-        s = self.surprise.score(z, mean, log_var, has_pred)
+        s = self.surprise.score(cols, z, mean, log_var, has_pred)
         ok, n, warm = s.ok, cols["n_scored"], cols["warm"]
         # What is normal is learnt past the warm-up, as the calibration skips its burn-in: a
         # stream's first steps carry the network's cold start, not the stream's habits. The
         # averages start there too.
-        learn = ok & (warm >= cfg.warmup_steps)
-        count = np.maximum(warm - cfg.warmup_steps, 0)  # the values already in the averages
+        learn = ok & (warm >= self.warmup)
+        count = np.maximum(warm - self.warmup, 0)  # the values already in the averages
 
         short_tail, short_delta = self.short.score(cols, s.raw, learn, count)
         alert_tail, alert_delta = short_tail, short_delta
@@ -188,7 +211,7 @@ class Scorer:
             stuck_tail = self.stuck.step(cols, seen, ok)
         step_tail = spread = None
         if cfg.step_check:
-            spread = StepTail.spread(cols, s.std_errors)
+            spread = StepTail.spread(cols, s.innovations)  # one step: its innovation
             self.step.start(cols, ok & (n == 0))
             step_tail = self.step.score(cols, spread)
 
@@ -203,7 +226,7 @@ class Scorer:
         self.inputs.learn(cols, seen)
         n[ok] += 1
         warm[ok] += 1
-        eligible = ok & (warm > cfg.warmup_steps)
+        eligible = ok & (warm > self.warmup)
 
         # Alerts watch the most surprising of their signals. A sample's error or a stuck run
         # raises an alert; what holds and clears it is the average: a sensor that stays flat

@@ -1,12 +1,23 @@
 """Surprise: each observation against the prediction made before it arrived.
 
 ``Surprise.score`` turns x_t and the model's prediction at t-1 (mean and log-variance,
-normalised units) into the raw score and each feature's part of it. It keeps no state.
+normalised units) into the raw score and each feature's part of it.
+
+A network's one-step errors are not white: on held-out data each step's error carries a
+share of the last one's (a lag-one autocorrelation; negative where the network follows its
+last input a little too far, as it does a noisy one). What one step alone says is the part
+of its error the last one did not foretell, the innovation (e_t - rho e_(t-1)) /
+sqrt(1 - rho^2), of the same spread as e_t but narrower about what could not be foreseen: a
+spike's error stands further out against it. ``Surprise.score`` returns it beside the errors
+for the per-step check (``StepTail``); the raw score, whose averages the calibration measures
+as they are, stays of the errors. rho is the model's, per feature, measured with its
+calibration (``error_lag``). The part keeps each stream's last error.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -87,33 +98,94 @@ def error_parts(std_errors: np.ndarray, raw_score: str) -> F64:
     return out
 
 
+# The lag-one autocorrelation taken out of the errors is bounded here: 1 / sqrt(1 - rho^2)
+# stays under 2.3, so no error is magnified without bound by an estimate near one.
+MAX_ERROR_LAG: Final = 0.9
+
+
+def error_lag(errors: Sequence[np.ndarray]) -> list[float]:
+    """Per feature, the lag-one autocorrelation of standardised errors, pooled over streams
+    (each [T, F], consecutive finite pairs), each error clipped at TAIL_FROM (a held-out
+    spike does not set it): what the model file carries (``Calibration.error_lag``).
+
+    >>> e = np.array([[1.0, 1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, 1.0]])
+    >>> error_lag([e])
+    [-0.9, 0.9]
+    """
+    f = errors[0].shape[1]
+    cross, now, before = np.zeros(f), np.zeros(f), np.zeros(f)
+    for e in errors:
+        e = np.clip(np.asarray(e, np.float64), -TAIL_FROM, TAIL_FROM)
+        a, b = e[1:], e[:-1]
+        pair = np.isfinite(a) & np.isfinite(b)
+        a, b = np.where(pair, a, 0.0), np.where(pair, b, 0.0)
+        cross += (a * b).sum(axis=0)
+        now += (a * a).sum(axis=0)
+        before += (b * b).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lag = cross / np.sqrt(now * before)
+    lag = np.clip(np.nan_to_num(lag), -MAX_ERROR_LAG, MAX_ERROR_LAG)
+    return [float(v) for v in lag]
+
+
+def whiten(errors: np.ndarray, last: np.ndarray, lag: np.ndarray) -> F64:
+    """Each error less what the last one foretells of it, at the same spread: (e - rho
+    last) / sqrt(1 - rho^2); the error itself where there is no last (NaN).
+
+    >>> whiten(np.array([[1.0, 1.0]]), np.array([[-1.0, np.nan]]), np.array([-0.6, -0.6]))
+    array([[0.5, 1. ]])
+    """
+    rho = np.asarray(lag, np.float64)
+    known = np.isfinite(last)
+    out: F64 = np.where(
+        known, (errors - rho * np.where(known, last, 0.0)) / np.sqrt(1.0 - rho * rho), errors
+    )
+    return out
+
+
 @dataclass
 class Surprised:
     raw: F64  # [B] raw score; NaN where there was no prediction
     std_errors: F64  # [B, F] standardised errors; NaN where there was no prediction
     parts: F64  # [B, F] each feature's part of the raw score
     ok: Mask  # [B] a finite raw score: the step counts
+    innovations: F64  # [B, F] each error less what the last one foretold (``whiten``)
 
 
 class Surprise:
-    """The raw score the model's calibration describes (``raw_score``)."""
+    """The raw score the model's calibration describes (``raw_score``), and the errors'
+    innovations under their lag-one autocorrelation ``lag`` (per feature; None: the errors
+    as they come). Column ``error_last`` [F]: the stream's last standardised error (NaN:
+    none)."""
 
-    def __init__(self, raw_score: str) -> None:
+    def __init__(self, raw_score: str, lag: list[float] | None = None) -> None:
         if raw_score not in RAW_SCORES:
             raise ValueError(f"unknown raw score {raw_score!r}")
         self.raw_score = raw_score
+        self.lag = None if lag is None or not any(lag) else np.asarray(lag, np.float64)
+
+    @staticmethod
+    def columns(f: int) -> dict[str, ColumnSpec]:
+        return {"error_last": ((f,), np.float32, math.nan)}
 
     def score(
-        self, z: np.ndarray, mean: np.ndarray, log_var: np.ndarray, has_pred: Mask
-    ) -> Surprised:
+        self, cols: dict[str, np.ndarray], z: np.ndarray, mean: np.ndarray,
+        log_var: np.ndarray, has_pred: Mask,
+    ) -> Surprised:  # fmt: skip
         std_errors = standardised_errors(z, mean, log_var)
+        innovations = std_errors
+        if self.lag is not None:
+            last = cols["error_last"]
+            innovations = whiten(std_errors, last, self.lag)
+            last[...] = np.where(has_pred[:, None], std_errors, np.nan)
         parts = error_parts(std_errors, self.raw_score)
         if self.raw_score == "student_t":  # the sum of its parts, already in hand
             raw = np.where(has_pred, np.sum(parts, axis=-1), np.nan)
         else:
             raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors[~has_pred] = np.nan
-        return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw))
+        innovations[~has_pred] = np.nan
+        return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw), innovations)
 
 
 # A stream's error scale stays above a tenth of what the model predicts: errors far smaller

@@ -412,6 +412,22 @@ def test_the_step_checks_tail_prior_is_optional_and_checked() -> None:
             meta_from_dict({**doc, "calibration": wrong})
 
 
+def test_the_errors_lag_and_the_settling_time_are_optional_and_checked() -> None:
+    doc = meta_doc(tiny_model())  # as files before them: errors as they come, a fixed warm-up
+    cal = meta_from_dict(doc).calibration
+    assert cal.error_lag is None and cal.settle_steps is None
+    doc["calibration"].update(error_lag=[-0.3, 0.05], settle_steps=140)
+    cal = meta_from_dict(doc).calibration
+    assert cal.error_lag == [-0.3, 0.05] and cal.settle_steps == 140
+    for field, bad in (("error_lag", [-0.3]), ("error_lag", [-0.95, 0.0]),
+                       ("error_lag", [float("nan"), 0.0]), ("error_lag", ["0", 0.0]),
+                       ("settle_steps", -1), ("settle_steps", 1.5),
+                       ("settle_steps", True)):  # fmt: skip
+        wrong = {**doc["calibration"], field: bad}
+        with pytest.raises(ModelFileError, match=field):
+            meta_from_dict({**doc, "calibration": wrong})
+
+
 def test_a_model_file_anyone_may_write_is_loaded_with_a_warning(
     tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

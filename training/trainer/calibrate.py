@@ -31,7 +31,7 @@ from detector.scoring import (
 )
 from detector.scoring.relations import relation_residuals, relations_precision
 from detector.scoring.stats import advance_average, huber_scatter, scatter_weight
-from detector.scoring.surprise import standardised_errors, tail_prior
+from detector.scoring.surprise import error_lag, standardised_errors, tail_prior, whiten
 from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,7 @@ def stream_errors(
     """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
     0, which has no prediction)."""
     lengths = [len(s) for s in streams]
-    steps = max(lengths)
-    # Streams side by side; a short one is padded with its last row, scored only to its end.
-    x = np.stack(
-        [
-            np.pad(np.asarray(s, np.float64), ((0, steps - len(s)), (0, 0)), mode="edge")
-            for s in streams
-        ]
-    )  # (B, T, F)
+    x = side_by_side(streams)  # a short stream is scored only to its end
     mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
     # The daemon normalises in float64 with a reciprocal; so do we.
     z = (x - np.asarray(norm.centre)) * (1.0 / np.asarray(norm.scale))  # (B, T, F)
@@ -75,6 +68,65 @@ def stream_errors(
             errors[1:] = standardised_errors(z[b, 1:n], mean[b, : n - 1], log_var[b, : n - 1])
             raw[1:] = np.sum(error_parts(errors[1:], RAW_SCORE), axis=-1)  # as the daemon sums
         out.append((raw, errors))
+    return out
+
+
+# A cold start has settled where its predictions stay within this many of the warm
+# predictions' spreads: a bias of a tenth of a spread adds a hundredth to the errors' variance.
+SETTLED: Final = 0.1
+
+
+def settle_steps(
+    proto: onnx.ModelProto | bytes,
+    cell: str,
+    layers: int,
+    hidden_size: int,
+    streams: Sequence[np.ndarray],
+    score_from: Sequence[int],
+) -> int:
+    """How long the network takes to settle from a cold start: each held-out part (stream
+    ``i`` from row ``score_from[i]``) stepped from a zero state beside the same rows stepped
+    warm, at the end of its whole stream; the first step after which every feature's cold
+    prediction stays within SETTLED of the warm one's spreads (mean square over the
+    streams). A network that has not settled by the end of the held-out parts counts their
+    length. What the daemon's warm-up waits (``Calibration.settle_steps``)."""
+    session = make_session(proto)
+    parts = [np.asarray(s, np.float64)[i:] for s, i in zip(streams, score_from, strict=True)]
+    cold, _, _ = onnx_rollout(session, cell, layers, hidden_size, side_by_side(parts))
+    warm, warm_lv, _ = onnx_rollout(session, cell, layers, hidden_size, side_by_side(streams))
+    steps = cold.shape[1]
+    total = np.zeros((steps, cold.shape[2]))
+    count = np.zeros(steps)
+    for i, (p, start) in enumerate(zip(parts, score_from, strict=True)):
+        n = len(p)
+        spread = np.exp(0.5 * warm_lv[i, start : start + n].astype(np.float64))
+        total[:n] += ((cold[i, :n] - warm[i, start : start + n]) / spread) ** 2
+        count[:n] += 1
+    off = np.flatnonzero((total / np.maximum(count, 1)[:, None]).max(axis=1) > SETTLED**2)
+    return 0 if len(off) == 0 else int(off[-1]) + 1
+
+
+def side_by_side(streams: Sequence[np.ndarray]) -> np.ndarray:
+    """Streams [T_i, F] as one batch (B, T, F), a short one padded with its last row.
+
+    >>> side_by_side([np.zeros((1, 1)), np.ones((2, 1))])[:, :, 0].tolist()
+    [[0.0, 0.0], [1.0, 1.0]]
+    """
+    steps = max(len(s) for s in streams)
+    return np.stack([
+        np.pad(np.asarray(s, np.float64), ((0, steps - len(s)), (0, 0)), mode="edge")
+        for s in streams
+    ])  # fmt: skip
+
+
+def innovations(errors: np.ndarray, lag: Sequence[float] | None) -> np.ndarray:
+    """A stream's standardised errors [T, F] less what each last one foretells
+    (``detector.scoring.surprise.whiten``, the last error in float32 as the daemon keeps
+    it; the errors as they are without ``lag``): what the per-step check judges."""
+    if lag is None or len(errors) < 2:
+        return errors
+    out = errors.copy()
+    out[1:] = whiten(errors[1:], errors[:-1].astype(np.float32), np.asarray(lag))
     return out
 
 
@@ -307,18 +359,25 @@ def calibrate(
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
     scored = stream_errors(proto, cell, layers, hidden_size, norm, streams)
+    # the steps the calibration counts, of each stream's errors (step 0 has none)
+    counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
+    lag = error_lag(counted) if any(len(e) > 1 for e in counted) else None
     scores = [raw for raw, _ in scored]
-    # the per-step check's tail on the steps the calibration counts
-    errors = np.concatenate(
-        [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
-    )
+    # the per-step check's tail: of the innovations, on the steps the calibration counts
+    errors = np.concatenate([
+        innovations(e, lag)[1:][first_counted(i, burn_in, score_from) :]
+        for i, (_, e) in enumerate(scored)
+    ])  # fmt: skip
     rate, excess = tail_prior(errors)
     calibration = dataclasses.replace(
         summarise(scores, burn_in, window, threshold, score_from),
         relations=relations_prior(norm, streams, burn_in, ALERT_WINDOW),
         tail_rate=rate,
         tail_excess=excess,
-    )
+        error_lag=lag,
+        settle_steps=(None if score_from is None else
+                      settle_steps(proto, cell, layers, hidden_size, streams, score_from)),
+    )  # fmt: skip
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",
         calibration.n,

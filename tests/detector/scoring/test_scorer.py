@@ -22,6 +22,7 @@ from detector.scoring import (
     top_features,
 )
 from detector.scoring.calibration import Calibration
+from detector.scoring.scorer import FALLBACK_WARMUP
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -64,8 +65,8 @@ def test_short_average_is_what_the_scorer_keeps_from_the_end_of_the_warm_up() ->
                               np.ones(1, np.bool_))  # fmt: skip
         raws.append(float(s.raw[0]))
         kept.append(float(cols["short_avg"][0]))
-    warm = config.warmup_steps
-    assert np.isnan(kept[:warm]).all()
+    warm = scorer.warmup  # a calibration without a settling time: the fixed warm-up
+    assert warm == FALLBACK_WARMUP and np.isnan(kept[:warm]).all()
     np.testing.assert_allclose(kept[warm:], short_average(np.array(raws[warm:]), 4), rtol=1e-12)
 
 
@@ -132,7 +133,7 @@ def test_default_scoring_config_is_valid() -> None:
         ({"long_window": 0}, "long_window"),
         ({"clear_steps": 0}, "clear_steps"),
         ({"top_k": 0}, "top_k"),
-        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": -2}, "warmup_steps"),
         ({"min_interval_steps": -1}, "min_interval_steps"),
         ({"input_scale_window": -1}, "input_scale_window"),
     ],

@@ -201,6 +201,11 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     assert cal.tail_rate is not None and cal.tail_excess is not None
     assert len(cal.tail_rate) == len(cal.tail_excess) == len(meta.features)
     assert 0 < min(cal.tail_rate) <= max(cal.tail_rate) < 1 and min(cal.tail_excess) > 0
+    # the errors' lag-one autocorrelation, per feature, that the daemon takes out
+    assert cal.error_lag is not None and len(cal.error_lag) == len(meta.features)
+    assert max(abs(v) for v in cal.error_lag) <= 0.9 and any(cal.error_lag)
+    # how long a cold start takes to settle, within the held-out rows it was measured on
+    assert cal.settle_steps is not None and 0 <= cal.settle_steps <= meta.training["val_rows"]
 
 
 def test_the_relations_prior_is_of_one_streams_sensors_not_of_how_streams_differ() -> None:
