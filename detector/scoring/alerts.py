@@ -83,7 +83,7 @@ class Alerts:
             "last_raise": ((), np.int64, -(2**62)),
             "episodes": ((), np.int64, 0),
             "active_steps": ((), np.int64, 0),
-            "alert_parts": ((f,), np.float64, math.nan),
+            "alert_parts": ((f,), np.float32, math.nan),  # which sensors: float32 is ample
         }
 
     gap_reset = ("alert_parts",)
@@ -103,7 +103,7 @@ class Alerts:
         clears; ``n`` counts each stream's scored steps (for the minimum interval),
         ``count`` the values already in its averages (the parts are averaged like them)."""
         advance_average(cols["alert_parts"], parts, ok, self._alpha_parts, count)
-        contributions: F64 = cols["alert_parts"].copy()
+        contributions: F64 = cols["alert_parts"].astype(np.float64)
         contributions[~ok] = np.nan
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         above = eligible & (likelihood >= self.threshold)
