@@ -83,27 +83,40 @@ def settle_steps(
     hidden_size: int,
     streams: Sequence[np.ndarray],
     score_from: Sequence[int],
-) -> int:
+) -> int | None:
     """How long the network takes to settle from a cold start: each held-out part (stream
     ``i`` from row ``score_from[i]``) stepped from a zero state beside the same rows stepped
     warm, at the end of its whole stream; the first step after which every feature's cold
     prediction stays within SETTLED of the warm one's spreads (mean square over the
-    streams). A network that has not settled by the end of the held-out parts counts their
-    length. What the daemon's warm-up waits (``Calibration.settle_steps``)."""
+    streams; a held-out part of fewer than two rows says nothing). A network that has not
+    settled by the end of the held-out parts counts their length, with a warning. What the
+    daemon's warm-up waits (``Calibration.settle_steps``); None without a held-out part."""
+    kept = [(np.asarray(s, np.float64), i) for s, i in zip(streams, score_from, strict=True)
+            if len(s) - i >= 2]  # fmt: skip
+    if not kept:
+        return None
     session = make_session(proto)
-    parts = [np.asarray(s, np.float64)[i:] for s, i in zip(streams, score_from, strict=True)]
+    parts = [s[i:] for s, i in kept]
     cold, _, _ = onnx_rollout(session, cell, layers, hidden_size, side_by_side(parts))
-    warm, warm_lv, _ = onnx_rollout(session, cell, layers, hidden_size, side_by_side(streams))
+    whole = side_by_side([s for s, _ in kept])
+    warm, warm_lv, _ = onnx_rollout(session, cell, layers, hidden_size, whole)
     steps = cold.shape[1]
     total = np.zeros((steps, cold.shape[2]))
     count = np.zeros(steps)
-    for i, (p, start) in enumerate(zip(parts, score_from, strict=True)):
-        n = len(p)
-        spread = np.exp(0.5 * warm_lv[i, start : start + n].astype(np.float64))
-        total[:n] += ((cold[i, :n] - warm[i, start : start + n]) / spread) ** 2
+    for b, (part, (_, start)) in enumerate(zip(parts, kept, strict=True)):
+        n = len(part)
+        spread = np.exp(0.5 * warm_lv[b, start : start + n].astype(np.float64))
+        total[:n] += ((cold[b, :n] - warm[b, start : start + n]) / spread) ** 2
         count[:n] += 1
     off = np.flatnonzero((total / np.maximum(count, 1)[:, None]).max(axis=1) > SETTLED**2)
-    return 0 if len(off) == 0 else int(off[-1]) + 1
+    settle = 0 if len(off) == 0 else int(off[-1]) + 1
+    if settle >= steps:
+        log.warning(
+            "the network had not settled from a cold start by the end of the %d held-out"
+            " steps: new streams wait that long before they may alert ([scoring]"
+            " warmup_steps sets it)", steps,
+        )  # fmt: skip
+    return settle
 
 
 def side_by_side(streams: Sequence[np.ndarray]) -> np.ndarray:

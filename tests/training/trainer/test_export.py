@@ -293,3 +293,37 @@ def test_the_level_spread_is_what_sampling_does_not_explain() -> None:
     slow = [np.r_[np.nan, 3.0 + np.sin(t / 60.0 + k) + 0.1 * rng.normal(size=t.size)]
             for k in range(8)]  # fmt: skip
     assert summarise(slow, burn_in=0).level_std < 0.1
+
+
+def test_the_settling_time_compares_a_cold_start_with_a_warm_one(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The held-out rows stepped from a zero state beside the same rows at the end of their
+    whole stream: once the two agree to a tenth of a spread, the network has settled. Too
+    few held-out rows to settle in are counted whole, with a warning; a stream with fewer
+    than two held-out rows says nothing."""
+    from training.trainer.calibrate import settle_steps
+
+    model = LoadedModel.load(tiny_model)
+    meta = model.meta
+    proto = onnx.load(tiny_model)
+    values = generate_fleet(2, 400, features=meta.features, seed=4).values
+    args = (proto, meta.cell, meta.layers, meta.hidden_size)
+    settle = settle_steps(*args, list(values), [200, 200])
+    assert settle is not None and 0 < settle < 200
+    # the same rows, cold against warm, by hand: apart before the settling time, not after
+    cold = model.zero_states(2)
+    warm = model.zero_states(2)
+    for t in range(200):
+        warm_out = model.step(values[:, t], warm)
+        warm = warm_out.states
+    gaps = []
+    for t in range(200, 400):
+        c, w = model.step(values[:, t], cold), model.step(values[:, t], warm)
+        cold, warm = c.states, w.states
+        gaps.append(float((((c.mean - w.mean) / np.exp(0.5 * w.log_var)) ** 2).mean(0).max()))
+    assert max(gaps[settle:]) <= 0.01 < gaps[settle - 1]
+    with caplog.at_level("WARNING"):
+        assert settle_steps(*args, list(values), [400 - 3, 400 - 3]) == 3
+    assert "had not settled" in caplog.text
+    assert settle_steps(*args, list(values), [399, 400]) is None
