@@ -48,8 +48,9 @@ class Calibration:
     (``detector.scoring.surprise.tail_prior``); None in files before it (a Gaussian's).
     ``error_lag`` is, per feature, the lag-one autocorrelation of the held-out standardised
     errors (``detector.scoring.surprise.error_lag``), which the surprise takes out of each
-    step's error; the raw scores and the tail above are of the errors so whitened. None in
-    files before it (errors taken as they come). ``settle_steps`` is how many steps the
+    step's error for the per-step check: the tail above is of the errors so whitened (the
+    innovations), the raw scores of the errors. None in files before it (errors taken as
+    they come). ``settle_steps`` is how many steps the
     network takes to settle from a cold start (its predictions within a tenth of a spread of
     a warm start's, on the held-out streams): the daemon's warm-up. None where it was not
     measured (a file before it, or a calibration without a warm start to compare with).
