@@ -173,18 +173,17 @@ class Surprise:
         log_var: np.ndarray, has_pred: Mask,
     ) -> Surprised:  # fmt: skip
         std_errors = standardised_errors(z, mean, log_var)
-        innovations = std_errors
-        if self.lag is not None:
-            last = cols["error_last"]
-            innovations = whiten(std_errors, last, self.lag)
-            last[...] = np.where(has_pred[:, None], std_errors, np.nan)
         parts = error_parts(std_errors, self.raw_score)
         if self.raw_score == "student_t":  # the sum of its parts, already in hand
             raw = np.where(has_pred, np.sum(parts, axis=-1), np.nan)
         else:
             raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
         std_errors[~has_pred] = np.nan
-        innovations[~has_pred] = np.nan
+        innovations = std_errors  # NaN where there was no prediction, whitened or not
+        if self.lag is not None:
+            last = cols["error_last"]
+            innovations = whiten(std_errors, last, self.lag)
+            last[...] = std_errors  # none (NaN) after a step without a prediction
         return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw), innovations)
 
 

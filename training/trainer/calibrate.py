@@ -45,6 +45,17 @@ DEFAULT_THRESHOLD = 0.9999
 MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not positive
 
 
+def predictions(
+    proto: onnx.ModelProto | bytes, cell: str, layers: int, hidden_size: int,
+    streams: Sequence[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The streams side by side (B, T, F; :func:`side_by_side`) and the exported step's
+    predictions over them, stepped from a zero state: (x, mean, log_var)."""
+    x = side_by_side(streams)
+    mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
+    return x, mean, log_var
+
+
 def stream_errors(
     proto: onnx.ModelProto | bytes,
     cell: str,
@@ -55,13 +66,19 @@ def stream_errors(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
     0, which has no prediction)."""
-    lengths = [len(s) for s in streams]
-    x = side_by_side(streams)  # a short stream is scored only to its end
-    mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
+    return _errors(norm, streams, *predictions(proto, cell, layers, hidden_size, streams))
+
+
+def _errors(
+    norm: Normalisation, streams: Sequence[np.ndarray], x: np.ndarray, mean: np.ndarray,
+    log_var: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """:func:`stream_errors` of the streams' :func:`predictions` (a short stream is scored
+    only to its end)."""
     # The daemon normalises in float64 with a reciprocal; so do we.
     z = (x - np.asarray(norm.centre)) * (1.0 / np.asarray(norm.scale))  # (B, T, F)
     out = []
-    for b, n in enumerate(lengths):
+    for b, n in enumerate(len(s) for s in streams):
         raw = np.full(n, np.nan)
         errors = np.full((n, x.shape[2]), np.nan)
         if n > 1:
@@ -83,30 +100,29 @@ def settle_steps(
     hidden_size: int,
     streams: Sequence[np.ndarray],
     score_from: Sequence[int],
+    warm: tuple[np.ndarray, np.ndarray],
 ) -> int | None:
     """How long the network takes to settle from a cold start: each held-out part (stream
     ``i`` from row ``score_from[i]``) stepped from a zero state beside the same rows stepped
-    warm, at the end of its whole stream; the first step after which every feature's cold
+    warm, at the end of its whole stream (``warm``: the mean and log-variance of the whole
+    streams' :func:`predictions`); the first step after which every feature's cold
     prediction stays within SETTLED of the warm one's spreads (mean square over the
     streams; a held-out part of fewer than two rows says nothing). A network that has not
     settled by the end of the held-out parts counts their length, with a warning. What the
     daemon's warm-up waits (``Calibration.settle_steps``); None without a held-out part."""
-    kept = [(np.asarray(s, np.float64), i) for s, i in zip(streams, score_from, strict=True)
-            if len(s) - i >= 2]  # fmt: skip
+    kept = [b for b, (s, i) in enumerate(zip(streams, score_from, strict=True)) if len(s) - i >= 2]
     if not kept:
         return None
-    session = make_session(proto)
-    parts = [s[i:] for s, i in kept]
-    cold, _, _ = onnx_rollout(session, cell, layers, hidden_size, side_by_side(parts))
-    whole = side_by_side([s for s, _ in kept])
-    warm, warm_lv, _ = onnx_rollout(session, cell, layers, hidden_size, whole)
+    parts = [np.asarray(streams[b], np.float64)[score_from[b] :] for b in kept]
+    _, cold, _ = predictions(proto, cell, layers, hidden_size, parts)
+    warm_mean, warm_lv = warm
     steps = cold.shape[1]
     total = np.zeros((steps, cold.shape[2]))
     count = np.zeros(steps)
-    for b, (part, (_, start)) in enumerate(zip(parts, kept, strict=True)):
-        n = len(part)
+    for k, (b, part) in enumerate(zip(kept, parts, strict=True)):
+        n, start = len(part), score_from[b]
         spread = np.exp(0.5 * warm_lv[b, start : start + n].astype(np.float64))
-        total[:n] += ((cold[b, :n] - warm[b, start : start + n]) / spread) ** 2
+        total[:n] += ((cold[k, :n] - warm_mean[b, start : start + n]) / spread) ** 2
         count[:n] += 1
     off = np.flatnonzero((total / np.maximum(count, 1)[:, None]).max(axis=1) > SETTLED**2)
     settle = 0 if len(off) == 0 else int(off[-1]) + 1
@@ -371,7 +387,8 @@ def calibrate(
 ) -> Calibration:
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
-    scored = stream_errors(proto, cell, layers, hidden_size, norm, streams)
+    x, mean, log_var = predictions(proto, cell, layers, hidden_size, streams)
+    scored = _errors(norm, streams, x, mean, log_var)
     # the steps the calibration counts, of each stream's errors (step 0 has none)
     counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
     lag = error_lag(counted) if any(len(e) > 1 for e in counted) else None
@@ -388,8 +405,8 @@ def calibrate(
         tail_rate=rate,
         tail_excess=excess,
         error_lag=lag,
-        settle_steps=(None if score_from is None else
-                      settle_steps(proto, cell, layers, hidden_size, streams, score_from)),
+        settle_steps=(None if score_from is None else settle_steps(
+            proto, cell, layers, hidden_size, streams, score_from, (mean, log_var))),
     )  # fmt: skip
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",

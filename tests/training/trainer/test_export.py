@@ -302,14 +302,15 @@ def test_the_settling_time_compares_a_cold_start_with_a_warm_one(
     whole stream: once the two agree to a tenth of a spread, the network has settled. Too
     few held-out rows to settle in are counted whole, with a warning; a stream with fewer
     than two held-out rows says nothing."""
-    from training.trainer.calibrate import settle_steps
+    from training.trainer.calibrate import predictions, settle_steps
 
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     proto = onnx.load(tiny_model)
     values = generate_fleet(2, 400, features=meta.features, seed=4).values
     args = (proto, meta.cell, meta.layers, meta.hidden_size)
-    settle = settle_steps(*args, list(values), [200, 200])
+    _, mean, log_var = predictions(*args, list(values))  # the whole streams, warm
+    settle = settle_steps(*args, list(values), [200, 200], (mean, log_var))
     assert settle is not None and 0 < settle < 200
     # the same rows, cold against warm, by hand: apart before the settling time, not after
     cold = model.zero_states(2)
@@ -324,6 +325,6 @@ def test_the_settling_time_compares_a_cold_start_with_a_warm_one(
         gaps.append(float((((c.mean - w.mean) / np.exp(0.5 * w.log_var)) ** 2).mean(0).max()))
     assert max(gaps[settle:]) <= 0.01 < gaps[settle - 1]
     with caplog.at_level("WARNING"):
-        assert settle_steps(*args, list(values), [400 - 3, 400 - 3]) == 3
+        assert settle_steps(*args, list(values), [400 - 3, 400 - 3], (mean, log_var)) == 3
     assert "had not settled" in caplog.text
-    assert settle_steps(*args, list(values), [399, 400]) is None
+    assert settle_steps(*args, list(values), [399, 400], (mean, log_var)) is None
