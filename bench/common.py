@@ -58,7 +58,8 @@ def bench_model(cell: str = "gru", hidden: int = 64, features: int = 8) -> Path:
     if path.exists():
         try:
             meta = LoadedModel.load(path).meta
-            if meta.calibration.error_lag is not None:  # the current exporter's
+            if meta.calibration.error_lag is not None and meta.skip == "level":  # the
+                # current exporter's and trainer's
                 return path
         except ModelFileError:
             pass

@@ -23,6 +23,11 @@ from detector.scoring.surprise import MAX_ERROR_LAG
 METADATA_KEY: Final = "rnnsentry"
 FORMAT_VERSION: Final = 1
 CELLS: Final = ("gru", "lstm", "rnn")
+# What the prediction's skip path adds the network's change to: the input itself ("input",
+# files before the level), or an exponentially smoothed level of the inputs kept as the
+# state LEVEL_STATE ("level", :mod:`training.trainer.model`).
+SKIPS: Final = ("input", "level")
+LEVEL_STATE: Final = "level"
 INPUT_NAME: Final = "x"
 OUTPUT_NAMES: Final = ("mean", "log_var")
 
@@ -61,6 +66,7 @@ class ModelMeta:
     graph_sha256: str
     parity_max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    skip: str = "input"  # one of SKIPS; files before the level say nothing: "input"
 
     @property
     def n_features(self) -> int:
@@ -68,7 +74,15 @@ class ModelMeta:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return state_names(self.cell)
+        """The graph's state inputs in order: the cell's, then the smoothed level if any."""
+        return state_names(self.cell) + ((LEVEL_STATE,) if self.skip == "level" else ())
+
+    def state_shape(self, name: str) -> tuple[int, int]:
+        """A state's shape less its batch axis (the graph's [first, B, last]): a recurrent
+        state [layers, hidden_size], the level [1, features]."""
+        if name == LEVEL_STATE:
+            return 1, self.n_features
+        return self.layers, self.hidden_size
 
     @property
     def fingerprint(self) -> str:
@@ -145,6 +159,7 @@ def _check_types(meta: ModelMeta) -> None:
         ("calibration.level_streams", _is_int(cal.level_streams)),
         ("training", isinstance(meta.training, dict)),
         ("graph_sha256", isinstance(meta.graph_sha256, str)),
+        ("skip", isinstance(meta.skip, str)),
     ]  # fmt: skip
     for name, ok in checks:
         if not ok:
@@ -157,6 +172,8 @@ def _check_meta(meta: ModelMeta) -> None:
         raise ModelFileError(f"metadata cell {meta.cell!r} is not one of {', '.join(CELLS)}")
     if meta.layers < 1 or meta.hidden_size < 1:
         raise ModelFileError("metadata layers and hidden_size must be positive")
+    if meta.skip not in SKIPS:
+        raise ModelFileError(f"metadata skip {meta.skip!r} is not one of {', '.join(SKIPS)}")
     n = len(meta.features)
     if n < 1 or len(set(meta.features)) != n:
         raise ModelFileError("metadata features must be a non-empty list of distinct names")
@@ -307,12 +324,13 @@ def parse_artifact(data: bytes, where: str = "model") -> ModelMeta:
 
 def expected_io(meta: ModelMeta) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
     """The graph's inputs and outputs as the metadata implies: name -> shape ('B' dynamic)."""
-    f, layers, h = meta.n_features, meta.layers, meta.hidden_size
+    f = meta.n_features
     inputs: dict[str, list[Any]] = {INPUT_NAME: ["B", f]}
     outputs: dict[str, list[Any]] = {name: ["B", f] for name in OUTPUT_NAMES}
     for name in meta.state_names:
-        inputs[name] = [layers, "B", h]
-        outputs[name + "_out"] = [layers, "B", h]
+        first, last = meta.state_shape(name)
+        inputs[name] = [first, "B", last]
+        outputs[name + "_out"] = [first, "B", last]
     return inputs, outputs
 
 

@@ -384,6 +384,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("file", args.model),
         ("fingerprint", meta.fingerprint),
         ("cell", f"{meta.cell}, {meta.layers} layer(s), hidden {meta.hidden_size}"),
+        ("predicts from", "the inputs' smoothed level (state 'level')" if meta.skip == "level"
+         else "the last input"),
         ("features", ", ".join(meta.features)),
         ("sample interval", f"{meta.sample_interval_s} s" if meta.sample_interval_s else "-"),
         ("parity (max abs diff)", f"{meta.parity_max_abs_diff:.2e}"

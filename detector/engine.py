@@ -113,7 +113,7 @@ class Engine:
         meta = model.meta
         f = meta.n_features
         columns: dict[str, Column] = {
-            name: Column((meta.layers, meta.hidden_size), np.float32, 0.0, axis=1)
+            name: Column(meta.state_shape(name), np.float32, 0.0, axis=1)
             for name in meta.state_names
         }
         columns["mean"] = Column((f,), np.float32, 0.0)

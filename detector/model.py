@@ -113,8 +113,8 @@ class LoadedModel:
         return model
 
     def zero_states(self, batch: int) -> list[np.ndarray]:
-        shape = (self.meta.layers, batch, self.meta.hidden_size)
-        return [np.zeros(shape, np.float32) for _ in self.meta.state_names]
+        shapes = (self.meta.state_shape(name) for name in self.meta.state_names)
+        return [np.zeros((first, batch, last), np.float32) for first, last in shapes]
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         """Raw units -> the model's normalised units (what mean/log_var predict)."""

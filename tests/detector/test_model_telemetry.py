@@ -15,9 +15,7 @@ STEP = """
 import numpy as np
 from detector.model import LoadedModel
 model = LoadedModel.load({model!r})
-meta = model.meta
-states = [np.zeros((meta.layers, 1, meta.hidden_size), np.float32) for _ in meta.state_names]
-model.step(np.zeros((1, meta.n_features)), states)
+model.step(np.zeros((1, model.meta.n_features)), model.zero_states(1))
 """
 
 

@@ -46,27 +46,23 @@ MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not posit
 
 
 def predictions(
-    proto: onnx.ModelProto | bytes, cell: str, layers: int, hidden_size: int,
-    streams: Sequence[np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    proto: onnx.ModelProto | bytes, streams: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The streams side by side (B, T, F; :func:`side_by_side`) and the exported step's
     predictions over them, stepped from a zero state: (x, mean, log_var)."""
     x = side_by_side(streams)
-    mean, log_var, _ = onnx_rollout(make_session(proto), cell, layers, hidden_size, x)
+    mean, log_var, _ = onnx_rollout(make_session(proto), x)
     return x, mean, log_var
 
 
 def stream_errors(
     proto: onnx.ModelProto | bytes,
-    cell: str,
-    layers: int,
-    hidden_size: int,
     norm: Normalisation,
     streams: Sequence[np.ndarray],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
     0, which has no prediction)."""
-    return _errors(norm, streams, *predictions(proto, cell, layers, hidden_size, streams))
+    return _errors(norm, streams, *predictions(proto, streams))
 
 
 def _errors(
@@ -95,9 +91,6 @@ SETTLED: Final = 0.1
 
 def settle_steps(
     proto: onnx.ModelProto | bytes,
-    cell: str,
-    layers: int,
-    hidden_size: int,
     streams: Sequence[np.ndarray],
     score_from: Sequence[int],
     warm: tuple[np.ndarray, np.ndarray],
@@ -114,7 +107,7 @@ def settle_steps(
     if not kept:
         return None
     parts = [np.asarray(streams[b], np.float64)[score_from[b] :] for b in kept]
-    _, cold, _ = predictions(proto, cell, layers, hidden_size, parts)
+    _, cold, _ = predictions(proto, parts)
     warm_mean, warm_lv = warm
     steps = cold.shape[1]
     total = np.zeros((steps, cold.shape[2]))
@@ -375,9 +368,6 @@ def summarise(
 
 def calibrate(
     proto: onnx.ModelProto | bytes,
-    cell: str,
-    layers: int,
-    hidden_size: int,
     norm: Normalisation,
     streams: Sequence[np.ndarray],
     burn_in: int,
@@ -387,7 +377,7 @@ def calibrate(
 ) -> Calibration:
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
-    x, mean, log_var = predictions(proto, cell, layers, hidden_size, streams)
+    x, mean, log_var = predictions(proto, streams)
     scored = _errors(norm, streams, x, mean, log_var)
     # the steps the calibration counts, of each stream's errors (step 0 has none)
     counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
@@ -406,7 +396,7 @@ def calibrate(
         tail_excess=excess,
         error_lag=lag,
         settle_steps=(None if score_from is None else settle_steps(
-            proto, cell, layers, hidden_size, streams, score_from, (mean, log_var))),
+            proto, streams, score_from, (mean, log_var))),
     )  # fmt: skip
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",

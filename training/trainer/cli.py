@@ -12,7 +12,7 @@ import importlib
 import logging
 from typing import Any
 
-from detector.artifact import CELLS
+from detector.artifact import CELLS, SKIPS
 from detector.errors import RnnsentryError
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # TrainOptions' defaults, repeated here so that --help needs no torch; a test keeps them equal.
 DEFAULTS: dict[str, Any] = {
     "cell": "lstm",
+    "skip": "level",
     "layers": 1,
     "hidden_size": 32,
     "dropout": 0.0,
@@ -71,6 +72,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--cell", choices=CELLS, default=d["cell"], help="recurrent cell (%(default)s)"
+    )
+    model.add_argument(
+        "--skip",
+        choices=SKIPS,
+        default=d["skip"],
+        help="what each prediction adds the network's change to: the inputs' smoothed level,"
+        " or the last input (%(default)s)",
     )
     model.add_argument(
         "--layers", type=int, default=d["layers"], help="stacked layers (%(default)s)"

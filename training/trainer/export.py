@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from detector import __version__
 from detector.artifact import (
     INPUT_NAME,
+    LEVEL_STATE,
     METADATA_KEY,
     ModelMeta,
     Normalisation,
@@ -32,7 +33,12 @@ from detector.artifact import (
     state_names,
 )
 from detector.errors import RnnsentryError
-from training.trainer.model import LOG_VAR_HALF_RANGE, LOG_VAR_MID, RecurrentForecaster
+from training.trainer.model import (
+    LOG_VAR_HALF_RANGE,
+    LOG_VAR_MID,
+    RecurrentForecaster,
+    level_gain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +154,8 @@ def _rnn_layer(g: _Graph, xin: str, h: str, model: RecurrentForecaster, layer: i
 def build_step_graph(
     model: RecurrentForecaster, norm: Normalisation, name: str = "rnnsentry"
 ) -> onnx.ModelProto:
-    """The one-step graph: x (B, F) raw, states (L, B, H) -> mean, log_var, new states."""
+    """The one-step graph: x (B, F) raw, states (L, B, H) and the level (1, B, F) if the model
+    has one -> mean, log_var, new states."""
     f, layers, hs, cell = model.n_features, model.layers, model.hidden_size, model.cell
     names = state_names(cell)
     g = _Graph()
@@ -183,21 +190,31 @@ def build_step_graph(
     change, raw_log_var = g.split_op(
         "Split", out, g.const("head.split", [f, f], np.int64), outputs=2, axis=1
     )
+    skipped, level_io = normalised, []
+    if model.head.level_logit is not None:  # l' = l + gain (x - l), the level's own state
+        gain = level_gain(model.head.level_logit).detach().cpu().numpy().astype(np.float32)
+        level = g.op("Gather", LEVEL_STATE, g.const("level.index", 0, np.int64), axis=0)
+        moved = g.op("Mul", g.const("level.gain", gain), g.op("Sub", normalised, level))
+        skipped = g.op("Add", level, moved)  # (B, F)
+        g.op("Unsqueeze", skipped, axes, name=LEVEL_STATE + "_out")  # (1, B, F)
+        level_io = [LEVEL_STATE]
     skip = model.head.skip.weight.detach().cpu().numpy().astype(np.float32)  # (F, F)
-    g.op("Add", g.op("MatMul", normalised, g.const("head.skip", skip.T)), change, name="mean")
+    g.op("Add", g.op("MatMul", skipped, g.const("head.skip", skip.T)), change, name="mean")
     mid, half = g.const("log_var.mid", LOG_VAR_MID), g.const("log_var.half", LOG_VAR_HALF_RANGE)
     squashed = g.op("Tanh", g.op("Div", g.op("Sub", raw_log_var, mid), half))
     g.op("Add", mid, g.op("Mul", half, squashed), name="log_var")
 
-    state_shape: list[Any] = [layers, "B", hs]
+    shapes: dict[str, list[Any]] = {s: [layers, "B", hs] for s in names}
+    shapes.update({s: [1, "B", f] for s in level_io})
     graph = helper.make_graph(
         g.nodes,
         name,
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["B", f])]
-        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, state_shape) for s in names],
+        + [helper.make_tensor_value_info(s, TensorProto.FLOAT, sh) for s, sh in shapes.items()],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", f]) for o in ("mean", "log_var")]
         + [
-            helper.make_tensor_value_info(s + "_out", TensorProto.FLOAT, state_shape) for s in names
+            helper.make_tensor_value_info(s + "_out", TensorProto.FLOAT, sh)
+            for s, sh in shapes.items()
         ],
         initializer=g.initializers,
     )
@@ -222,18 +239,15 @@ def make_session(proto: onnx.ModelProto | bytes) -> ort.InferenceSession:
 
 
 def onnx_rollout(
-    session: ort.InferenceSession,
-    cell: str,
-    layers: int,
-    hidden_size: int,
-    x: np.ndarray,
-    keep_states_every: int = 0,
+    session: ort.InferenceSession, x: np.ndarray, keep_states_every: int = 0
 ) -> tuple[np.ndarray, np.ndarray, dict[int, list[np.ndarray]]]:
-    """Step x (B, T, F) raw through the graph feeding the state back; (mean, log_var) (B, T, F)
-    and, every ``keep_states_every`` steps, the states after that many steps."""
+    """Step x (B, T, F) raw through the graph from zero states, feeding the states back (the
+    graph's state inputs, in its order and its shapes); (mean, log_var) (B, T, F) and, every
+    ``keep_states_every`` steps, the states after that many steps."""
     batch, steps, _ = x.shape
-    names = state_names(cell)
-    states = [np.zeros((layers, batch, hidden_size), np.float32) for _ in names]
+    inputs = [a for a in session.get_inputs() if a.name != INPUT_NAME]
+    names = [a.name for a in inputs]
+    states = [np.zeros((a.shape[0], batch, a.shape[2]), np.float32) for a in inputs]
     outputs = ["mean", "log_var", *(s + "_out" for s in names)]
     means = np.empty(x.shape, np.float32)
     log_vars = np.empty(x.shape, np.float32)
@@ -276,9 +290,7 @@ def check_parity(
     """
     x = np.stack([sequence, sequence[::-1]]).astype(np.float32)  # (2, T, F) raw
     session = make_session(proto)
-    o_mean, o_log_var, o_states = onnx_rollout(
-        session, model.cell, model.layers, model.hidden_size, x, PARITY_CHECKPOINT
-    )
+    o_mean, o_log_var, o_states = onnx_rollout(session, x, PARITY_CHECKPOINT)
     model.eval()
     centre = torch.tensor(norm.centre, dtype=torch.float32)
     scale = torch.tensor(norm.scale, dtype=torch.float32)

@@ -103,9 +103,6 @@ def export_result(
         parity = check_parity(proto, model, norm, parity_sequence(held_out))
     cal = calibrate(
         proto,
-        model.cell,
-        model.layers,
-        model.hidden_size,
         norm,
         calibration_streams,
         result.options.burn_in,
@@ -134,6 +131,7 @@ def export_result(
         training=provenance(result, data_fp, info),
         graph_sha256="",  # filled in from the graph by write_artifact
         parity_max_abs_diff=parity,
+        skip=model.skip,
     )
     return write_artifact(proto, meta, out_path)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.artifact import CELLS, Normalisation
+from detector.artifact import CELLS, SKIPS, Normalisation
 from detector.errors import ConfigError, DataError, RnnsentryError
 from training.trainer.data import fill_missing, fit_normalisation, normalise, split_rows
 from training.trainer.model import RecurrentForecaster, State, detach_state
@@ -56,6 +56,8 @@ class TrainOptions:
     """Every training option; the defaults train 100k steps x 8 features in well under 2 min."""
 
     cell: str = "lstm"  # lstm | gru | rnn (tanh)
+    skip: str = "level"  # what the prediction adds the network's change to: a smoothed
+    # level of the inputs, or the last input ("input", as before the level)
     layers: int = 1
     hidden_size: int = 32
     dropout: float = 0.0  # between stacked layers only
@@ -79,6 +81,8 @@ class TrainOptions:
         problems = []
         if self.cell not in CELLS:
             problems.append(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        if self.skip not in SKIPS:
+            problems.append(f"skip must be one of {', '.join(SKIPS)}, not {self.skip!r}")
         if self.optimiser not in OPTIMISERS:
             problems.append(f"optimiser must be one of {', '.join(OPTIMISERS)}")
         for name in ("layers", "hidden_size", "window", "batch_size", "epochs"):
@@ -454,6 +458,7 @@ def train(
                 options.layers,
                 options.hidden_size,
                 options.dropout,
+                options.skip,
             )
             progress = None if quiet else EpochProgress(options.epochs)
             history, best_epoch, best_loss, stopped = _fit(

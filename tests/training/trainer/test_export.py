@@ -52,9 +52,10 @@ def dims(args: list[Any]) -> dict[str, list[Any]]:
     return {a.name: [d if isinstance(d, int) else "B" for d in a.shape] for a in args}
 
 
-def tiny(cell: str, layers: int = 1) -> TrainOptions:
+def tiny(cell: str, layers: int = 1, skip: str = "level") -> TrainOptions:
     return TrainOptions(
         cell=cell,
+        skip=skip,
         layers=layers,
         hidden_size=8,
         window=32,
@@ -65,13 +66,18 @@ def tiny(cell: str, layers: int = 1) -> TrainOptions:
     )
 
 
-@pytest.mark.parametrize(("cell", "layers"), [("gru", 2), ("lstm", 2), ("rnn", 1), ("gru", 1)])
+@pytest.mark.parametrize(
+    ("cell", "layers", "skip"),
+    [("gru", 2, "level"), ("lstm", 2, "level"), ("rnn", 1, "level"), ("gru", 1, "level"),
+     ("lstm", 1, "input")],
+)  # fmt: skip
 def test_each_cell_exports_passes_parity_and_loads(
-    tmp_path: Path, streams: list[np.ndarray], cell: str, layers: int
+    tmp_path: Path, streams: list[np.ndarray], cell: str, layers: int, skip: str
 ) -> None:
     path = tmp_path / f"{cell}.onnx"
+    options = tiny(cell, layers, skip)
     meta = fit_and_export(
-        streams, FEATURES, path, tiny(cell, layers), sample_interval_s=1.0, name="pumps", quiet=True
+        streams, FEATURES, path, options, sample_interval_s=1.0, name="pumps", quiet=True
     )
     assert meta.parity_max_abs_diff is not None and meta.parity_max_abs_diff <= 1e-4
     assert (meta.cell, meta.layers, meta.hidden_size, meta.features) == (cell, layers, 8, FEATURES)
@@ -92,7 +98,14 @@ def test_each_cell_exports_passes_parity_and_loads(
 
     model = LoadedModel.load(path)  # the daemon's own loader and checks
     out = model.step(np.asarray(streams[0][:5], np.float32), model.zero_states(5))
-    assert out.mean.shape == (5, 3) and all(s.shape == (layers, 5, 8) for s in out.states)
+    cell_states = 2 if cell == "lstm" else 1
+    assert meta.skip == skip and len(meta.state_names) == cell_states + (skip == "level")
+    assert out.mean.shape == (5, 3)
+    assert all(s.shape == (layers, 5, 8) for s in out.states[:cell_states])
+    if skip == "level":  # the inputs' smoothed level, normalised: between the values and 0
+        level = out.states[-1]
+        z = model.normalise(np.asarray(streams[0][:5], np.float64))
+        assert level.shape == (1, 5, 3) and np.all(np.abs(level[0]) <= np.abs(z) + 1e-6)
     training = meta.training
     assert training["seed"] == 0 and training["rows"] == 1200 and training["val_rows"] == 240
     assert len(training["data_fingerprint"]) == 64 and training["options"]["cell"] == cell
@@ -115,15 +128,17 @@ def test_normalisation_is_inside_the_graph(streams: list[np.ndarray]) -> None:
     result = train(streams, tiny("rnn"), quiet=True)
     proto = build_step_graph(result.model, result.normalisation)
     x = np.asarray(streams[1][:4], np.float32)  # raw units in
-    mean, log_var, h = make_session(proto).run(None, {"x": x, "h": np.zeros((1, 4, 8), np.float32)})
+    zeros = {"h": np.zeros((1, 4, 8), np.float32), "level": np.zeros((1, 4, 3), np.float32)}
+    mean, log_var, h, level = make_session(proto).run(None, {"x": x, **zeros})
     z = (
         torch.from_numpy(x) - torch.tensor(result.normalisation.centre, dtype=torch.float32)
     ) / torch.tensor(result.normalisation.scale, dtype=torch.float32)
     with torch.no_grad():
-        t_mean, t_log_var, (t_h,) = result.model.step(z)
+        t_mean, t_log_var, (t_h, t_level) = result.model.step(z)
     assert np.abs(mean - t_mean.numpy()).max() < 1e-5
     assert np.abs(log_var - t_log_var.numpy()).max() < 1e-5
     assert np.abs(h - t_h.numpy()).max() < 1e-5
+    assert np.abs(level - t_level.numpy()).max() < 1e-5
 
 
 def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: Path) -> None:
@@ -177,14 +192,7 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
-    raw_cal = stream_errors(
-        onnx.load(tiny_model),
-        meta.cell,
-        meta.layers,
-        meta.hidden_size,
-        meta.normalisation,
-        [values],
-    )[0][0]
+    raw_cal = stream_errors(onnx.load(tiny_model), meta.normalisation, [values])[0][0]
     replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
@@ -308,9 +316,8 @@ def test_the_settling_time_compares_a_cold_start_with_a_warm_one(
     meta = model.meta
     proto = onnx.load(tiny_model)
     values = generate_fleet(2, 400, features=meta.features, seed=4).values
-    args = (proto, meta.cell, meta.layers, meta.hidden_size)
-    _, mean, log_var = predictions(*args, list(values))  # the whole streams, warm
-    settle = settle_steps(*args, list(values), [200, 200], (mean, log_var))
+    _, mean, log_var = predictions(proto, list(values))  # the whole streams, warm
+    settle = settle_steps(proto, list(values), [200, 200], (mean, log_var))
     assert settle is not None and 0 < settle < 200
     # the same rows, cold against warm, by hand: apart before the settling time, not after
     cold = model.zero_states(2)
@@ -325,6 +332,6 @@ def test_the_settling_time_compares_a_cold_start_with_a_warm_one(
         gaps.append(float((((c.mean - w.mean) / np.exp(0.5 * w.log_var)) ** 2).mean(0).max()))
     assert max(gaps[settle:]) <= 0.01 < gaps[settle - 1]
     with caplog.at_level("WARNING"):
-        assert settle_steps(*args, list(values), [400 - 3, 400 - 3], (mean, log_var)) == 3
+        assert settle_steps(proto, list(values), [400 - 3, 400 - 3], (mean, log_var)) == 3
     assert "had not settled" in caplog.text
-    assert settle_steps(*args, list(values), [399, 400], (mean, log_var)) is None
+    assert settle_steps(proto, list(values), [399, 400], (mean, log_var)) is None

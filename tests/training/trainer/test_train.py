@@ -10,7 +10,14 @@ import torch
 
 from detector.errors import ConfigError, DataError
 from training.trainer.cli import DEFAULTS
-from training.trainer.model import LOG_VAR_MAX, LOG_VAR_MIN, RecurrentForecaster
+from training.trainer.model import (
+    LEVEL_CHUNK,
+    LOG_VAR_MAX,
+    LOG_VAR_MIN,
+    RecurrentForecaster,
+    level_gain,
+    smooth,
+)
 from training.trainer.train import (
     EpochStats,
     TrainOptions,
@@ -59,9 +66,28 @@ def test_forward_shapes_and_log_var_range(cell: str) -> None:
     with torch.no_grad():
         mean, log_var, state = model(x)
     assert mean.shape == log_var.shape == (4, 7, F)
-    assert len(state) == (2 if cell == "lstm" else 1)
-    assert all(s.shape == (2, 4, 5) for s in state)
+    cell_states = 2 if cell == "lstm" else 1
+    assert len(state) == cell_states + 1  # and the inputs' smoothed level
+    assert all(s.shape == (2, 4, 5) for s in state[:cell_states]) and state[-1].shape == (1, 4, F)
     assert float(log_var.min()) >= LOG_VAR_MIN and float(log_var.max()) <= LOG_VAR_MAX
+    plain = RecurrentForecaster(F, cell, layers=2, hidden_size=5, skip="input")
+    assert len(plain(x)[2]) == cell_states  # no level: the last input is the skip's
+
+
+def test_the_smoothed_level_is_the_recurrence_written_out() -> None:
+    """The closed form over chunks of steps equals l_t = l_(t-1) + g (x_t - l_(t-1)) step by
+    step, across chunk boundaries, for gains from slow to nearly persistence."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 2 * LEVEL_CHUNK + 7, 3, dtype=torch.float64)
+    start = torch.randn(2, 3, dtype=torch.float64)
+    gain = level_gain(torch.tensor([-2.0, 0.0, 30.0], dtype=torch.float64))  # 0.12, 0.5, ~1
+    level, expected = start, []
+    for t in range(x.shape[1]):
+        level = level + gain * (x[:, t] - level)
+        expected.append(level)
+    got = smooth(x, start, gain)
+    assert torch.allclose(got, torch.stack(expected, dim=1), atol=1e-9)
+    assert torch.allclose(got[:, :, 2], x[:, :, 2], atol=1e-5)  # gain ~1: the input itself
 
 
 def test_single_layer_dropout_does_not_warn() -> None:
