@@ -272,15 +272,34 @@ def _mismatch(entry: _Saved, engine: Engine) -> str:
     return ""
 
 
+def _same_column(
+    saved: tuple[str, tuple[int, ...], int], mine: tuple[str, tuple[int, ...], int]
+) -> bool:
+    """A saved column this version can take: the same layout, or the same shape and axis in
+    another float precision (a spread that went from float64 to float32).
+
+    >>> _same_column(("<f8", (8,), 0), ("<f4", (8,), 0))
+    True
+    >>> _same_column(("<i8", (), 0), ("<f8", (), 0))
+    False
+    """
+    if saved == mine:
+        return True
+    floats = all(np.dtype(d).kind == "f" for d in (saved[0], mine[0]))
+    return floats and saved[1:] == mine[1:]
+
+
 def _restore(
     entry: _Saved, engine: Engine, now: float, keep: Callable[[str], bool] | None = None
 ) -> int:
     """Put the saved streams into the engine's table. A column this version keeps and the
     snapshot lacks, or keeps in another shape (an upgrade), starts at its initial value, as
-    for a new stream; a saved column this version does not keep is dropped."""
+    for a new stream; a saved column this version does not keep is dropped. A column saved
+    at another float precision is cast."""
     table = engine.table
     layout = _layout(table.columns)
-    usable = {k for k in entry.values.keys() & layout.keys() if entry.layout[k] == layout[k]}
+    usable = {k for k in entry.values.keys() & layout.keys()
+              if _same_column(entry.layout[k], layout[k])}  # fmt: skip
     new = sorted(table.columns.keys() - usable)
     old = sorted(entry.values.keys() - usable)
     if new or old:

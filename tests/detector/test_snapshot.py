@@ -188,6 +188,28 @@ def test_a_column_kept_in_another_shape_starts_afresh_and_the_rest_is_restored(
     )
 
 
+def test_a_spread_saved_in_float64_is_restored_in_float32(
+    model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that keeps a column at a lower float precision (the input spread went from
+    float64 to float32) takes the saved values, cast, not afresh; an integer column does
+    not become a float one."""
+    f = model.meta.n_features
+    with_columns(monkeypatch, input_var=((f,), np.float64, 1.0), warm=((), np.float64, 0.0))
+    older = engine(model)
+    run(older, batches(model, ["p1"], 40, 0, seed=8))
+    row = older.table.rows_for(["p1"], T0)
+    older.table.arrays["input_var"][row] = np.linspace(0.5, 2.0, f) + 1e-12
+    save_snapshot(tmp_path / "s.npz", [older])
+    monkeypatch.undo()
+    newer = engine(model)
+    assert newer.table.arrays["input_var"].dtype == np.float32
+    assert load_snapshot(tmp_path / "s.npz", [newer], now=T0) == {"pump": 1}
+    got = newer.table.arrays["input_var"][newer.table.rows_for(["p1"], T0)]
+    np.testing.assert_allclose(got[0], np.linspace(0.5, 2.0, f), rtol=1e-6)
+    assert newer.table.arrays["warm"][newer.table.rows_for(["p1"], T0)].tolist() == [0]
+
+
 def test_a_column_the_snapshot_lacks_starts_afresh_and_the_rest_is_restored(
     model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -152,7 +152,7 @@ def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: 
     cfg = ScoringConfig(input_scale_window=20)
 
     def by_hand(values: np.ndarray) -> tuple[list[float], np.ndarray]:
-        var = np.ones((1, model.meta.n_features))
+        var = np.ones((1, model.meta.n_features), np.float32)  # as the column keeps it
         states = model.zero_states(1)
         prediction = None
         raw = []
