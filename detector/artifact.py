@@ -32,13 +32,15 @@ INPUT_NAME: Final = "x"
 OUTPUT_NAMES: Final = ("mean", "log_var")
 
 
-def state_names(cell: str) -> tuple[str, ...]:
-    """Names of the state inputs in graph order; each output is the name + ``_out``.
+def state_names(cell: str, skip: str = "input") -> tuple[str, ...]:
+    """Names of the state inputs in graph order: the cell's, then the smoothed level where
+    the prediction's skip takes it; each output is the name + ``_out``.
 
-    >>> state_names("lstm")
-    ('h', 'c')
+    >>> state_names("lstm"), state_names("gru", "level")
+    (('h', 'c'), ('h', 'level'))
     """
-    return ("h", "c") if cell == "lstm" else ("h",)
+    cells = ("h", "c") if cell == "lstm" else ("h",)
+    return (*cells, LEVEL_STATE) if skip == "level" else cells
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,7 @@ class ModelMeta:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        """The graph's state inputs in order: the cell's, then the smoothed level if any."""
-        return state_names(self.cell) + ((LEVEL_STATE,) if self.skip == "level" else ())
+        return state_names(self.cell, self.skip)
 
     def state_shape(self, name: str) -> tuple[int, int]:
         """A state's shape less its batch axis (the graph's [first, B, last]): a recurrent

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from detector.artifact import CELLS, LEVEL_STATE, SKIPS, state_names
+from detector.artifact import CELLS, SKIPS, state_names
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class RecurrentForecaster(nn.Module):
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        return state_names(self.cell) + ((LEVEL_STATE,) if self.skip == "level" else ())
+        return state_names(self.cell, self.skip)
 
     def zero_state(self, batch: int) -> State:
         """All-zero state, the state of a stream that has seen nothing yet (its level at
