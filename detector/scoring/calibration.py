@@ -40,7 +40,8 @@ class Calibration:
     computes for this model (see :data:`RAW_SCORES`); files without it mean the Gaussian
     NLL, the raw score of the first releases. ``level_std`` says how much streams differ:
     the spread of the held-out streams' mean raw scores about one another, less what their
-    own sampling noise explains (0 when the calibration saw one stream), measured on
+    own sampling noise explains, and at least what their number can tell from none (0 when
+    the calibration saw one stream), measured on
     ``level_streams`` streams (0: not recorded, as in files before it).
     ``relations`` is the prior of the relations check (:class:`RelationsPrior`).
     ``tail_rate`` and ``tail_excess`` are the per-step check's prior, per feature: the share

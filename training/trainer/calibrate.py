@@ -294,7 +294,11 @@ def level_std(
     raw_parts: Sequence[np.ndarray], avg_parts: Sequence[np.ndarray], window: int
 ) -> float:
     """How far streams' own levels (their mean raw scores) lie apart, beyond what each
-    level's sampling noise explains: sqrt(max(0, var(levels) - mean noise)). 0 for one stream.
+    level's sampling noise explains: sqrt(var(levels) - mean noise), and no less than what k
+    streams can tell from none, the standard error of that difference when the levels are
+    alike, sqrt(2 / (k - 1)) mean noise: a few streams whose levels agree within their noise
+    do not show that a fleet's streams are alike, and a spread of 0 would make the model's
+    calibration outweigh each stream's own evidence for its whole life. 0 for one stream.
 
     A level's noise is var(raw) / n, widened by how much more its short average spreads than
     independent steps would make it (scores that follow one another carry less evidence).
@@ -303,6 +307,10 @@ def level_std(
     1.4142135623730951
     >>> level_std([np.arange(100.0)], [np.arange(100.0)], 5)
     0.0
+    >>> rng = np.random.default_rng(0)
+    >>> alike = [rng.normal(size=400) for _ in range(8)]
+    >>> 0.0 < level_std(alike, alike, 1) < 0.05
+    True
     """
     if len(raw_parts) < 2:
         return 0.0
@@ -314,7 +322,8 @@ def level_std(
         levels.append(float(raw.mean()))
         noise.append(var * widen / len(raw))
     between = float(np.var(levels, ddof=1)) - float(np.mean(noise))
-    return math.sqrt(max(between, 0.0))
+    resolved = math.sqrt(2.0 / (len(levels) - 1)) * float(np.mean(noise))
+    return math.sqrt(max(between, resolved))
 
 
 def first_counted(i: int, burn_in: int, score_from: Sequence[int] | None) -> int:
