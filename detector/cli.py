@@ -284,6 +284,24 @@ def tail_text(features: list[str], rate: list[float] | None, excess: list[float]
     return "held-out errors beyond 3 sd, share and mean excess: " + ", ".join(parts)
 
 
+def skip_text(skip: str, features: list[str], gains: Any) -> str:
+    """What each prediction starts from, for ``inspect``: the last input, or each sensor's
+    smoothed level with the gain the training learnt for it (``training.level_gain``).
+
+    >>> skip_text("level", ["a", "b"], [0.5, 0.934])
+    "each sensor's smoothed level (state 'level'), gain a 0.5, b 0.93"
+    >>> skip_text("input", ["a"], None)
+    'the last input (a file from before the smoothed level)'
+    """
+    if skip != "level":
+        return "the last input (a file from before the smoothed level)"
+    text = "each sensor's smoothed level (state 'level')"
+    if not (isinstance(gains, list) and len(gains) == len(features)):
+        return text
+    pairs = zip(features, gains, strict=True)
+    return text + ", gain " + ", ".join(f"{n} {float(g):.2g}" for n, g in pairs)
+
+
 def lag_text(features: list[str], lag: list[float] | None) -> str:
     """What the surprise takes out of each error: the model's lag-one autocorrelation.
 
@@ -384,8 +402,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("file", args.model),
         ("fingerprint", meta.fingerprint),
         ("cell", f"{meta.cell}, {meta.layers} layer(s), hidden {meta.hidden_size}"),
-        ("predicts from", "the inputs' smoothed level (state 'level')" if meta.skip == "level"
-         else "the last input"),
+        ("predicts from", skip_text(meta.skip, meta.features, meta.training.get("level_gain"))),
         ("features", ", ".join(meta.features)),
         ("sample interval", f"{meta.sample_interval_s} s" if meta.sample_interval_s else "-"),
         ("parity (max abs diff)", f"{meta.parity_max_abs_diff:.2e}"

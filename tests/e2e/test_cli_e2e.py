@@ -64,7 +64,7 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     done = rnnsentry("inspect", str(model))
     assert done.returncode == 0, done.stderr
     assert "lstm" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
-    assert "the inputs' smoothed level (state 'level')" in done.stdout
+    assert "each sensor's smoothed level (state 'level'), gain flow " in done.stdout
     assert "on: 4 sensors against the others' values and 50-step averages;" in done.stdout
 
 

@@ -24,6 +24,7 @@ from detector.errors import DataError
 from training.trainer.calibrate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, calibrate
 from training.trainer.data import fingerprint, load_csv_streams
 from training.trainer.export import build_step_graph, check_parity, parity_sequence, write_artifact
+from training.trainer.model import level_gain
 from training.trainer.train import TrainOptions, TrainResult, speed, torch_threads, train
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def provenance(
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    logit = result.model.head.level_logit
+    if logit is not None:  # each sensor's smoothing gain, for `rnnsentry inspect`
+        doc["level_gain"] = [round(float(g), 4) for g in level_gain(logit.detach())]
     doc.update(result.extra)
     doc.update(extra or {})
     return doc

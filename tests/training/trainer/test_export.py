@@ -106,6 +106,10 @@ def test_each_cell_exports_passes_parity_and_loads(
         level = out.states[-1]
         z = model.normalise(np.asarray(streams[0][:5], np.float64))
         assert level.shape == (1, 5, 3) and np.all(np.abs(level[0]) <= np.abs(z) + 1e-6)
+        gains = meta.training["level_gain"]  # what `inspect` shows, one a sensor
+        assert len(gains) == 3 and all(0.0 < g < 1.0 for g in gains)
+    else:
+        assert "level_gain" not in meta.training
     training = meta.training
     assert training["seed"] == 0 and training["rows"] == 1200 and training["val_rows"] == 240
     assert len(training["data_fingerprint"]) == 64 and training["options"]["cell"] == cell
