@@ -75,7 +75,7 @@ def smooth(x: torch.Tensor, level: torch.Tensor, gain: torch.Tensor) -> torch.Te
         levels = torch.einsum("ftj,bjf->btf", weight, part) + carried * level[:, None, :]
         out.append(levels)
         level = levels[:, -1]
-    return torch.cat(out, dim=1) if len(out) != 1 else out[0]
+    return torch.cat(out, dim=1) if out else x[:, :0]
 
 
 class GaussianHead(nn.Module):
