@@ -56,21 +56,12 @@ def predictions(
 
 
 def stream_errors(
-    proto: onnx.ModelProto | bytes,
-    norm: Normalisation,
-    streams: Sequence[np.ndarray],
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
-    0, which has no prediction)."""
-    return _errors(norm, streams, *predictions(proto, streams))
-
-
-def _errors(
     norm: Normalisation, streams: Sequence[np.ndarray], x: np.ndarray, mean: np.ndarray,
     log_var: np.ndarray,
 ) -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
-    """:func:`stream_errors` of the streams' :func:`predictions` (a short stream is scored
-    only to its end)."""
+    """Per stream, the raw score per step and the standardised errors [T, F] (NaN at step
+    0, which has no prediction), from the streams' :func:`predictions` (x, mean, log_var); a
+    short stream is scored only to its end."""
     # The daemon normalises in float64 with a reciprocal; so do we.
     z = (x - np.asarray(norm.centre)) * (1.0 / np.asarray(norm.scale))  # (B, T, F)
     out = []
@@ -387,7 +378,7 @@ def calibrate(
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
     x, mean, log_var = predictions(proto, streams)
-    scored = _errors(norm, streams, x, mean, log_var)
+    scored = stream_errors(norm, streams, x, mean, log_var)
     # the steps the calibration counts, of each stream's errors (step 0 has none)
     counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
     lag = error_lag(counted) if any(len(e) > 1 for e in counted) else None

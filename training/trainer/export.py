@@ -190,22 +190,23 @@ def build_step_graph(
     change, raw_log_var = g.split_op(
         "Split", out, g.const("head.split", [f, f], np.int64), outputs=2, axis=1
     )
-    skipped, level_io = normalised, []
+    skipped = normalised
     if model.head.level_logit is not None:  # l' = l + gain (x - l), the level's own state
         gain = level_gain(model.head.level_logit).detach().cpu().numpy().astype(np.float32)
         level = g.op("Gather", LEVEL_STATE, g.const("level.index", 0, np.int64), axis=0)
         moved = g.op("Mul", g.const("level.gain", gain), g.op("Sub", normalised, level))
         skipped = g.op("Add", level, moved)  # (B, F)
         g.op("Unsqueeze", skipped, axes, name=LEVEL_STATE + "_out")  # (1, B, F)
-        level_io = [LEVEL_STATE]
     skip = model.head.skip.weight.detach().cpu().numpy().astype(np.float32)  # (F, F)
     g.op("Add", g.op("MatMul", skipped, g.const("head.skip", skip.T)), change, name="mean")
     mid, half = g.const("log_var.mid", LOG_VAR_MID), g.const("log_var.half", LOG_VAR_HALF_RANGE)
     squashed = g.op("Tanh", g.op("Div", g.op("Sub", raw_log_var, mid), half))
     g.op("Add", mid, g.op("Mul", half, squashed), name="log_var")
 
-    shapes: dict[str, list[Any]] = {s: [layers, "B", hs] for s in names}
-    shapes.update({s: [1, "B", f] for s in level_io})
+    shapes: dict[str, list[Any]] = {
+        s: [1, "B", f] if s == LEVEL_STATE else [layers, "B", hs]
+        for s in state_names(cell, model.skip)
+    }
     graph = helper.make_graph(
         g.nodes,
         name,

@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from detector.artifact import CELLS, SKIPS, state_names
+from detector.artifact import CELLS, LEVEL_STATE, SKIPS, state_names
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def smooth(x: torch.Tensor, level: torch.Tensor, gain: torch.Tensor) -> torch.Te
         levels = torch.einsum("ftj,bjf->btf", weight, part) + carried * level[:, None, :]
         out.append(levels)
         level = levels[:, -1]
+    if len(out) == 1:  # one chunk: as it is, no copy
+        return out[0]
     return torch.cat(out, dim=1) if out else x[:, :0]
 
 
@@ -163,11 +165,11 @@ class RecurrentForecaster(nn.Module):
         """All-zero state, the state of a stream that has seen nothing yet (its level at
         the training data's centre)."""
         weight = self.head.proj.weight
-        shape = (self.layers, batch, self.hidden_size)  # (L, B, H)
-        cell = tuple(weight.new_zeros(shape) for _ in state_names(self.cell))
-        if self.skip == "level":
-            return (*cell, weight.new_zeros((1, batch, self.n_features)))  # (1, B, F)
-        return cell
+        return tuple(
+            weight.new_zeros((1, batch, self.n_features) if name == LEVEL_STATE  # (1, B, F)
+                             else (self.layers, batch, self.hidden_size))  # (L, B, H)
+            for name in self.state_names
+        )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, state: State | None = None

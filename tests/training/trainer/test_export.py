@@ -27,7 +27,7 @@ from detector.replay import replay_table
 from detector.scoring import ScoringConfig
 from training.evaluation.synth import generate_fleet
 from training.trainer import fit_and_export
-from training.trainer.calibrate import stream_errors
+from training.trainer.calibrate import predictions, stream_errors
 from training.trainer.export import (
     PARITY_MIN_STEPS,
     ParityError,
@@ -196,7 +196,8 @@ def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: P
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
-    raw_cal = stream_errors(onnx.load(tiny_model), meta.normalisation, [values])[0][0]
+    proto = onnx.load(tiny_model)
+    raw_cal = stream_errors(meta.normalisation, [values], *predictions(proto, [values]))[0][0]
     replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
