@@ -29,6 +29,7 @@ from detector.scoring.relations import (
     packing,
     relation_residuals,
     relations_precision,
+    relations_weight,
 )
 from detector.scoring.stats import huber_scatter
 from training.trainer.calibrate import relations_prior, slow_averages
@@ -143,7 +144,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
         part.step(cols, x[t : t + 1], ok, ok, count)
         count += 1
         d = y[t] - mean
-        b = 1.0 / max(min(10.0 + t + 1.0, 8000.0), 2.0)
+        b = 1.0 / max(min(part.prior_steps + t + 1.0, 8000.0), 2.0)
         held = min(1.0, bound / max(float(d @ np.linalg.solve(cov, d)), 1e-12))
         cov = (1.0 - b) * cov + b * held / consistency * np.outer(d, d)
         mean += d * held / min(t + 1.0, 8000.0)
@@ -155,11 +156,13 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     assert np.all(np.abs(learnt[:2, :2] - own[:2, :2]) < 0.15 * own[0, 0])
 
 
-def conditional_sd(x: np.ndarray) -> float:
+def conditional_sd(x: np.ndarray, prior: RelationsPrior | None = None,
+                   prior_steps: float = 10.0) -> float:  # fmt: skip
     """How closely the second sensor is tied to the first (its value and average) and its
     own average, by the precision a stream learns over ``x``."""
-    assert CALIBRATION.relations is not None
-    part = Relations(CALIBRATION.relations, 50, prior_steps=10.0, long_window=8000)
+    prior = prior or CALIBRATION.relations
+    assert prior is not None
+    part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
@@ -167,6 +170,22 @@ def conditional_sd(x: np.ndarray) -> float:
         count += 1
     prec = cols["rel_prec"][0].astype(np.float64)[packing(2 * F)[0]]
     return float(1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3]))
+
+
+def test_a_fleets_covariance_gives_way_to_the_streams_own_relations() -> None:
+    """A fleet's covariance (a weight under the full memory) is the weakest proper prior,
+    2F + 1 samples: a stream whose second sensor follows the first ten times more closely
+    than the fleet's average says learns so within a few hundred samples. A model of one
+    stream keeps its calibration as a full memory."""
+    x = related_stream(600, seed=8)
+    cov = np.cov(np.concatenate([x, slow_averages(x, 50)], axis=1).T)
+    # the fleet's: the second sensor's relation blurred by ten times its own noise
+    loose = RelationsPrior(cov + np.diag([0.0, 100.0, 0.0, 100.0]) * OWN**2, 50, [0.1, 0.1], 4000)
+    prec = relations_precision(cov)
+    own = 1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3])
+    assert relations_weight(263.0, 8000, F) == 2 * F + 1
+    assert conditional_sd(x, loose, prior_steps=263.0) < 1.5 * own
+    assert conditional_sd(x, loose, prior_steps=8000.0) > 5.0 * own
 
 
 def test_a_streams_own_anomalies_do_not_loosen_its_relations() -> None:
