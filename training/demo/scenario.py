@@ -23,6 +23,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from detector.artifact import ModelMeta
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.errors import RnnsentryError
@@ -59,11 +60,64 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def train_demo_model(
+    seed: int, streams: int, interval_s: float, path: Path, say: Any = None
+) -> ModelMeta:
+    """The demo's model: a GRU (hidden 32, the default schedule) trained on the normal
+    history of the fleet's first pumps (at most eight), written to ``path``."""
     from training.evaluation.synth import generate_fleet
     from training.trainer import fit_and_export
     from training.trainer.train import TrainOptions
 
+    n_train = min(streams, 8)
+    history = generate_fleet(
+        n_streams=n_train,
+        n_steps=TRAIN_STEPS,
+        period_steps=PERIOD_STEPS,
+        interval_s=interval_s,
+        seed=seed,
+        anomalies=0,
+    )
+    if say is not None:
+        say(
+            f"[demo] training a GRU on {n_train} pumps x {TRAIN_STEPS} steps x "
+            f"{len(history.features)} sensors ({', '.join(history.features)}) ..."
+        )
+    options = TrainOptions(cell="gru", hidden_size=32, seed=seed)  # the default schedule
+    meta: ModelMeta = fit_and_export(
+        list(history.values),
+        list(history.features),
+        path,
+        options,
+        sample_interval_s=interval_s,
+        name="demo-pumps",
+        quiet=True,
+    )
+    return meta
+
+
+def live_fleet(
+    seed: int, streams: int, duration_s: float, rate: float, warmup: int = WARMUP_STEPS
+) -> Any:
+    """The live fleet: the pumps continuing where the history ended, with anomalies injected
+    (one for every two pumps, at least four), the first 15 steps after ``warmup``."""
+    from training.evaluation.synth import generate_fleet
+
+    steps = max(int(duration_s * rate), warmup + 20)
+    return generate_fleet(
+        n_streams=streams,
+        n_steps=steps,
+        period_steps=PERIOD_STEPS,
+        interval_s=1.0 / rate,
+        start_step=TRAIN_STEPS,
+        seed=seed,
+        anomalies=max(1, min(streams, max(4, streams // 2))),
+        min_start=warmup + 15,
+        min_gap=GRACE_STEPS,
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.rate <= 0 or args.streams < 1:
         raise SystemExit("rnnsentry demo: --duration, --rate and --streams must be positive")
     if not args.broker and find_mosquitto() is None:  # said before training, in one line
@@ -75,49 +129,15 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     # 1. Normal history, and a small GRU trained on it.
-    n_train = min(args.streams, 8)
-    history = generate_fleet(
-        n_streams=n_train,
-        n_steps=TRAIN_STEPS,
-        period_steps=PERIOD_STEPS,
-        interval_s=interval,
-        seed=args.seed,
-        anomalies=0,
-    )
-    _say(
-        f"[demo] training a GRU on {n_train} pumps x {TRAIN_STEPS} steps x "
-        f"{len(history.features)} sensors ({', '.join(history.features)}) ..."
-    )
     model_path = work / "pumps.onnx"
-    options = TrainOptions(cell="gru", hidden_size=32, seed=args.seed)  # the default schedule
-    meta = fit_and_export(
-        list(history.values),
-        list(history.features),
-        model_path,
-        options,
-        sample_interval_s=interval,
-        name="demo-pumps",
-        quiet=True,
-    )
+    meta = train_demo_model(args.seed, args.streams, interval, model_path, say=_say)
     _say(
         f"[demo] model {model_path} (fingerprint {meta.fingerprint}) trained in "
         f"{time.monotonic() - started:.1f} s"
     )
 
     # 2. The live fleet continues where the history ended, with anomalies injected.
-    steps = max(int(args.duration * args.rate), WARMUP_STEPS + 20)
-    n_anomalies = max(1, min(args.streams, max(4, args.streams // 2)))
-    live = generate_fleet(
-        n_streams=args.streams,
-        n_steps=steps,
-        period_steps=PERIOD_STEPS,
-        interval_s=interval,
-        start_step=TRAIN_STEPS,
-        seed=args.seed,
-        anomalies=n_anomalies,
-        min_start=WARMUP_STEPS + 15,
-        min_gap=GRACE_STEPS,
-    )
+    live = live_fleet(args.seed, args.streams, args.duration, args.rate)
 
     # 3. Broker, daemon, and a client that watches the alerts.
     broker: Mosquitto | None = None
@@ -148,7 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(f"[demo] daemon up; metrics at http://127.0.0.1:{metrics_port}/metrics")
         _say(
             f"[demo] replaying {args.streams} pumps at {args.rate:g} Hz for "
-            f"{steps * interval:.0f} s with {len(live.anomalies)} injected anomalies"
+            f"{live.values.shape[1] * interval:.0f} s with {len(live.anomalies)} injected anomalies"
         )
         t0 = time.time()
         seen = _replay(client, live, interval, alerts, t0)
