@@ -52,6 +52,7 @@ bench: setup
 # Detection quality on ../shared/datasets (NAB + SKAB dev subsets), and the long-memory study.
 bench-quality: setup
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/demo.py
 
 bench-all: bench bench-quality
 	$(BIN)/python bench/long_memory.py
