@@ -23,9 +23,10 @@ held-out streams (``RelationsPrior.average_var``), each step with a covariance t
 seen it.
 
 The covariance's prior is the model's: the held-out streams' covariance within each
-stream, counted as samples of the stream's own (``relations_weight``): a full memory for a
-model of one stream, whose calibration describes that stream; for a fleet, the weakest
-proper prior, 2F + 1 samples. A fleet's covariance is an average over machines whose
+stream, counted as samples of the stream's own (``relations_weight``): for a model of one
+stream, whose calibration describes that stream, the samples it was measured on (a few
+hundred held-out rows are not a full memory); for a fleet, the weakest proper prior, 2F + 1
+samples. A fleet's covariance is an average over machines whose
 relations have each their own coefficients, and the average blurs them: a sensor that lags
 the load is several times sharper given the others on its own machine than under the
 average. It says which sensors move together, not how closely on this one, and the stream's
@@ -174,17 +175,18 @@ def packing(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     return index, upper
 
 
-def relations_weight(prior_steps: float, long_window: int, f: int) -> float:
-    """How many of a stream's own samples the model's covariance and spreads count as:
-    ``prior_steps`` (the likelihoods' weight) for a model of one stream, which has a full
-    memory; for a fleet's (a weight under ``long_window``), the weakest proper prior of a
-    covariance of 2F variables, an inverse Wishart's least degrees of freedom, 2F + 1.
+def relations_weight(prior_steps: float, long_window: int, f: int, measured: float) -> float:
+    """How many of a stream's own samples the model's covariance and spreads count as. For
+    a model of one stream (``prior_steps``, the likelihoods' weight, is ``long_window``),
+    the samples of that stream they were measured on (``measured``); for a fleet's, the
+    weakest proper prior of a covariance of 2F variables, an inverse Wishart's least degrees
+    of freedom, 2F + 1. Never more than ``prior_steps``.
 
-    >>> relations_weight(8000.0, 8000, 4), relations_weight(263.0, 8000, 4)
-    (8000.0, 9.0)
+    >>> relations_weight(8000.0, 8000, 4, 341.0), relations_weight(263.0, 8000, 4, 31528.0)
+    (341.0, 9.0)
     """
     if prior_steps >= long_window:
-        return float(prior_steps)
+        return float(min(prior_steps, measured))
     return float(min(prior_steps, 2 * f + 1))
 
 
@@ -238,7 +240,7 @@ class Relations:
         self.window = window
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
-        self.prior_steps = relations_weight(prior_steps, long_window, f)
+        self.prior_steps = relations_weight(prior_steps, long_window, f, float(prior.steps))
         self.long_window = long_window
         # A spread is known as well as the independent averages behind it: the steps it was
         # measured on, then the stream's own, times an average's share of them.

@@ -176,14 +176,15 @@ def test_a_fleets_covariance_gives_way_to_the_streams_own_relations() -> None:
     """A fleet's covariance (a weight under the full memory) is the weakest proper prior,
     2F + 1 samples: a stream whose second sensor follows the first ten times more closely
     than the fleet's average says learns so within a few hundred samples. A model of one
-    stream keeps its calibration as a full memory."""
+    stream counts its calibration as the samples it was measured on (here 4,000)."""
     x = related_stream(600, seed=8)
     cov = np.cov(np.concatenate([x, slow_averages(x, 50)], axis=1).T)
     # the fleet's: the second sensor's relation blurred by ten times its own noise
     loose = RelationsPrior(cov + np.diag([0.0, 100.0, 0.0, 100.0]) * OWN**2, 50, [0.1, 0.1], 4000)
     prec = relations_precision(cov)
     own = 1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3])
-    assert relations_weight(263.0, 8000, F) == 2 * F + 1
+    assert relations_weight(263.0, 8000, F, 4000.0) == 2 * F + 1
+    assert relations_weight(8000.0, 8000, F, 341.0) == 341.0
     assert conditional_sd(x, loose, prior_steps=263.0) < 1.5 * own
     assert conditional_sd(x, loose, prior_steps=8000.0) > 5.0 * own
 
