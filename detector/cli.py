@@ -340,17 +340,19 @@ def warmup_text(scoring: ScoringConfig, cal: Calibration) -> str:
     return f"{steps} steps: the network settles from a cold start in {settle}"
 
 
-def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
-    """Whether the daemon watches each sensor against the others for this model, and why.
+def relations_text(prior: RelationsPrior | None, enabled: bool, weight: float | None = None) -> str:
+    """Whether the daemon watches each sensor against the others for this model, and why;
+    with ``weight``, how many of a stream's own samples the model's relations count as.
 
     >>> from detector.scoring import RelationsPrior
     >>> relations_text(None, True)
     'off: the model file has none (one sensor, or a file from before it)'
     >>> old = RelationsPrior([[1.0, 0.0], [0.0, 1.0]], 50, [0.3, 0.2], 900)
-    >>> for part in relations_text(old, True).split("; "):
+    >>> for part in relations_text(old, True, 5.0).split("; "):
     ...     print(part)
     on: 2 sensors against the others (a file from before their averages joined)
     covariance and 50-step average spreads from 900 held-out steps
+    they count as 5 of a stream's own samples, which take over from there
     """
     if prior is None:
         return "off: the model file has none (one sensor, or a file from before it)"
@@ -362,10 +364,27 @@ def relations_text(prior: RelationsPrior | None, enabled: bool) -> str:
         if len(prior.covariance) == 2 * f
         else "against the others (a file from before their averages joined)"
     )
+    counted = (
+        ""
+        if weight is None
+        else f"; they count as {weight:g} of a stream's own samples, which take over from there"
+    )
     return (
         f"on: {f} sensors {against}; covariance and {prior.window}-step average spreads"
-        f" from {prior.steps} held-out steps"
+        f" from {prior.steps} held-out steps{counted}"
     )
+
+
+def _relations_weight(cal: Calibration, scoring: ScoringConfig) -> float | None:
+    """How many samples a stream's relations take the model's as (``relations_weight``)."""
+    from detector.scoring.likelihood import prior_steps
+    from detector.scoring.relations import relations_weight
+
+    if cal.relations is None:
+        return None
+    f = len(cal.relations.average_var)
+    weight = prior_steps(cal, scoring.long_window)
+    return relations_weight(weight, scoring.long_window, f, float(cal.relations.steps))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -413,7 +432,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          f" mean {cal.window_mean:.3f} sd {cal.window_std:.3f}"),
         ("calibration suggestion", f"likelihood {cal.threshold:.12g}, stored at training;"
          " not applied (alerts use the rule above)"),
-        ("relations check", relations_text(cal.relations, scoring.relations_check)),
+        ("relations check", relations_text(cal.relations, scoring.relations_check,
+                                           _relations_weight(cal, scoring))),
         ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)),
         ("errors' lag", lag_text(meta.features, cal.error_lag)),
         ("warm-up", warmup_text(scoring, cal)),

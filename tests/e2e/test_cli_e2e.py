@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,10 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     assert "lstm" in done.stdout and "flow, pressure, temperature, vibration" in done.stdout
     assert "each sensor's smoothed level (state 'level'), gain flow " in done.stdout
     assert "on: 4 sensors against the others' values and 50-step averages;" in done.stdout
+    # a model of one stream: its relations count as the held-out steps they were measured on
+    counts = re.search(r"from (\d+) held-out steps; they count as (\d+) of a stream's own",
+                       done.stdout)  # fmt: skip
+    assert counts is not None and counts[1] == counts[2], done.stdout
 
 
 def test_inspect_shows_the_alert_rule_the_daemon_applies(
