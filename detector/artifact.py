@@ -43,6 +43,16 @@ def state_names(cell: str, skip: str = "input") -> tuple[str, ...]:
     return (*cells, LEVEL_STATE) if skip == "level" else cells
 
 
+def state_shape(name: str, layers: int, hidden_size: int, n_features: int) -> tuple[int, int]:
+    """A state's shape less its batch axis (the graph's [first, B, last]): a recurrent
+    state [layers, hidden_size], the level [1, features].
+
+    >>> state_shape("h", 2, 32, 4), state_shape(LEVEL_STATE, 2, 32, 4)
+    ((2, 32), (1, 4))
+    """
+    return (1, n_features) if name == LEVEL_STATE else (layers, hidden_size)
+
+
 @dataclass(frozen=True)
 class Normalisation:
     """x_norm = (x - centre) / scale, per feature, fitted on training data."""
@@ -79,11 +89,8 @@ class ModelMeta:
         return state_names(self.cell, self.skip)
 
     def state_shape(self, name: str) -> tuple[int, int]:
-        """A state's shape less its batch axis (the graph's [first, B, last]): a recurrent
-        state [layers, hidden_size], the level [1, features]."""
-        if name == LEVEL_STATE:
-            return 1, self.n_features
-        return self.layers, self.hidden_size
+        """:func:`state_shape` of this model's state ``name``."""
+        return state_shape(name, self.layers, self.hidden_size, self.n_features)
 
     @property
     def fingerprint(self) -> str:

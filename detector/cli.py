@@ -376,15 +376,11 @@ def relations_text(prior: RelationsPrior | None, enabled: bool, weight: float | 
 
 
 def _relations_weight(cal: Calibration, scoring: ScoringConfig) -> float | None:
-    """How many samples a stream's relations take the model's as (``relations_weight``)."""
-    from detector.scoring.likelihood import prior_steps
-    from detector.scoring.relations import relations_weight
+    """How many samples a stream's relations take the model's as: the scorer's own."""
+    from detector.scoring import Scorer
 
-    if cal.relations is None:
-        return None
-    f = len(cal.relations.average_var)
-    weight = prior_steps(cal, scoring.long_window)
-    return relations_weight(weight, scoring.long_window, f, float(cal.relations.steps))
+    relations = Scorer(scoring, cal).relations
+    return None if relations is None else relations.prior_steps
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

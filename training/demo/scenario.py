@@ -15,9 +15,10 @@ import queue
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -29,6 +30,9 @@ from detector.daemon import Daemon
 from detector.errors import RnnsentryError
 from training.demo.localbroker import INSTALL_HINT, Mosquitto, find_mosquitto, free_port
 from training.evaluation.evaluate import first_raise
+
+if TYPE_CHECKING:
+    from training.evaluation.synth import Fleet
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
@@ -61,8 +65,9 @@ def _say(text: str) -> None:
 
 
 def train_demo_model(
-    seed: int, streams: int, interval_s: float, path: Path, say: Any = None
-) -> ModelMeta:
+    seed: int, streams: int, interval_s: float, path: Path,
+    say: Callable[[str], None] | None = None,
+) -> ModelMeta:  # fmt: skip
     """The demo's model: a GRU (hidden 32, the default schedule) trained on the normal
     history of the fleet's first pumps (at most eight), written to ``path``."""
     from training.evaluation.synth import generate_fleet
@@ -98,7 +103,7 @@ def train_demo_model(
 
 def live_fleet(
     seed: int, streams: int, duration_s: float, rate: float, warmup: int = WARMUP_STEPS
-) -> Any:
+) -> Fleet:
     """The live fleet: the pumps continuing where the history ended, with anomalies injected
     (one for every two pumps, at least four), the first 15 steps after ``warmup``."""
     from training.evaluation.synth import generate_fleet

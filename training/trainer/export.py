@@ -31,6 +31,7 @@ from detector.artifact import (
     graph_sha256,
     read_artifact,
     state_names,
+    state_shape,
 )
 from detector.errors import RnnsentryError
 from training.trainer.model import (
@@ -203,10 +204,10 @@ def build_step_graph(
     squashed = g.op("Tanh", g.op("Div", g.op("Sub", raw_log_var, mid), half))
     g.op("Add", mid, g.op("Mul", half, squashed), name="log_var")
 
-    shapes: dict[str, list[Any]] = {
-        s: [1, "B", f] if s == LEVEL_STATE else [layers, "B", hs]
-        for s in state_names(cell, model.skip)
-    }
+    shapes: dict[str, list[Any]] = {}
+    for s in state_names(cell, model.skip):
+        first, last = state_shape(s, layers, hs, f)
+        shapes[s] = [first, "B", last]
     graph = helper.make_graph(
         g.nodes,
         name,

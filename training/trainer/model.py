@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from detector.artifact import CELLS, LEVEL_STATE, SKIPS, state_names
+from detector.artifact import CELLS, SKIPS, state_names, state_shape
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,9 @@ class RecurrentForecaster(nn.Module):
         """All-zero state, the state of a stream that has seen nothing yet (its level at
         the training data's centre)."""
         weight = self.head.proj.weight
-        return tuple(
-            weight.new_zeros((1, batch, self.n_features) if name == LEVEL_STATE  # (1, B, F)
-                             else (self.layers, batch, self.hidden_size))  # (L, B, H)
-            for name in self.state_names
-        )  # fmt: skip
+        shapes = (state_shape(name, self.layers, self.hidden_size, self.n_features)
+                  for name in self.state_names)  # fmt: skip
+        return tuple(weight.new_zeros((first, batch, last)) for first, last in shapes)
 
     def forward(
         self, x: torch.Tensor, state: State | None = None

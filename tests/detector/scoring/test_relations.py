@@ -168,7 +168,12 @@ def conditional_sd(x: np.ndarray, prior: RelationsPrior | None = None,
     for t in range(len(x)):
         part.step(cols, x[t : t + 1], ok, ok, count)
         count += 1
-    prec = cols["rel_prec"][0].astype(np.float64)[packing(2 * F)[0]]
+    return second_given_first(cols["rel_prec"][0].astype(np.float64)[packing(2 * F)[0]])
+
+
+def second_given_first(prec: np.ndarray) -> float:
+    """The second sensor's spread given the first (value and average), its own average
+    marginalised out, from a precision [2F, 2F] over the values and their averages."""
     return float(1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3]))
 
 
@@ -181,8 +186,7 @@ def test_a_fleets_covariance_gives_way_to_the_streams_own_relations() -> None:
     cov = np.cov(np.concatenate([x, slow_averages(x, 50)], axis=1).T)
     # the fleet's: the second sensor's relation blurred by ten times its own noise
     loose = RelationsPrior(cov + np.diag([0.0, 100.0, 0.0, 100.0]) * OWN**2, 50, [0.1, 0.1], 4000)
-    prec = relations_precision(cov)
-    own = 1.0 / math.sqrt(prec[1, 1] - prec[1, 3] ** 2 / prec[3, 3])
+    own = second_given_first(relations_precision(cov))
     assert relations_weight(263.0, 8000, F, 4000.0) == 2 * F + 1
     assert relations_weight(8000.0, 8000, F, 341.0) == 341.0
     assert conditional_sd(x, loose, prior_steps=263.0) < 1.5 * own
