@@ -130,7 +130,11 @@ class Range:
             margin = self.tolerance * width
             beyond = (width > 0) & ((x > hi + margin) | (x < lo - margin))
         finite = np.isfinite(x)
-        np.minimum(lo, np.where(finite, x, np.inf), out=lo)
-        np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
+        if finite.all():
+            np.minimum(lo, x, out=lo)
+            np.maximum(hi, x, out=hi)
+        else:
+            np.minimum(lo, np.where(finite, x, np.inf), out=lo)
+            np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
         out: Mask = eligible & row_any(beyond)
         return out

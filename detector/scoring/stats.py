@@ -160,12 +160,11 @@ def advance_average(
     [3.0]
     """
     empty = np.isnan(avg if avg.ndim == 1 else avg[:, 0])  # a row's averages start together
-    first = ok & empty
-    if first.any():
+    upd = ok
+    if empty.any():
+        first = ok & empty
         avg[first] = x[first]
         upd = ok & ~first
-    else:
-        upd = ok
     every = bool(upd.all())  # the usual step: every stream moves, no copies
     if count is None:
         step: float | F64 = alpha
@@ -223,6 +222,9 @@ def huber_consistency(clip: float) -> float:
     inside = math.erf(clip / math.sqrt(2.0))
     density = math.exp(-0.5 * clip * clip) / math.sqrt(2.0 * math.pi)
     return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)
+
+
+_ROBUST_CONSISTENCY: Final = huber_consistency(ROBUST_CLIP)  # what learn_mean_square divides by
 
 
 def chi2_even_sf(x: float, dof: int) -> float:
@@ -284,7 +286,7 @@ def learn_mean_square(
     [0.5, 1.9452]
     """
     step = np.minimum(sq, clip * clip * var)
-    step /= huber_consistency(clip)
+    step /= _ROBUST_CONSISTENCY if clip == ROBUST_CLIP else huber_consistency(clip)
     step -= var
     step *= alpha
     var += step
