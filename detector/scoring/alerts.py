@@ -38,6 +38,12 @@ def raise_once(run: np.ndarray, tail: F64, level: float, calm: float, needed: in
     [True, False, True, True, True, True, True, False]
     """
     armed = run >= needed
+    if armed.all():  # the usual step: a raise disarms, nothing else changes
+        if ok.all():
+            run[tail < level] = 0
+        else:
+            run[ok & (tail < level)] = 0
+        return tail
     out: F64 = np.where(armed, tail, np.maximum(tail, 2.0 * level))
     counted = np.where(tail > calm, run + 1, 0)  # a disarmed signal counts its calm run
     after = np.where(armed, np.where(tail < level, 0, run), counted)
@@ -104,22 +110,27 @@ class Alerts:
         ``count`` the values already in its averages (the parts are averaged like them)."""
         advance_average(cols["alert_parts"], parts, ok, self._alpha_parts, count)
         contributions: F64 = cols["alert_parts"].astype(np.float64)
-        contributions[~ok] = np.nan
+        if not ok.all():
+            contributions[~ok] = np.nan
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         above = eligible & (likelihood >= self.threshold)
         raised = above & ~active & (n - last_raise >= self.min_interval_steps)
         calm = active & ok & (calm_likelihood < self.clear_threshold)
         below[:] = np.where(calm, below + 1, np.where(active, 0, below))
         cleared = active & (below >= self.clear_steps)
-        last_raise[raised] = n[raised]
-        cols["episodes"][raised] += 1
+        any_raised = bool(raised.any())
+        if any_raised:
+            last_raise[raised] = n[raised]
+            cols["episodes"][raised] += 1
         steps_on = cols["active_steps"]
         steps_on[active & ok] += 1
         updated = np.zeros_like(raised)
         if self.update_every_steps:
             updated = active & ~cleared & ok & (steps_on % self.update_every_steps == 0)
-        active[:] = (active | raised) & ~cleared
-        below[cleared | raised] = 0
-        steps_on[raised | cleared] = 0
+        if any_raised or cleared.any():
+            active[:] = (active | raised) & ~cleared
+            changed = raised | cleared
+            below[changed] = 0
+            steps_on[changed] = 0
         return AlertSteps(raised, cleared, updated, active.copy(), cols["episodes"].copy(),
                           contributions)  # fmt: skip

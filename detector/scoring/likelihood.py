@@ -95,8 +95,9 @@ class Likelihood:
         avg, lm, lv = (cols[name] for name in self.names)
         advance_average(avg, raw, ok, self._alpha, count)
         fresh = ok & np.isnan(lm)
-        lm[fresh] = self.prior_mean
-        lv[fresh] = self.prior_var
+        if fresh.any():
+            lm[fresh] = self.prior_mean
+            lv[fresh] = self.prior_var
         delta: F64 = avg - lm
         young = average_var_share(self.window, count + 1) / self._share
         var = lv * young
@@ -115,7 +116,13 @@ class Likelihood:
         """Move the long-run mean and variance towards this step's average: the step size
         shrinks like 1 / evidence, so the prior fades as the stream's own steps add up."""
         _, lm, lv = (cols[name] for name in self.names)
-        alpha = 1.0 / np.minimum(self.prior_steps + n[learn] + 1.0, float(self.long_window))
-        d = delta[learn]
-        lm[learn] += alpha * d
-        lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)
+        every = bool(learn.all())  # the usual step: whole columns, no copies
+        rows = slice(None) if every else learn
+        alpha = 1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
+        d = delta[rows]
+        if every:
+            lm += alpha * d
+            lv[...] = (1.0 - alpha) * (lv + alpha * d * d)
+        else:
+            lm[learn] += alpha * d
+            lv[learn] = (1.0 - alpha) * (lv[learn] + alpha * d * d)

@@ -36,10 +36,17 @@ class Onsets:
         prev, since = cols["prev_tail"], cols["since_red"]
         held = (prev <= ONSET_RED) | (since < self.hold_steps)
         shown = np.where(held, np.maximum(tail, ONSET_YELLOW), tail)
-        shown = np.where(beyond & ~held, np.minimum(shown, SPATIAL_TAIL), shown)
-        onset = ok & (shown <= ONSET_RED) & ~held
-        since[ok] += 1
-        since[onset] = 0
-        prev[ok] = tail[ok]
+        free = ~held
+        if beyond.any():
+            shown = np.where(beyond & free, np.minimum(shown, SPATIAL_TAIL), shown)
+        onset = ok & (shown <= ONSET_RED) & free
+        if ok.all():  # the usual step: whole columns, no masks
+            since += 1
+            since[onset] = 0
+            prev[...] = tail
+        else:
+            since[ok] += 1
+            since[onset] = 0
+            prev[ok] = tail[ok]
         out: F64 = shown
         return out

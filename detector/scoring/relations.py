@@ -288,11 +288,18 @@ class Relations:
                 if name not in (PREFIX + "prec", PREFIX + "mean"):
                     cols[name][fresh] = fill
         n = cols[PREFIX + "n"].astype(np.float64)  # the samples this state has taken in
+        every_ok = bool(ok.all())  # the usual step: no masks
         # each value's own average over the window, from the stream's (or the gap's) first
         advance_average(slow, x, ok, self._alpha)
         d = np.concatenate([x, slow], axis=1) - mean
-        d[~(ok[:, None] & np.isfinite(d))] = 0.0
-        np.clip(d, -DEVIATION_BOUND, DEVIATION_BOUND, out=d)
+        finite = np.isfinite(d)
+        if not every_ok:
+            finite &= ok[:, None]
+            d[~finite] = 0.0
+        elif not finite.all():
+            d[~finite] = 0.0
+        np.maximum(d, -DEVIATION_BOUND, out=d)  # (np.clip's wrapper costs more than this)
+        np.minimum(d, DEVIATION_BOUND, out=d)
         # In the precision's float32: half the memory traffic, ample for a residual. A row
         # not in use is NaN and stays out of the average. The batch's triangles are worked
         # on feature-major ([T, B], ``feature_major``) and copied back only if they learn.
@@ -312,49 +319,61 @@ class Relations:
         steps = np.maximum(self.calibration_steps, np.minimum(
             self.calibration_steps + n, float(self.long_window)))  # fmt: skip
         one = student_tail(row_max(x), np.maximum(steps * self._share, 1.0))
-        tail = np.where(ok, np.minimum(1.0, 2.0 * f * one), 1.0)
+        tail = np.minimum(1.0, 2.0 * f * one)
+        if not every_ok:
+            tail = np.where(ok, tail, 1.0)
+        memory = float(self.long_window)
         if learn.any():
             every = bool(learn.all())
             rows = slice(None) if every else np.nonzero(learn)[0]
-            alpha = 1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, float(self.long_window))
+            evidence = np.minimum(self.prior_steps + n + 1.0, memory)
+            alpha = 1.0 / (evidence if every else evidence[rows])
             own = var if every else var[rows]
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
-            held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, n)
+            held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, every, evidence)
         else:
             held = np.ones(len(n))
         # the mean: a running mean of the stream's own values, up to long_window, each step
         # held back as the covariance holds it back (d is 0 where a row is not ok)
-        mean += d * (held / np.minimum(n + 1.0, float(self.long_window)))[:, None]
-        cols[PREFIX + "n"][ok] = np.minimum(n[ok] + 1.0, float(self.long_window))
+        taken = np.minimum(n + 1.0, memory)
+        mean += d * (held / taken)[:, None]
+        if every_ok:
+            cols[PREFIX + "n"][...] = taken
+        else:
+            cols[PREFIX + "n"][ok] = taken[ok]
         return tail, z
 
     def _learn_covariance(
         self, packed: np.ndarray, prec_t: np.ndarray, d_t: np.ndarray, u_t: np.ndarray,
-        learn: Mask, n: np.ndarray,
+        learn: Mask, every: bool, evidence: F64,
     ) -> F64:  # fmt: skip
         """S' = (1 - b) S + b d d^T, b = 1 / evidence; so, with c = b / (1 - b),
         P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d; on the triangles ``prec_t``
         [T, B] (feature-major), copied back into ``packed`` [B, T]. A row that does not learn
-        takes b = 0, which leaves it as it was. Returns each row's Huber weight (1 where it
-        does not learn)."""
-        evidence = np.minimum(self.prior_steps + n + 1.0, float(self.long_window))
-        b = np.where(learn, 1.0 / np.maximum(evidence, 2.0), 0.0)
+        takes b = 0, which leaves it as it was (``every``: all of them learn). Returns each
+        row's Huber weight (1 where it does not learn)."""
+        b = 1.0 / np.maximum(evidence, 2.0)
+        if not every:
+            b = np.where(learn, b, 0.0)
         q = np.einsum("ib,ib->b", d_t, u_t)
         # Huber-robust: a sample far from the others (its squared Mahalanobis distance q
         # past the bound) counts for less, so a stream's anomalies do not loosen its relations
         held = scatter_weight(q, self._bound)
-        c = b * held / self._consistency / (1.0 - b)
+        keep = 1.0 - b
+        c = b * held / self._consistency / keep
         k = (c / (1.0 + c * q)).astype(np.float32)
         i, j = self._upper
         prec_t -= (u_t * k)[i] * u_t[j]
-        prec_t *= (1.0 / (1.0 - b)).astype(np.float32)
+        prec_t *= (1.0 / keep).astype(np.float32)
         # A precision that lost its positive diagonal to rounding (or a non-finite value,
         # which reaches the diagonal) starts again from the prior.
-        bad = learn & ~(prec_t[self._diagonal] > 0).all(axis=0)
-        if bad.any():
-            prec_t[:, bad] = self._prior_packed[:, None]
+        positive = prec_t[self._diagonal] > 0
+        if not positive.all():
+            bad = learn & ~positive.all(axis=0)
+            if bad.any():
+                prec_t[:, bad] = self._prior_packed[:, None]
         packed[...] = prec_t.T
-        out: F64 = np.where(learn, held, 1.0)
+        out: F64 = held if every else np.where(learn, held, 1.0)
         return out

@@ -227,9 +227,15 @@ class Scorer:
         if spread is not None:
             self.step.learn(cols, spread, learn, n)
         self.inputs.learn(cols, seen)
-        n[ok] += 1
-        warm[ok] += 1
+        every_ok = bool(ok.all())  # the usual step: whole columns, no masks
+        if every_ok:
+            n += 1
+            warm += 1
+        else:
+            n[ok] += 1
+            warm[ok] += 1
         eligible = ok & (warm > self.warmup)
+        every_eligible = every_ok and bool(eligible.all())
 
         # Alerts watch the most surprising of their signals. A sample's error or a stuck run
         # raises an alert; what holds and clears it is the average: a sensor that stays flat
@@ -249,11 +255,15 @@ class Scorer:
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail, relations_tail)
                        if t is not None]  # fmt: skip
         alert_tail = combine_tails(*alert_tails)
-        likelihood = np.where(eligible, 1.0 - alert_tail, 0.0)
-        calm = np.where(eligible, 1.0 - average_tail, 0.0)
+        likelihood, calm = 1.0 - alert_tail, 1.0 - average_tail
+        if not every_eligible:
+            likelihood = np.where(eligible, likelihood, 0.0)
+            calm = np.where(eligible, calm, 0.0)
         beyond = self.range.step(cols, seen, eligible)
         shown = self.onsets.step(cols, short_tail, beyond, ok)
-        score = np.where(eligible, log_score(shown), 0.0)
+        score = log_score(shown)
+        if not every_eligible:
+            score = np.where(eligible, score, 0.0)
         steps = self.alerts.step(cols, likelihood, calm, s.parts, learn, eligible, n, count)
         contributions = steps.contributions  # the alert's average's: each sensor's part
         # An alert names the sensors of the signal that is most surprising at this step: a
@@ -263,7 +273,8 @@ class Scorer:
                             (relations_tail, residuals)):  # fmt: skip
             if tail is not None and blame is not None:
                 mine = tail < lowest
-                contributions[mine] = np.abs(blame[mine])
+                if mine.any():
+                    contributions[mine] = np.abs(blame[mine])
                 lowest = np.minimum(lowest, tail)
         return StepScores(
             raw=s.raw,

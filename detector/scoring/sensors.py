@@ -67,6 +67,9 @@ class Stuck:
     def tail(cols: dict[str, np.ndarray]) -> F64:
         """Each stream's tail: its least likely run, times its number of features."""
         logp = cols["repeat_logp"]
+        if not logp.any():  # no run anywhere: every tail is 1, in the column's dtype
+            ones: F64 = np.ones(len(logp), logp.dtype)
+            return ones
         out: F64 = np.minimum(1.0, logp.shape[-1] * np.exp(row_min(logp)))
         return out
 
@@ -78,7 +81,8 @@ class Stuck:
         seen = ok & ~np.isnan(last[:, 0])  # a row's values are set together
         same = seen[:, None] & (x == last)
         in_run = run > 0
-        if same.any():
+        repeated = bool(same.any())
+        if repeated:
             # Score: the counts from before the current run are the Beta posterior's; a
             # repeat extends the run by one more chance (a + r) / (a + b + r).
             at = np.nonzero(same)
@@ -90,7 +94,8 @@ class Stuck:
             repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
             logp[ended] = 0.0
             run[ended] = 0.0
-        run[same] += 1.0
+        if repeated:
+            run[same] += 1.0
         # The counts fade over long_window steps, so a sensor's habits may change.
         full = seen & (compared >= self.long_window)
         if full.any():
@@ -130,7 +135,11 @@ class Range:
             margin = self.tolerance * width
             beyond = (width > 0) & ((x > hi + margin) | (x < lo - margin))
         finite = np.isfinite(x)
-        np.minimum(lo, np.where(finite, x, np.inf), out=lo)
-        np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
+        if finite.all():
+            np.minimum(lo, x, out=lo)
+            np.maximum(hi, x, out=hi)
+        else:
+            np.minimum(lo, np.where(finite, x, np.inf), out=lo)
+            np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
         out: Mask = eligible & row_any(beyond)
         return out

@@ -51,12 +51,14 @@ def student_tail(t: np.ndarray, dof: np.ndarray | float) -> F64:
     [0.5, 0.0429, 0.0228]
     """
     x = np.asarray(t, np.float64)
-    nu = np.broadcast_to(np.asarray(dof, np.float64), x.shape)
+    nu = np.asarray(dof, np.float64)
     finite = nu < 1e9  # beyond, the t is the Gaussian to float precision
-    safe = np.where(finite, nu, 1.0)
+    every = bool(finite.all())  # the usual call: no Gaussian among them, no masks
+    safe = nu if every else np.where(finite, nu, 1.0)
     with np.errstate(invalid="ignore"):
-        wallace = (8.0 * safe + 1.0) / (8.0 * safe + 3.0) * np.sqrt(safe * np.log1p(x * x / safe))
-    z = np.where(finite, np.copysign(wallace, x), x)
+        eight = 8.0 * safe
+        wallace = (eight + 1.0) / (eight + 3.0) * np.sqrt(safe * np.log1p(x * x / safe))
+    z = np.copysign(wallace, x) if every else np.where(finite, np.copysign(wallace, x), x)
     return gaussian_tail(z)
 
 
@@ -70,8 +72,13 @@ def log_score(tail: np.ndarray) -> F64:
     [0.0, 0.25, 1.0, 1.0]
     """
     with np.errstate(divide="ignore"):
-        decades = -np.log10(np.asarray(tail, np.float64))
-    out: F64 = np.clip(decades / LOG_SCORE_DECADES, 0.0, 1.0) + 0.0  # + 0.0: no -0.0
+        score = np.log10(np.asarray(tail, np.float64))
+    score /= -LOG_SCORE_DECADES
+    # np.clip's own wrapper costs more than its arithmetic at a batch's size
+    np.maximum(score, 0.0, out=score)
+    np.minimum(score, 1.0, out=score)
+    score += 0.0  # no -0.0
+    out: F64 = score
     return out
 
 
@@ -106,7 +113,11 @@ def combine_tails(*tails: np.ndarray) -> F64:
     >>> combine_tails(np.array([1e-9, 0.5]), np.array([0.2, 1e-3])).tolist()
     [2e-09, 0.002]
     """
-    out: F64 = np.minimum(1.0, len(tails) * np.minimum.reduce([np.asarray(t) for t in tails]))
+    lowest = np.minimum(tails[0], tails[1]) if len(tails) > 1 else np.array(tails[0], np.float64)
+    for tail in tails[2:]:  # pairwise: no stacked copy of the tails
+        np.minimum(lowest, tail, out=lowest)
+    lowest *= len(tails)
+    out: F64 = np.minimum(lowest, 1.0, out=lowest)
     return out
 
 
@@ -149,12 +160,11 @@ def advance_average(
     [3.0]
     """
     empty = np.isnan(avg if avg.ndim == 1 else avg[:, 0])  # a row's averages start together
-    first = ok & empty
-    if first.any():
+    upd = ok
+    if empty.any():
+        first = ok & empty
         avg[first] = x[first]
         upd = ok & ~first
-    else:
-        upd = ok
     every = bool(upd.all())  # the usual step: every stream moves, no copies
     if count is None:
         step: float | F64 = alpha
@@ -212,6 +222,9 @@ def huber_consistency(clip: float) -> float:
     inside = math.erf(clip / math.sqrt(2.0))
     density = math.exp(-0.5 * clip * clip) / math.sqrt(2.0 * math.pi)
     return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)
+
+
+_ROBUST_CONSISTENCY: Final = huber_consistency(ROBUST_CLIP)  # what learn_mean_square divides by
 
 
 def chi2_even_sf(x: float, dof: int) -> float:
@@ -273,7 +286,7 @@ def learn_mean_square(
     [0.5, 1.9452]
     """
     step = np.minimum(sq, clip * clip * var)
-    step /= huber_consistency(clip)
+    step /= _ROBUST_CONSISTENCY if clip == ROBUST_CLIP else huber_consistency(clip)
     step -= var
     step *= alpha
     var += step

@@ -137,6 +137,9 @@ def whiten(errors: np.ndarray, last: np.ndarray, lag: np.ndarray) -> F64:
     """
     rho = np.asarray(lag, np.float64)
     known = np.isfinite(last)
+    if known.all():  # the usual step: no masks
+        whole: F64 = (errors - rho * last) / np.sqrt(1.0 - rho * rho)
+        return whole
     out: F64 = np.where(
         known, (errors - rho * np.where(known, last, 0.0)) / np.sqrt(1.0 - rho * rho), errors
     )
@@ -174,11 +177,14 @@ class Surprise:
     ) -> Surprised:  # fmt: skip
         std_errors = standardised_errors(z, mean, log_var)
         parts = error_parts(std_errors, self.raw_score)
+        every = bool(has_pred.all())  # the usual step: no masks
         if self.raw_score == "student_t":  # the sum of its parts, already in hand
-            raw = np.where(has_pred, np.sum(parts, axis=-1), np.nan)
+            raw = np.sum(parts, axis=-1)
         else:
-            raw = np.where(has_pred, gaussian_nll(z, mean, log_var), np.nan)
-        std_errors[~has_pred] = np.nan
+            raw = gaussian_nll(z, mean, log_var)
+        if not every:
+            raw = np.where(has_pred, raw, np.nan)
+            std_errors[~has_pred] = np.nan
         innovations = std_errors  # NaN where there was no prediction, whitened or not
         if self.lag is not None:
             last = cols["error_last"]
@@ -206,7 +212,7 @@ _PEAK_MAX: Final = float(np.finfo(np.float32).max)
 
 def _excess_sq(x: F64) -> F64:
     """How far x^2 / 2 lies beyond TAIL_FROM^2 / 2: what the tail's excess is measured in."""
-    out: F64 = 0.5 * x * x - _TAIL_V
+    out: F64 = 0.5 * (x * x - TAIL_FROM * TAIL_FROM)
     return out
 
 
@@ -328,12 +334,15 @@ class StepTail:
         scale_alpha = (1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, memory))[:, None]
         gap = self.cluster_gap
         over = x > TAIL_FROM
+        calm_now = ~over
+        sq = x * x
         # a cluster ends at its cluster_gap-th calm step; its peak teaches the excess
-        ends = ~over & (calm == gap - 1)
+        ends = calm_now & (calm == gap - 1)
         if over.any():
             # (in float32, whose range a wild value's square may pass: it counts as the
             # largest there, as it is learnt no larger than three mean excesses anyway)
-            np.maximum(peak, np.where(over, np.minimum(_excess_sq(x), _PEAK_MAX), 0.0), out=peak)
+            excess_sq = 0.5 * (sq - TAIL_FROM * TAIL_FROM)  # _excess_sq, of the square in hand
+            np.maximum(peak, np.where(over, np.minimum(excess_sq, _PEAK_MAX), 0.0), out=peak)
         ends &= peak > 0
         if ends.any():
             # the mean excess learns from the clusters' peaks alone, each clipped at 3 of the
@@ -344,13 +353,14 @@ class StepTail:
             seen = np.minimum(peak[at], 3.0 * excess[at])
             excess[at] += (seen - excess[at]) / (counted + 1.0)
             peak[at] = 0.0
-        np.add(calm, 1, out=calm, where=~over & (calm < gap))
+        np.add(calm, 1, out=calm, where=calm_now & (calm < gap))
         calm[over] = 0
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
         rate += np.where(over, alpha, 0.0)
         # the error scale: a Huber-robust mean square of the errors, x^2 var
         before = var.copy()
-        learn_mean_square(var, x * x * var, scale_alpha, ERROR_VAR_FLOOR)
+        sq *= var
+        learn_mean_square(var, sq, scale_alpha, ERROR_VAR_FLOOR)
         # The tail is of x, the errors in units of the scale, so it moves with the scale. As
         # s^2 grows by g, the exponential tail of v = x^2 / 2 in the new units is, exactly,
         # the rate r exp(-(TAIL_FROM^2 / 2) (g - 1) / b) and the mean excess b / g (an open
