@@ -136,14 +136,11 @@ class Scorer:
             if cfg.alert_window
             else None
         )
-        # The model's predicted variance is the error scale's prior, counted as the
-        # likelihoods' weight (a fleet's streams spread about it as their levels do) and
-        # never as more than the held-out steps that showed it; the model's tail. A cluster
-        # of exceedances ends as an alert clears.
+        # the held-out steps that showed the model's predicted variance, and its tail; a
+        # cluster of exceedances ends as an alert clears
         rate, excess = calibration.tail_rate, calibration.tail_excess
         tail = None if rate is None or excess is None else (rate, excess)
-        scale_steps = min(weight, float(calibration.n))
-        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail)
+        self.step = StepTail(float(calibration.n), cfg.long_window, cfg.clear_steps, tail)
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations
         self.relations = (

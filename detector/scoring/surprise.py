@@ -206,7 +206,6 @@ _GAUSS_EXCESS: Final = 0.9247401  # E[(X^2 - 9) / 2 | |X| > 3], X ~ N(0,1): the 
 # The Gaussian tail is an assumption, not evidence: it counts as the steps in which one
 # exceedance is expected, so a stream's first exceedances already speak for its own tail.
 TAIL_PRIOR_STEPS: Final = 1.0 / _GAUSS_RATE
-_TAIL_V: Final = 0.5 * TAIL_FROM * TAIL_FROM  # where the tail's excess is measured from
 _PEAK_MAX: Final = float(np.finfo(np.float32).max)
 
 
@@ -262,8 +261,7 @@ class StepTail:
     ``tail_excess_sq`` (b), ``tail_peak`` (the open cluster's largest excess) and
     ``tail_calm`` (steps since the last exceedance). The scale's prior is the model's own
     variance, counted as ``prior_steps``. Every step size shrinks like 1 / evidence, up to
-    ``long_window``. The tail is of the errors in the scale's units, and moves with the scale
-    as it learns.
+    ``long_window``.
 
     >>> part = StepTail(prior_steps=100.0, long_window=1000, cluster_gap=20)
     >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
@@ -358,21 +356,8 @@ class StepTail:
         rate *= 1.0 - alpha  # the exceedances' rate: an exponential mean of 0 / 1
         rate += np.where(over, alpha, 0.0)
         # the error scale: a Huber-robust mean square of the errors, x^2 var
-        before = var.copy()
         sq *= var
         learn_mean_square(var, sq, scale_alpha, ERROR_VAR_FLOOR)
-        # The tail is of x, the errors in units of the scale, so it moves with the scale. As
-        # s^2 grows by g, the exponential tail of v = x^2 / 2 in the new units is, exactly,
-        # the rate r exp(-(TAIL_FROM^2 / 2) (g - 1) / b) and the mean excess b / g (an open
-        # cluster's peak likewise). A stream noisier than the model said does not keep the
-        # exceedances it had while its scale caught up as a heavy tail: that would hide its
-        # spikes for a whole memory.
-        grow = var / before
-        rate *= np.exp(-_TAIL_V * (grow - 1.0) / excess)
-        excess /= grow
-        open_ = peak > 0.0
-        if open_.any():  # in the new units it may have fallen back below the tail
-            peak[open_] = np.maximum((peak[open_] + _TAIL_V) / grow[open_] - _TAIL_V, 0.0)
         if not every:
             for k, v in zip(names, (var, rate, excess, peak, calm), strict=True):
                 cols[k][rows] = v
