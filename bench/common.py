@@ -636,8 +636,11 @@ def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def inbound_messages(load: Load, received: float | None = None) -> list[tuple[str, bytes, float]]:
-    """The load as the daemon's queue holds it: (topic, payload, receive time), in order."""
+def inbound_messages(
+    load: Load, received: float | None = None
+) -> list[tuple[str, bytes, float, bool]]:
+    """The load as the daemon's queue holds it: (topic, payload, receive time, redelivered),
+    in order."""
     frags = _fragments(load)
     pumps = len(frags)
     bad = _anomaly(load)
@@ -654,7 +657,7 @@ def inbound_messages(load: Load, received: float | None = None) -> list[tuple[st
                 for r in range(m * per, (m + 1) * per)
             ]
             payload = samples[0] if per == 1 else b"[" + b", ".join(samples) + b"]"
-            out.append((load.topic.format(stream=k), payload, stamp))
+            out.append((load.topic.format(stream=k), payload, stamp, False))
     return out
 
 

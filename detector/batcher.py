@@ -23,8 +23,8 @@ class Inbox:
     does a put wake it.
 
     >>> box = Inbox(2)
-    >>> box.put_nowait(("a", b"1", 0.0)); box.put_nowait(("b", b"2", 0.0))
-    >>> box.put_nowait(("c", b"3", 0.0))
+    >>> box.put_nowait(("a", b"1", 0.0, False)); box.put_nowait(("b", b"2", 0.0, False))
+    >>> box.put_nowait(("c", b"3", 0.0, False))
     Traceback (most recent call last):
     queue.Full
     >>> [m[0] for m in box.take(5)], len(box)
@@ -76,7 +76,7 @@ class Inbox:
 
 
 class Batcher:
-    """The inbox of (topic, payload, receive time) and its batching rule."""
+    """The inbox of (topic, payload, receive time, redelivered) and its batching rule."""
 
     def __init__(self, queue_size: int, batch_max: int, max_wait_ms: float) -> None:
         self.inbox = Inbox(queue_size)

@@ -38,7 +38,8 @@ REJECTION_REASONS: Final = (
     "non_finite",  # NaN or infinity among the values
     "too_large",  # payload above the size limit, or too many samples in a batch
     "out_of_order",  # timestamp older than the stream's last one
-    "duplicate",  # timestamp equal to the stream's last one
+    "duplicate",  # timestamp equal to the stream's last one, or an older sample the broker
+    # sends again (a QoS 1 redelivery: it was scored before)
     "unknown_route",  # topic matches no model's template
     "unpublishable",  # the stream's alert or score topic would break MQTT's limits
     "bad_timestamp",  # ts not a time, not after 1970, or too far ahead of its receipt

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-Inbound = tuple[str, bytes, float]  # topic, payload, receive time (epoch seconds)
+# topic, payload, receive time (epoch seconds), and whether the broker sent it before (MQTT's
+# DUP flag: a QoS 1 message redelivered after a reconnect or a broker's restart)
+Inbound = tuple[str, bytes, float, bool]
 
 
 class Sink(Protocol):
@@ -112,8 +114,9 @@ class MemoryLink:
         self.publish(self.status_topic, b"online", qos=1, retain=True)
 
     def deliver(
-        self, topic: str, payload: bytes, received: float | None = None, qos: int = 0
-    ) -> bool:
+        self, topic: str, payload: bytes, received: float | None = None, qos: int = 0,
+        redelivered: bool = False,
+    ) -> bool:  # fmt: skip
         """One message in, as the broker's would arrive: False when intake is closed (the
         broker keeps it) or the inbox is full (counted as dropped)."""
         hooks = self._hooks
@@ -123,7 +126,7 @@ class MemoryLink:
         with self._lock:
             self._unacked.append(qos > 0)
         try:
-            hooks.inbox.put_nowait((topic, payload, at))
+            hooks.inbox.put_nowait((topic, payload, at, redelivered))
         except queue.Full:
             with self._lock:
                 self._unacked.pop()

@@ -1,6 +1,6 @@
 """The MQTT link: paho 2.x on its own thread, feeding a bounded queue.
 
-``on_message`` stamps the receive time, ``put_nowait``s (topic, payload, time)
+``on_message`` stamps the receive time, ``put_nowait``s (topic, payload, time, redelivered)
 into the queue (a full queue drops and counts) and calls ``on_queued``, with which
 the daemon scores a due batch on this thread before paho reads on. Subscriptions
 are made in ``on_connect`` so reconnects resubscribe; a retained ``online`` status
@@ -327,7 +327,7 @@ class MqttLink:
         else:
             self._unacked.append(None)
         try:
-            self.inbox.put_nowait((topic, bytes(msg.payload), received))
+            self.inbox.put_nowait((topic, bytes(msg.payload), received, bool(msg.dup)))
         except queue.Full:
             if self._unacked.pop() is not None:
                 self._held_in -= 1

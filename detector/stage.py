@@ -160,6 +160,7 @@ class Pending:
     ts: list[float]
     values: list[float]  # flat: the model's n_features values per sample, in feature order
     received: list[float]
+    again: list[bool]  # the broker sent it before (a redelivery)
 
 
 def load_engines(config: Config) -> tuple[list[Engine], Router]:
@@ -234,7 +235,7 @@ class ScoringStage:
         limits = self.config.payload
         engines, forms = self.engines, self._forms
         routes, resolve = self.routes.memo, self.routes.resolve
-        for topic, payload, received in batch:
+        for topic, payload, received, again in batch:
             target, stream = routes.get(topic) or resolve(topic)
             if target < 0:
                 why = REFUSED[target]
@@ -243,7 +244,7 @@ class ScoringStage:
                 continue
             p = pending.get(target)
             if p is None:
-                p = pending[target] = Pending([], [], [], [])
+                p = pending[target] = Pending([], [], [], [], [])
             try:
                 k, ignored = parse_into(payload, forms[target], received, limits, p.ts, p.values)
             except PayloadError as exc:
@@ -255,9 +256,11 @@ class ScoringStage:
             if k == 1:
                 p.streams.append(stream)
                 p.received.append(received)
+                p.again.append(again)
             else:
                 p.streams.extend([stream] * k)
                 p.received.extend([received] * k)
+                p.again.extend([again] * k)
         alerts = False
         for target, p in pending.items():
             if p.streams:
@@ -273,6 +276,7 @@ class ScoringStage:
         # A time far ahead of its receipt, or before 1970, would become the stream's last
         # time and have every later sample rejected as out of order: refused here.
         received = np.array(p.received, dtype=np.float64)
+        again = np.array(p.again, dtype=np.bool_)
         sane = (ts > 0.0) & (ts <= received + self.config.payload.max_ahead_s)
         if not sane.all():
             bad = int(n - np.count_nonzero(sane))
@@ -280,11 +284,15 @@ class ScoringStage:
             why = f"{bad} sample(s) in one batch: a time before 1970 or too far ahead of now"
             self._rejection_log.note("bad_timestamp", why, bad)
             keep = np.flatnonzero(sane)
-            p = Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [])
-            x, ts, received, n = x[keep], ts[keep], received[keep], len(keep)
+            p = Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [], [])
+            x, ts, received, again, n = x[keep], ts[keep], received[keep], again[keep], len(keep)
             if not n:
                 return False
         result = engine.process(p.streams, ts, x)
+        # The engine knows a sample it scored only by its stream's last time; a sample the
+        # broker sends again (after a reconnect, or its own restart, before it read our
+        # acknowledgement) may be older than that, and is a duplicate, not one out of order.
+        result.status[again & (result.status == OUT_OF_ORDER)] = DUPLICATE
         decided = time.time()
         m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
         m.inference_seconds.observe_many(np.asarray(result.call_seconds, dtype=np.float64))

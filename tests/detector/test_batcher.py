@@ -20,7 +20,7 @@ WAIT_S = 5.0  # a generous bound on a busy machine; the tests end long before it
 
 
 def item(i: int, received: float | None = None) -> Inbound:
-    return (f"sensors/s{i}", b"{}", float(i) if received is None else received)
+    return (f"sensors/s{i}", b"{}", float(i) if received is None else received, False)
 
 
 def test_take_is_in_order_up_to_n_and_keeps_the_rest() -> None:
@@ -122,7 +122,7 @@ def test_paho_thread_scores_a_due_batch_itself_and_only_then(tiny_model: Path) -
 
     def message(stream: str, ts: float) -> Inbound:
         body = {"ts": ts, "values": dict.fromkeys(names, 0.5)}
-        return (f"sensors/{stream}", json.dumps(body).encode(), now)
+        return (f"sensors/{stream}", json.dumps(body).encode(), now, False)
 
     def scored() -> float:
         value = daemon.metrics.registry.get_sample_value(

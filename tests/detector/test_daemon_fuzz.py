@@ -150,7 +150,7 @@ def _expected(daemon: Daemon, batch: list[Inbound]) -> tuple[int, Counter[str]]:
     reasons the messages that cannot be parsed or routed must be rejected for."""
     samples = 0
     reasons: Counter[str] = Counter()
-    for topic, payload, received in batch:
+    for topic, payload, received, _ in batch:
         route = daemon.router.route(topic)
         if route is None:
             samples += 1
@@ -179,7 +179,7 @@ def _expected(daemon: Daemon, batch: list[Inbound]) -> tuple[int, Counter[str]]:
 def test_any_batch_is_counted_in_full_and_never_raises(
     daemon: Daemon, messages: list[tuple[str, bytes]]
 ) -> None:
-    batch = [(topic, payload, _receive_time()) for topic, payload in messages]
+    batch = [(topic, payload, _receive_time(), False) for topic, payload in messages]
     samples, reasons = _expected(daemon, batch)
     outcomes_before, reasons_before = _counts(daemon)
 
@@ -201,7 +201,7 @@ def test_a_value_beyond_float32_is_rejected_as_non_finite(daemon: Daemon, value:
     """Finite in JSON (float64) but infinite as the model's float32 input."""
     payload = json.dumps({"values": [1.0, 2.0, 3.0, value]})
     outcomes_before, reasons_before = _counts(daemon)
-    daemon.process([("sensors/huge", payload.encode(), _receive_time())])
+    daemon.process([("sensors/huge", payload.encode(), _receive_time(), False)])
     outcomes_after, reasons_after = _counts(daemon)
     assert outcomes_after["rejected"] - outcomes_before["rejected"] == 1
     assert reasons_after["non_finite"] - reasons_before["non_finite"] == 1
@@ -245,7 +245,7 @@ def test_a_good_sample_is_never_rejected_because_of_a_bad_one_before_it(
             t += 1
         else:
             doc = BAD_SAMPLES[kind](ts)
-        messages.append((stream, json.dumps(doc).encode(), ts))
+        messages.append((stream, json.dumps(doc).encode(), ts, False))
     good = plan.count("good")
     before, _ = _counts(daemon)
     at = 0

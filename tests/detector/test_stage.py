@@ -90,10 +90,10 @@ def messages() -> list[list[Inbound]]:
                 else:
                     doc = {"ts": ts, "values": [*values[:3], True]}  # rejected: schema
                 topic = f"sensors/s{s}" if s % 2 else f"plant/p{s}/m"
-                batch.append((topic, json.dumps(doc).encode(), received))
+                batch.append((topic, json.dumps(doc).encode(), received, False))
                 received += 0.001
-        batch.append(("elsewhere/x", b"{}", received))  # no route
-        batch.append((f"sensors/s{step}", b"not json", received))
+        batch.append(("elsewhere/x", b"{}", received, False))  # no route
+        batch.append((f"sensors/s{step}", b"not json", received, False))
         batches.append(batch)
     return batches
 
@@ -158,11 +158,11 @@ def test_fast_and_full_parsing_leave_the_same_everything(
 
 def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
     d = make_daemon(tiny_model, publish_scores=False)
-    d.process([("sensors/a", b'{"values": [1, 2, 3, 4]}', T0)])
+    d.process([("sensors/a", b'{"values": [1, 2, 3, 4]}', T0, False)])
     memo = d.stage.routes.memo
     assert memo == {"sensors/a": (0, "a")}
     d._install(d._load_models())  # a reload brings a new router
-    d.process([("nowhere", b"{}", T0 + 1)])
+    d.process([("nowhere", b"{}", T0 + 1, False)])
     fresh = d.stage.routes.memo
     assert fresh is not memo and fresh == {"nowhere": stage_module._UNROUTABLE}
     assert (
@@ -173,11 +173,33 @@ def test_the_route_memo_follows_the_router(tiny_model: Path) -> None:
     )
 
 
+def test_a_sample_the_broker_sends_again_is_a_duplicate_however_old(tiny_model: Path) -> None:
+    """A broker that restarts before it read the daemon's acknowledgements sends those
+    samples again, flagged (MQTT's DUP): each already scored, however far behind the
+    stream's last time, is a duplicate. An older sample sent once is out of order."""
+    d = make_daemon(tiny_model, publish_scores=False)
+
+    def sample(k: int, again: bool) -> Inbound:
+        return ("sensors/a", b'{"ts": %.1f, "values": [1, 2, 3, 4]}' % (T0 + k), T0 + 10, again)
+
+    d.process([sample(k, False) for k in range(5)])
+    d.process([sample(k, True) for k in (2, 3, 4)] + [sample(1, False)])
+
+    def rejected(reason: str) -> float | None:
+        return d.metrics.registry.get_sample_value("rnnsentry_rejections_total", {"reason": reason})
+
+    assert (
+        d.metrics.registry.get_sample_value("rnnsentry_messages_total", {"outcome": "scored"})
+        == 5.0
+    )
+    assert (rejected("duplicate"), rejected("out_of_order")) == (3.0, 1.0)
+
+
 def test_the_route_memo_is_bounded(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stage_module, "_ROUTE_MEMO_MAX", 3)
     d = make_daemon(tiny_model, publish_scores=False)
     for i in range(10):
-        d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i)])
+        d.process([(f"sensors/s{i}", b'{"values": [1, 2, 3, 4]}', T0 + i, False)])
         assert len(d.stage.routes.memo) <= 3
     assert len(d.engines[0].table) == 10
 
@@ -187,7 +209,7 @@ def _one_stream(rows: np.ndarray, every: int, stream: str = "pump-1") -> list[li
     taken of each ``every``: what one of ``every`` daemons sharing it round-robin gets."""
     batch = [(f"sensors/{stream}",
               json.dumps({"ts": T0 + k, "values": [float(v) for v in rows[k]]}).encode(),
-              T0 + 10_000.0) for k in range(0, len(rows), every)]  # fmt: skip
+              T0 + 10_000.0, False) for k in range(0, len(rows), every)]  # fmt: skip
     return [batch[i : i + 32] for i in range(0, len(batch), 32)]
 
 
