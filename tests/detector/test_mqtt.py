@@ -171,7 +171,8 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
     second_inbox: queue.Queue[Inbound] = queue.Queue()
     second = link(second_inbox)
     try:
-        topic, payload, _ = wait_for(second_inbox, lambda m: True)
+        topic, payload, _, again = wait_for(second_inbox, lambda m: True)
         assert topic == "sensors/late" and json.loads(payload)["ts"] == 2.0
+        assert again  # the broker had sent it before, to the stopping session
     finally:
         second.stop()
