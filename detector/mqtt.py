@@ -68,8 +68,12 @@ class MqttLink:
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
         self._closing = False
         self._intake_open = True
-        # (packet id, QoS) of each queued message, None for QoS 0, in arrival order.
-        self._unacked: deque[tuple[int, int] | None] = deque()
+        # (packet id, QoS, session) of each queued message, None for QoS 0, in arrival order.
+        self._unacked: deque[tuple[int, int, int] | None] = deque()
+        # The broker's session the link is in: a new one each time the broker had none for
+        # us (a first connection, or a broker that lost its sessions). Packet ids are the
+        # session's: an id of an older one would acknowledge another message in this one.
+        self._session = 0
         # QoS 1 messages put in _unacked (counted by paho's thread) and taken out of it (by
         # whoever acknowledges): each counter has one writer, so no lock is needed.
         self._held_in = 0
@@ -222,9 +226,12 @@ class MqttLink:
             self.connected.clear()
             self._on_connection(False)
             return
+        present = getattr(flags, "session_present", None)
         log.info(
-            "connected to the broker (session present: %s)", getattr(flags, "session_present", "?")
+            "connected to the broker (session present: %s)", "?" if present is None else present
         )
+        if present is False:
+            self._session += 1  # what was taken before is acknowledged to nothing
         self.last_error = self._said = ""
         self._connected_at = time.monotonic()
         if self._holding_off:  # the usual backoff again, unless this one is taken over too
@@ -322,7 +329,7 @@ class MqttLink:
         received = time.time()
         # Its place among the messages to acknowledge, before another thread can take it.
         if msg.qos:
-            self._unacked.append((msg.mid, msg.qos))
+            self._unacked.append((msg.mid, msg.qos, self._session))
             self._held_in += 1
         else:
             self._unacked.append(None)
@@ -344,7 +351,9 @@ class MqttLink:
             held = unacked.popleft()
             if held is not None:  # QoS 0 has nothing to acknowledge
                 self._held_out += 1
-                client.ack(*held)
+                mid, qos, session = held
+                if session == self._session:  # the broker forgot an older session's
+                    client.ack(mid, qos)
 
     def awaiting(self) -> bool:
         return self._held_in > self._held_out

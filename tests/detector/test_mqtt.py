@@ -114,6 +114,51 @@ def test_a_broker_restart_reconnects_and_resubscribes(
     assert sorted(daemon.engines[0].table.streams()) == ["after", "before"]
 
 
+def test_a_message_taken_before_the_broker_forgot_the_session_acknowledges_nothing_after(
+    mosquitto: Mosquitto, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restarted without its sessions numbers its messages from 1 again. A message
+    the link took before the restart, scored after it, has an id of the old session, which
+    on the new one is another message's: acknowledged, the broker would take that other
+    message as done before it was scored. So it is acknowledged to nothing, and the new
+    message stays the broker's until it is scored: a link that stops first leaves it for
+    the next session."""
+    mqtt = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION).mqtt
+    client_id = f"rnnsentry-forgotten-{free_port()}"
+
+    def link(inbox: queue.Queue[Inbound]) -> MqttLink:
+        hooks = LinkHooks(inbox, on_drop=lambda: None, on_connection=lambda up: None)
+        made = MqttLink(mqtt, client_id, "rnnsentry/status/forgotten", ["sensors/#"], hooks)
+        made.start()
+        assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
+        return made
+
+    caplog.set_level(logging.INFO, logger="detector.mqtt")
+    first_inbox: queue.Queue[Inbound] = queue.Queue()
+    first = link(first_inbox)
+    try:
+        _send_samples(mosquitto.port, "old", 1, 1.0)
+        assert wait_for(first_inbox, lambda m: True)[0] == "sensors/old"  # taken, not scored
+        mosquitto.restart()  # persistence off: the new broker knows no session
+        poll_until(lambda: sum("session present: False" in r.getMessage()
+                               for r in caplog.records) == 2, RECONNECT_TIMEOUT_S)  # fmt: skip
+        poll_until(lambda: first.connected.is_set(), RECONNECT_TIMEOUT_S)
+        _send_samples(mosquitto.port, "new", 1, 2.0)
+        assert wait_for(first_inbox, lambda m: True)[0] == "sensors/new"
+        first.acknowledge(1)  # the old message, scored now
+        first.stop_intake()  # stopping before the new one is scored
+    finally:
+        first.stop()
+
+    second_inbox: queue.Queue[Inbound] = queue.Queue()
+    second = link(second_inbox)
+    try:
+        topic, payload, _, _ = wait_for(second_inbox, lambda m: True)
+        assert topic == "sensors/new" and json.loads(payload)["ts"] == 2.0
+    finally:
+        second.stop()
+
+
 @pytest.mark.parametrize(("protocol", "said"), [("5", "p5, c0"), ("3.1.1", "p2, c0")])
 def test_qos1_input_sent_while_the_daemon_is_stopped_is_scored_after_it_returns(
     mosquitto: Mosquitto, tiny_model: Path, start_daemon: InProcessDaemons,
