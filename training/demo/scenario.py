@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
-WARMUP_STEPS = 30  # the scorer's warm-up, set so the first anomaly comes after it
+LEAD_STEPS = 30  # normal steps before the anomalies' 15-step margin: none starts sooner
 GRACE_STEPS = 30  # an alert raised this soon after an anomaly ends is late, not a false one
 
 
@@ -102,13 +102,13 @@ def train_demo_model(
 
 
 def live_fleet(
-    seed: int, streams: int, duration_s: float, rate: float, warmup: int = WARMUP_STEPS
+    seed: int, streams: int, duration_s: float, rate: float, lead: int = LEAD_STEPS
 ) -> Fleet:
     """The live fleet: the pumps continuing where the history ended, with anomalies injected
-    (one for every two pumps, at least four), the first 15 steps after ``warmup``."""
+    (one for every two pumps, at least four), the first 15 steps after ``lead``."""
     from training.evaluation.synth import generate_fleet
 
-    steps = max(int(duration_s * rate), warmup + 20)
+    steps = max(int(duration_s * rate), lead + 20)
     return generate_fleet(
         n_streams=streams,
         n_steps=steps,
@@ -117,7 +117,7 @@ def live_fleet(
         start_step=TRAIN_STEPS,
         seed=seed,
         anomalies=max(1, min(streams, max(4, streams // 2))),
-        min_start=warmup + 15,
+        min_start=lead + 15,
         min_gap=GRACE_STEPS,
     )
 
@@ -159,7 +159,6 @@ def run_demo(args: argparse.Namespace) -> int:
             "mqtt": {"broker": broker_url, "client_id": f"rnnsentry-demo-{metrics_port}"},
             "models": [{"path": str(model_path), "topics": ["demo/pumps/{stream}"]}],
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
-            "scoring": {"warmup_steps": WARMUP_STEPS},  # otherwise the defaults
         }
     )
     if problems:
