@@ -160,7 +160,7 @@ class Pending:
     ts: list[float]
     values: list[float]  # flat: the model's n_features values per sample, in feature order
     received: list[float]
-    again: list[bool]  # the broker sent it before (a redelivery)
+    again: list[int]  # the samples the broker sent before (a redelivery; rare)
 
 
 def load_engines(config: Config) -> tuple[list[Engine], Router]:
@@ -256,11 +256,11 @@ class ScoringStage:
             if k == 1:
                 p.streams.append(stream)
                 p.received.append(received)
-                p.again.append(again)
             else:
                 p.streams.extend([stream] * k)
                 p.received.extend([received] * k)
-                p.again.extend([again] * k)
+            if again:
+                p.again.extend(range(len(p.streams) - k, len(p.streams)))
         alerts = False
         for target, p in pending.items():
             if p.streams:
@@ -276,7 +276,10 @@ class ScoringStage:
         # A time far ahead of its receipt, or before 1970, would become the stream's last
         # time and have every later sample rejected as out of order: refused here.
         received = np.array(p.received, dtype=np.float64)
-        again = np.array(p.again, dtype=np.bool_)
+        again = None
+        if p.again:
+            again = np.zeros(n, np.bool_)
+            again[p.again] = True
         sane = (ts > 0.0) & (ts <= received + self.config.payload.max_ahead_s)
         if not sane.all():
             bad = int(n - np.count_nonzero(sane))
@@ -285,14 +288,17 @@ class ScoringStage:
             self._rejection_log.note("bad_timestamp", why, bad)
             keep = np.flatnonzero(sane)
             p = Pending([p.streams[i] for i in keep], ts[keep].tolist(), [], [], [])
-            x, ts, received, again, n = x[keep], ts[keep], received[keep], again[keep], len(keep)
+            x, ts, received, n = x[keep], ts[keep], received[keep], len(keep)
+            if again is not None:
+                again = again[keep]
             if not n:
                 return False
         result = engine.process(p.streams, ts, x)
         # The engine knows a sample it scored only by its stream's last time; a sample the
         # broker sends again (after a reconnect, or its own restart, before it read our
         # acknowledgement) may be older than that, and is a duplicate, not one out of order.
-        result.status[again & (result.status == OUT_OF_ORDER)] = DUPLICATE
+        if again is not None:
+            result.status[again & (result.status == OUT_OF_ORDER)] = DUPLICATE
         decided = time.time()
         m.batch_size.observe_many(np.asarray(result.call_sizes, dtype=np.float64))
         m.inference_seconds.observe_many(np.asarray(result.call_seconds, dtype=np.float64))

@@ -81,21 +81,19 @@ class Stuck:
         seen = ok & ~np.isnan(last[:, 0])  # a row's values are set together
         same = seen[:, None] & (x == last)
         in_run = run > 0
-        repeated = bool(same.any())
-        if repeated:
+        if same.any():
             # Score: the counts from before the current run are the Beta posterior's; a
             # repeat extends the run by one more chance (a + r) / (a + b + r).
             at = np.nonzero(same)
             a = repeats[at] + 1.0
             b = np.maximum(compared[at[0]] - repeats[at] - run[at], 0.0) + 1.0
             logp[at] += np.log((a + run[at]) / (a + b + run[at]))
+            run[same] += 1.0  # (a run that ended below is not among them)
         if in_run.any():
             ended = in_run & ok[:, None] & ~same
             repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
             logp[ended] = 0.0
             run[ended] = 0.0
-        if repeated:
-            run[same] += 1.0
         # The counts fade over long_window steps, so a sensor's habits may change.
         full = seen & (compared >= self.long_window)
         if full.any():

@@ -5,6 +5,7 @@ Every function takes and returns numpy arrays (or floats) and keeps no state.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Final
 
@@ -212,6 +213,7 @@ def short_average(raw: np.ndarray, window: int) -> F64:
     return out
 
 
+@functools.cache  # a handful of clips, asked for every step
 def huber_consistency(clip: float) -> float:
     """E[min(x^2, clip^2)] for x ~ N(0, 1): where a mean square of unit Gaussian values,
     each clipped at ``clip``, settles. Dividing by it makes the clipped estimate consistent.
@@ -222,9 +224,6 @@ def huber_consistency(clip: float) -> float:
     inside = math.erf(clip / math.sqrt(2.0))
     density = math.exp(-0.5 * clip * clip) / math.sqrt(2.0 * math.pi)
     return inside - 2.0 * clip * density + clip * clip * (1.0 - inside)
-
-
-_ROBUST_CONSISTENCY: Final = huber_consistency(ROBUST_CLIP)  # what learn_mean_square divides by
 
 
 def chi2_even_sf(x: float, dof: int) -> float:
@@ -286,7 +285,7 @@ def learn_mean_square(
     [0.5, 1.9452]
     """
     step = np.minimum(sq, clip * clip * var)
-    step /= _ROBUST_CONSISTENCY if clip == ROBUST_CLIP else huber_consistency(clip)
+    step /= huber_consistency(clip)
     step -= var
     step *= alpha
     var += step

@@ -211,7 +211,12 @@ _PEAK_MAX: Final = float(np.finfo(np.float32).max)
 
 def _excess_sq(x: F64) -> F64:
     """How far x^2 / 2 lies beyond TAIL_FROM^2 / 2: what the tail's excess is measured in."""
-    out: F64 = 0.5 * (x * x - TAIL_FROM * TAIL_FROM)
+    return _excess_of_square(x * x)
+
+
+def _excess_of_square(sq: F64) -> F64:
+    """:func:`_excess_sq` of a square already in hand."""
+    out: F64 = 0.5 * (sq - TAIL_FROM * TAIL_FROM)
     return out
 
 
@@ -339,7 +344,7 @@ class StepTail:
         if over.any():
             # (in float32, whose range a wild value's square may pass: it counts as the
             # largest there, as it is learnt no larger than three mean excesses anyway)
-            excess_sq = 0.5 * (sq - TAIL_FROM * TAIL_FROM)  # _excess_sq, of the square in hand
+            excess_sq = _excess_of_square(sq)
             np.maximum(peak, np.where(over, np.minimum(excess_sq, _PEAK_MAX), 0.0), out=peak)
         ends &= peak > 0
         if ends.any():

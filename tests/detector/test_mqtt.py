@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,24 @@ def _send_samples(port: int, stream: str, n: int, start_ts: float, qos: int = 1)
         publisher.close()
 
 
+def _session_link(
+    mosquitto: Mosquitto, tiny_model: Path, name: str
+) -> Callable[[queue.Queue[Inbound]], MqttLink]:
+    """Starts a connected MqttLink into an inbox, with one client id (and so one persistent
+    session) however often it is called."""
+    mqtt = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION).mqtt
+    client_id = f"rnnsentry-{name}-{free_port()}"
+
+    def link(inbox: queue.Queue[Inbound]) -> MqttLink:
+        hooks = LinkHooks(inbox, on_drop=lambda: None, on_connection=lambda up: None)
+        made = MqttLink(mqtt, client_id, f"rnnsentry/status/{name}", ["sensors/#"], hooks)
+        made.start()
+        assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
+        return made
+
+    return link
+
+
 def test_a_broker_down_at_start_is_retried_and_readyz_says_why(
     tiny_model: Path, start_daemon: InProcessDaemons
 ) -> None:
@@ -123,15 +142,7 @@ def test_a_message_taken_before_the_broker_forgot_the_session_acknowledges_nothi
     message as done before it was scored. So it is acknowledged to nothing, and the new
     message stays the broker's until it is scored: a link that stops first leaves it for
     the next session."""
-    mqtt = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION).mqtt
-    client_id = f"rnnsentry-forgotten-{free_port()}"
-
-    def link(inbox: queue.Queue[Inbound]) -> MqttLink:
-        hooks = LinkHooks(inbox, on_drop=lambda: None, on_connection=lambda up: None)
-        made = MqttLink(mqtt, client_id, "rnnsentry/status/forgotten", ["sensors/#"], hooks)
-        made.start()
-        assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
-        return made
+    link = _session_link(mosquitto, tiny_model, "forgotten")
 
     caplog.set_level(logging.INFO, logger="detector.mqtt")
     first_inbox: queue.Queue[Inbound] = queue.Queue()
@@ -188,15 +199,7 @@ def test_input_arriving_after_stop_intake_is_left_for_the_next_session(
     mosquitto: Mosquitto, tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A message that reaches a stopping daemon is not acknowledged, so it is not lost."""
-    mqtt = daemon_config(mosquitto.url, tiny_model, instance="link", mqtt=SESSION).mqtt
-    client_id = f"rnnsentry-handover-{free_port()}"
-
-    def link(inbox: queue.Queue[Inbound]) -> MqttLink:
-        hooks = LinkHooks(inbox, on_drop=lambda: None, on_connection=lambda up: None)
-        made = MqttLink(mqtt, client_id, "rnnsentry/status/handover", ["sensors/#"], hooks)
-        made.start()
-        assert made.connected.wait(CONNECT_TIMEOUT_S), made.last_error
-        return made
+    link = _session_link(mosquitto, tiny_model, "handover")
 
     caplog.set_level(logging.DEBUG, logger="paho")  # paho logs each PUBLISH it reads
     first_inbox: queue.Queue[Inbound] = queue.Queue()
