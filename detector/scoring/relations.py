@@ -38,8 +38,11 @@ step far from what the relations say (its squared Mahalanobis distance past the 
 ``stats.huber_scatter``) counts for less, so a stream's own incidents (a stuck sensor while
 the load moved, a level shift) do not loosen the relations that would show the next one.
 A model file from before the averages joined (an F x F covariance) takes them as
-unrelated to the values until the stream has learnt them. The mean is the stream's own
-from its first sample. Each stream learns how much its own averages stray, in units of the
+unrelated to the values until the stream has learnt them. The mean is learnt from the
+samples the covariance learns, those past the warm-up, as the calibration's starts past the
+network's burn-in; until the first of them it follows the stream's values. (A running mean
+from the stream's first sample kept the warm-up's samples, whose averages have not settled,
+and every deviation carried them.) Each stream learns how much its own averages stray, in units of the
 calibration's (a Huber-robust mean square, with the calibration as its prior), so a stream
 whose relations wander more learns a wider spread. The tail is a Student t whose degrees of
 freedom are the independent averages behind that spread (the steps it was measured on,
@@ -195,7 +198,9 @@ class Relations:
     averages ``rel_mean`` [2F], their precision's upper triangle ``rel_prec`` [F (2F + 1)],
     the residuals' average ``rel_avg`` [F], the stream's own spread of that average
     ``rel_var`` [F] (in the calibration's units), the calm samples since the last raise
-    ``rel_armed`` and the samples taken in ``rel_n``. The stream's tail is the smallest over
+    ``rel_armed``, the samples taken in ``rel_n`` (the covariance's evidence) and those
+    the mean has learnt ``rel_learnt`` (NaN: a state kept before it, whose mean learnt every
+    sample taken in). The stream's tail is the smallest over
     its features, times their number.
 
     The prior's ``average_var`` is the spread of the average over its ``window``; for another
@@ -260,6 +265,7 @@ class Relations:
             PREFIX + "armed": ((), np.int16, ARMED),  # calm samples since the last raise
             # (alerts.raise_once)
             PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
+            PREFIX + "learnt": ((), np.float32, math.nan),  # samples the mean learnt
         }
 
     gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed")
@@ -287,6 +293,7 @@ class Relations:
             for name, (_, _, fill) in self.columns(x.shape[1]).items():
                 if name not in (PREFIX + "prec", PREFIX + "mean"):
                     cols[name][fresh] = fill
+            cols[PREFIX + "learnt"][fresh] = 0.0
         n = cols[PREFIX + "n"].astype(np.float64)  # the samples this state has taken in
         every_ok = bool(ok.all())  # the usual step: no masks
         # each value's own average over the window, from the stream's (or the gap's) first
@@ -335,10 +342,26 @@ class Relations:
             held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, every, evidence)
         else:
             held = np.ones(len(n))
-        # the mean: a running mean of the stream's own values, up to long_window, each step
-        # held back as the covariance holds it back (d is 0 where a row is not ok)
+        # the mean: a running mean of the samples the covariance learns, up to long_window,
+        # each held back as the covariance holds it back; until the first, the values
+        # themselves (d is 0 where a row is not ok)
+        learnt = cols[PREFIX + "learnt"]
+        kept_before = np.isnan(learnt)
+        if kept_before.any():
+            learnt[kept_before] = n[kept_before]
+        follows = learnt == 0.0  # (a first sample learnt is the mean, whatever its weight)
+        if bool(learn.all()):
+            learnt += 1.0
+            np.minimum(learnt, memory, out=learnt)
+            weight = held / learnt
+            if follows.any():
+                weight[follows] = 1.0
+        else:
+            follows &= ok
+            learnt[learn] = np.minimum(learnt[learn] + 1.0, memory)
+            weight = np.where(follows, 1.0, np.where(learn, held / np.maximum(learnt, 1.0), 0.0))
+        mean += d * weight[:, None]
         taken = np.minimum(n + 1.0, memory)
-        mean += d * (held / taken)[:, None]
         if every_ok:
             cols[PREFIX + "n"][...] = taken
         else:

@@ -327,3 +327,56 @@ def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left
             assert np.array_equal(cols["rel_prec"][0], part.prior_prec[np.triu_indices(2 * F)]
                                   .astype(np.float32))  # fmt: skip
     np.testing.assert_allclose(precisions[0], precisions[1], rtol=1e-5)
+
+
+def _steps(scorer: Scorer, cols: dict[str, np.ndarray], x: np.ndarray) -> None:
+    log_var = np.full((1, F), math.log(STEP_VAR))
+    for t in range(1, len(x)):
+        scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
+
+
+def test_the_mean_is_learnt_past_the_warm_up_as_the_calibration_learns_it() -> None:
+    """A start-up transient in the warm-up (both sensors 5 spreads off for 50 samples) does
+    not become the relations' mean of the values: it is learnt from the samples the
+    covariance learns, as the calibration learns it past the network's burn-in. A running
+    mean from the first sample took the transient in as its start, and its robust steps
+    kept it there (4.8 against 0.7 at the end)."""
+    warmup = 50
+    scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
+    cols = scorer_columns(1, F)
+    x = related_stream(1100, seed=21)
+    x[:warmup] += 5.0
+    _steps(scorer, cols, x)
+    after = x[warmup:].mean(axis=0)
+    assert np.all(np.abs(cols["rel_mean"][0][:F] - after) < 0.5)
+    assert cols["rel_learnt"][0] == len(x) - 1 - warmup
+    assert cols["rel_n"][0] == len(x) - 1  # the covariance's evidence counts every sample
+
+
+def test_a_gap_keeps_the_mean_and_its_count_through_the_warm_up_that_follows() -> None:
+    """After a gap the averages start again and the scorer warms up once more: the mean it
+    had learnt is neither restarted nor moved by the warm-up's samples."""
+    warmup = 50
+    scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
+    cols = scorer_columns(1, F)
+    x = related_stream(1200, seed=22)
+    _steps(scorer, cols, x[:1000])
+    mean, learnt = cols["rel_mean"].copy(), float(cols["rel_learnt"][0])
+    for name in scorer.gap_reset:
+        cols[name][...] = scorer_columns(1, F)[name]
+    _steps(scorer, cols, x[1000 : 1000 + warmup] + 5.0)  # the warm-up after the gap
+    assert np.array_equal(cols["rel_mean"], mean)
+    assert cols["rel_learnt"][0] == learnt
+
+
+def test_a_state_kept_before_the_means_count_takes_the_samples_it_took_in() -> None:
+    """A snapshot from before ``rel_learnt`` restores it as NaN: that mean learnt every
+    sample taken in, and counts on from there."""
+    scorer = Scorer(ScoringConfig(warmup_steps=50), CALIBRATION)
+    cols = scorer_columns(1, F)
+    x = related_stream(700, seed=23)
+    _steps(scorer, cols, x[:600])
+    taken = float(cols["rel_n"][0])
+    cols["rel_learnt"][...] = np.nan
+    _steps(scorer, cols, x[599:])
+    assert cols["rel_learnt"][0] == taken + 100
