@@ -42,12 +42,12 @@ unrelated to the values until the stream has learnt them. The mean is learnt fro
 samples the covariance learns, those past the warm-up, as the calibration's starts past the
 network's burn-in; until the first of them it follows the stream's values. (A running mean
 from the stream's first sample kept the warm-up's samples, whose averages have not settled,
-and every deviation carried them.) Each stream learns how much its own averages stray, in units of the
-calibration's (a Huber-robust mean square, with the calibration as its prior), so a stream
-whose relations wander more learns a wider spread. The tail is a Student t whose degrees of
-freedom are the independent averages behind that spread (the steps it was measured on,
-then the stream's own, times an average's share of them): a spread measured on a short
-file is a rough one. (A tail learnt from exceedances, as the per-step check's,
+and every deviation carried them.) Each stream learns how much its own averages stray, in
+units of the calibration's (a Huber-robust mean square, with the calibration as its prior),
+so a stream whose relations wander more learns a wider spread. The tail is a Student t
+whose degrees of freedom are the independent averages behind that spread (the steps it was
+measured on, then the stream's own, times an average's share of them): a spread measured on
+a short file is a rough one. (A tail learnt from exceedances, as the per-step check's,
 does not suit an average: one excursion is dozens of exceedances in a row, and the tail
 would learn the anomaly.)
 """
