@@ -37,19 +37,23 @@ triangle. The covariance and the mean are Huber-robust, as the other learnt spre
 step far from what the relations say (its squared Mahalanobis distance past the bound of
 ``stats.huber_scatter``) counts for less, so a stream's own incidents (a stuck sensor while
 the load moved, a level shift) do not loosen the relations that would show the next one.
-A model file from before the averages joined (an F x F covariance) takes them as
-unrelated to the values until the stream has learnt them. The mean is learnt from the
-samples the covariance learns, those past the warm-up, as the calibration's starts past the
-network's burn-in; until the first of them it follows the stream's values. (A running mean
-from the stream's first sample kept the warm-up's samples, whose averages have not settled,
-and every deviation carried them.) Each stream learns how much its own averages stray, in
-units of the calibration's (a Huber-robust mean square, with the calibration as its prior),
-so a stream whose relations wander more learns a wider spread. The tail is a Student t
-whose degrees of freedom are the independent averages behind that spread (the steps it was
-measured on, then the stream's own, times an average's share of them): a spread measured on
-a short file is a rough one. (A tail learnt from exceedances, as the per-step check's,
-does not suit an average: one excursion is dozens of exceedances in a row, and the tail
-would learn the anomaly.)
+The covariance weighs a step's outer product by min(1, k / q) and the mean its deviation by
+the square root of that, min(1, sqrt(k / q)): Huber's M-estimator of location and scatter
+(Maronna 1976), whose location has a bounded influence. (The scatter's weight on the mean
+made its influence fall as 1 / distance: a mean that started far from the stream's values,
+as after a start-up transient, stayed there.) A model file from before the averages joined
+(an F x F covariance) takes them as unrelated to the values until the stream has learnt
+them. The mean is learnt from the samples the covariance learns, those past the warm-up, as
+the calibration's starts past the network's burn-in; until the first of them it follows the
+stream's values. (A running mean from the stream's first sample kept the warm-up's samples,
+whose averages have not settled, and every deviation carried them.) Each stream learns how
+much its own averages stray, in units of the calibration's (a Huber-robust mean square,
+with the calibration as its prior), so a stream whose relations wander more learns a wider
+spread. The tail is a Student t whose degrees of freedom are the independent averages
+behind that spread (the steps it was measured on, then the stream's own, times an average's
+share of them): a spread measured on a short file is a rough one. (A tail learnt from
+exceedances, as the per-step check's, does not suit an average: one excursion is dozens of
+exceedances in a row, and the tail would learn the anomaly.)
 """
 
 from __future__ import annotations
@@ -343,8 +347,8 @@ class Relations:
         else:
             held = np.ones(len(n))
         # the mean: a running mean of the samples the covariance learns, up to long_window,
-        # each held back as the covariance holds it back; until the first, the values
-        # themselves (d is 0 where a row is not ok)
+        # each with its Huber weight for location, the square root of the covariance's;
+        # until the first, the values themselves (d is 0 where a row is not ok)
         learnt = cols[PREFIX + "learnt"]
         kept_before = np.isnan(learnt)
         if kept_before.any():
@@ -353,13 +357,14 @@ class Relations:
         if bool(learn.all()):
             learnt += 1.0
             np.minimum(learnt, memory, out=learnt)
-            weight = held / learnt
+            weight = np.sqrt(held) / learnt
             if follows.any():
                 weight[follows] = 1.0
         else:
             follows &= ok
             learnt[learn] = np.minimum(learnt[learn] + 1.0, memory)
-            weight = np.where(follows, 1.0, np.where(learn, held / np.maximum(learnt, 1.0), 0.0))
+            weight = np.where(learn, np.sqrt(held) / np.maximum(learnt, 1.0), 0.0)
+            weight[follows] = 1.0
         mean += d * weight[:, None]
         taken = np.minimum(n + 1.0, memory)
         if every_ok:

@@ -128,7 +128,8 @@ def test_a_machine_left_in_a_new_state_raises_once() -> None:
 def test_the_precision_follows_the_streams_own_covariance() -> None:
     """The rank-one updates of P keep it the inverse of the stream's weighted covariance,
     each step weighted as the Huber rule says: against the same recursion on the covariance
-    itself, in float64. A stream whose sensors move against each other turns the prior's
+    itself, in float64 (and the mean with the location's weight, the square root of the
+    scatter's). A stream whose sensors move against each other turns the prior's
     (they move together) around, and ends near its own covariance."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
     part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
@@ -147,7 +148,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
         b = 1.0 / max(min(part.prior_steps + t + 1.0, 8000.0), 2.0)
         held = min(1.0, bound / max(float(d @ np.linalg.solve(cov, d)), 1e-12))
         cov = (1.0 - b) * cov + b * held / consistency * np.outer(d, d)
-        mean += d * held / min(t + 1.0, 8000.0)
+        mean += d * math.sqrt(held) / min(t + 1.0, 8000.0)  # location: Huber's weight
     packed = cols["rel_prec"][0].astype(np.float64)  # the precision's upper triangle
     learnt = np.linalg.inv(packed[packing(2 * F)[0]])
     np.testing.assert_allclose(learnt, cov, rtol=0.01, atol=1e-4)
@@ -337,20 +338,34 @@ def _steps(scorer: Scorer, cols: dict[str, np.ndarray], x: np.ndarray) -> None:
 
 def test_the_mean_is_learnt_past_the_warm_up_as_the_calibration_learns_it() -> None:
     """A start-up transient in the warm-up (both sensors 5 spreads off for 50 samples) does
-    not become the relations' mean of the values: it is learnt from the samples the
-    covariance learns, as the calibration learns it past the network's burn-in. A running
-    mean from the first sample took the transient in as its start, and its robust steps
-    kept it there (4.8 against 0.7 at the end)."""
+    not become the relations' mean: it is learnt from the samples the covariance learns, as
+    the calibration learns it past the network's burn-in. A running mean from the first
+    sample took the transient in as its start, and its robust steps kept it there (4.8
+    against 0.1 after 6,000 samples)."""
     warmup = 50
     scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
     cols = scorer_columns(1, F)
     x = related_stream(1100, seed=21)
     x[:warmup] += 5.0
     _steps(scorer, cols, x)
-    after = x[warmup:].mean(axis=0)
-    assert np.all(np.abs(cols["rel_mean"][0][:F] - after) < 0.5)
+    assert np.all(np.abs(cols["rel_mean"][0][:F] - x[warmup:].mean(axis=0)) < 0.5)
     assert cols["rel_learnt"][0] == len(x) - 1 - warmup
     assert cols["rel_n"][0] == len(x) - 1  # the covariance's evidence counts every sample
+
+
+def test_a_mean_that_starts_far_from_the_values_comes_back() -> None:
+    """The values' averages carry a warm-up's transient past it, so the mean of the averages
+    starts 4 spreads off. Its Huber weight for location bounds each sample's pull; the
+    scatter's weight (min(1, k / q), falling as 1 / distance squared) left it 1.7 off after
+    6,000 samples."""
+    warmup = 50
+    scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
+    cols = scorer_columns(1, F)
+    x = related_stream(6000, seed=21)
+    x[:warmup] += 5.0
+    _steps(scorer, cols, x)
+    after = np.tile(x[warmup:].mean(axis=0), 2)
+    assert np.all(np.abs(cols["rel_mean"][0] - after) < 0.5)
 
 
 def test_a_gap_keeps_the_mean_and_its_count_through_the_warm_up_that_follows() -> None:
