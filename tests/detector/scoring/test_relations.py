@@ -341,7 +341,7 @@ def test_the_mean_is_learnt_past_the_warm_up_as_the_calibration_learns_it() -> N
     not become the relations' mean: it is learnt from the samples the covariance learns, as
     the calibration learns it past the network's burn-in. A running mean from the first
     sample took the transient in as its start, and its robust steps kept it there (4.8
-    against 0.1 after 6,000 samples)."""
+    against 0.7 after 1,100 samples)."""
     warmup = 50
     scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
     cols = scorer_columns(1, F)
