@@ -336,20 +336,29 @@ def _steps(scorer: Scorer, cols: dict[str, np.ndarray], x: np.ndarray) -> None:
         scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
 
 
+WARMUP = 50
+
+
+def _after_a_start_up_transient(steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A stream whose sensors are both 5 spreads off for its WARMUP samples, scored: the
+    scorer's columns after it, and the values."""
+    scorer = Scorer(ScoringConfig(warmup_steps=WARMUP), CALIBRATION)
+    cols = scorer_columns(1, F)
+    x = related_stream(steps, seed=21)
+    x[:WARMUP] += 5.0
+    _steps(scorer, cols, x)
+    return cols, x
+
+
 def test_the_mean_is_learnt_past_the_warm_up_as_the_calibration_learns_it() -> None:
     """A start-up transient in the warm-up (both sensors 5 spreads off for 50 samples) does
     not become the relations' mean: it is learnt from the samples the covariance learns, as
     the calibration learns it past the network's burn-in. A running mean from the first
     sample took the transient in as its start, and its robust steps kept it there (4.8
     against 0.7 after 1,100 samples)."""
-    warmup = 50
-    scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
-    cols = scorer_columns(1, F)
-    x = related_stream(1100, seed=21)
-    x[:warmup] += 5.0
-    _steps(scorer, cols, x)
-    assert np.all(np.abs(cols["rel_mean"][0][:F] - x[warmup:].mean(axis=0)) < 0.5)
-    assert cols["rel_learnt"][0] == len(x) - 1 - warmup
+    cols, x = _after_a_start_up_transient(1100)
+    assert np.all(np.abs(cols["rel_mean"][0][:F] - x[WARMUP:].mean(axis=0)) < 0.5)
+    assert cols["rel_learnt"][0] == len(x) - 1 - WARMUP
     assert cols["rel_n"][0] == len(x) - 1  # the covariance's evidence counts every sample
 
 
@@ -358,13 +367,8 @@ def test_a_mean_that_starts_far_from_the_values_comes_back() -> None:
     starts 4 spreads off. Its Huber weight for location bounds each sample's pull; the
     scatter's weight (min(1, k / q), falling as 1 / distance squared) left it 1.7 off after
     6,000 samples."""
-    warmup = 50
-    scorer = Scorer(ScoringConfig(warmup_steps=warmup), CALIBRATION)
-    cols = scorer_columns(1, F)
-    x = related_stream(6000, seed=21)
-    x[:warmup] += 5.0
-    _steps(scorer, cols, x)
-    after = np.tile(x[warmup:].mean(axis=0), 2)
+    cols, x = _after_a_start_up_transient(6000)
+    after = np.tile(x[WARMUP:].mean(axis=0), 2)
     assert np.all(np.abs(cols["rel_mean"][0] - after) < 0.5)
 
 
