@@ -365,7 +365,7 @@ def test_the_mean_is_learnt_past_the_warm_up_as_the_calibration_learns_it() -> N
 def test_a_mean_that_starts_far_from_the_values_comes_back() -> None:
     """The values' averages carry a warm-up's transient past it, so the mean of the averages
     starts 4 spreads off. Its Huber weight for location bounds each sample's pull; the
-    scatter's weight (min(1, k / q), falling as 1 / distance squared) left it 1.7 off after
+    scatter's weight (min(1, k / q), falling as 1 / distance squared) left it 1.6 off after
     6,000 samples."""
     cols, x = _after_a_start_up_transient(6000)
     after = np.tile(x[WARMUP:].mean(axis=0), 2)
