@@ -31,6 +31,7 @@ from detector.scoring import ScoringConfig  # noqa: E402
 from detector.scoring.scorer import warmup_steps  # noqa: E402
 from training.demo.scenario import (  # noqa: E402
     LEAD_STEPS,
+    MARGIN_STEPS,
     _Seen,
     judge,
     live_fleet,
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             per_seed.append((seed, counts, false_alerts))
             for kind, verdict in outcomes:
                 by_kind[kind][verdict] += 1
-    where = "after each model's warm-up" if args.after_warmup else f"after {LEAD_STEPS + 15} steps"
+    where = ("after each model's warm-up" if args.after_warmup
+             else f"after {LEAD_STEPS + MARGIN_STEPS} steps")  # fmt: skip
     print(
         f"demo, in-process: {args.streams} pumps, {args.duration:g} s at {args.rate:g} Hz,"
         f" default settings, the anomalies {where}; seeds 0..{args.seeds - 1}\n"

@@ -204,8 +204,8 @@ class Relations:
     ``rel_var`` [F] (in the calibration's units), the calm samples since the last raise
     ``rel_armed``, the samples taken in ``rel_n`` (the covariance's evidence) and those
     the mean has learnt ``rel_learnt`` (NaN: a state kept before it, whose mean learnt every
-    sample taken in). The stream's tail is the smallest over
-    its features, times their number.
+    sample taken in). The stream's tail is the smallest over its features, times their
+    number.
 
     The prior's ``average_var`` is the spread of the average over its ``window``; for another
     ``window`` it is rescaled by the exponential averages' white-noise shares (close, not
@@ -360,8 +360,7 @@ class Relations:
             weight = np.sqrt(held) / learnt
             if follows.any():
                 weight[follows] = 1.0
-        else:
-            follows &= ok
+        else:  # (a row not ok has d = 0: whatever its weight, it stays)
             learnt[learn] = np.minimum(learnt[learn] + 1.0, memory)
             weight = np.where(learn, np.sqrt(held) / np.maximum(learnt, 1.0), 0.0)
             weight[follows] = 1.0

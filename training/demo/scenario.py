@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 TRAIN_STEPS = 1200  # per pump: five compressed "days" of normal operation
 PERIOD_STEPS = 240
-LEAD_STEPS = 30  # normal steps before the anomalies' 15-step margin: none starts sooner
+LEAD_STEPS = 30  # normal steps before the anomalies' margin ...
+MARGIN_STEPS = 15  # ... after which the first may start
 GRACE_STEPS = 30  # an alert raised this soon after an anomaly ends is late, not a false one
 
 
@@ -105,7 +106,7 @@ def live_fleet(
     seed: int, streams: int, duration_s: float, rate: float, lead: int = LEAD_STEPS
 ) -> Fleet:
     """The live fleet: the pumps continuing where the history ended, with anomalies injected
-    (one for every two pumps, at least four), the first 15 steps after ``lead``."""
+    (one for every two pumps, at least four), the first MARGIN_STEPS after ``lead``."""
     from training.evaluation.synth import generate_fleet
 
     steps = max(int(duration_s * rate), lead + 20)
@@ -117,7 +118,7 @@ def live_fleet(
         start_step=TRAIN_STEPS,
         seed=seed,
         anomalies=max(1, min(streams, max(4, streams // 2))),
-        min_start=lead + 15,
+        min_start=lead + MARGIN_STEPS,
         min_gap=GRACE_STEPS,
     )
 

@@ -76,7 +76,15 @@ def replay(
 ) -> list[int]:
     """One stream through a Scorer with the last-value predictor; the steps that raise."""
     scorer = Scorer(config or ScoringConfig(), calibration)
-    cols = scorer_columns(1, F)
+    return _steps(scorer, scorer_columns(1, F), x, step_var)
+
+
+def _steps(
+    scorer: Scorer, cols: dict[str, np.ndarray], x: np.ndarray,
+    step_var: np.ndarray | float = STEP_VAR,
+) -> list[int]:  # fmt: skip
+    """``x`` through ``scorer`` on the columns ``cols``, the last-value predictor's
+    predictions; the steps that raise."""
     log_var = np.log(np.broadcast_to(step_var, (1, F)))
     raised = []
     for t in range(1, len(x)):
@@ -328,12 +336,6 @@ def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left
             assert np.array_equal(cols["rel_prec"][0], part.prior_prec[np.triu_indices(2 * F)]
                                   .astype(np.float32))  # fmt: skip
     np.testing.assert_allclose(precisions[0], precisions[1], rtol=1e-5)
-
-
-def _steps(scorer: Scorer, cols: dict[str, np.ndarray], x: np.ndarray) -> None:
-    log_var = np.full((1, F), math.log(STEP_VAR))
-    for t in range(1, len(x)):
-        scorer.step_batch(cols, x[t : t + 1], x[t - 1 : t], log_var, np.ones(1, bool))
 
 
 WARMUP = 50
