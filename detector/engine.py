@@ -228,7 +228,8 @@ class Engine:
         model = self.model
         z_train = model.normalise(x)
         z = self.scorer.model_inputs(cols, z_train)  # over the stream's own input spread
-        fed = x if z is z_train else model.denormalise(z)
+        fed_z = self.scorer.model_feed(cols, z)  # an outlier held back
+        fed = x if fed_z is z_train else model.denormalise(fed_z)
         t0 = time.perf_counter()
         out = model.step(fed, [cols[s] for s in model.meta.state_names])
         result.call_seconds.append(time.perf_counter() - t0)

@@ -1,8 +1,21 @@
-"""Input scaling: each stream's own spread of its values, in the model's training units.
+"""What the model is fed: each stream's values over its own spread, outliers held back.
 
 The model is fed a stream's values over that spread (``InputScale.model_inputs``), so a
 stream that comes to vary more than the training data did (a busier regime, a noisier
 machine of a fleet) stops surprising the model at every step. ``learn`` moves the spread.
+
+A value far from what the model predicted is fed no further out than where the per-step
+check's tail starts for the stream (``within_tail``; TAIL_FROM of its error spreads, further
+for a stream whose learnt tail is heavier, ``surprise.tail_bound``, so a routine jump is
+followed as it comes): a one-sample outlier does not drag the model's level and state after
+it, so the next sample is judged against what the stream was doing, not against the
+outlier. A spike of several samples then shows in every one of them, not in its first and
+its return.
+Two in a row beyond the tail on one side are the process moving, and the model follows the
+second as it is; so does a level shift or a mode change, one sample late. This is the
+robust filter's cleaning of the observations (Masreliez 1975; Gelper, Fried and Croux 2010,
+for exponential smoothing), with the per-step check's own bound and scale. What is scored is
+always the value itself.
 """
 
 from __future__ import annotations
@@ -12,7 +25,14 @@ from typing import Final
 
 import numpy as np
 
-from detector.scoring.stats import F64, ROBUST_CLIP, ColumnSpec, ewma_alpha, learn_mean_square
+from detector.scoring.stats import (
+    F64,
+    ROBUST_CLIP,
+    ColumnSpec,
+    Mask,
+    ewma_alpha,
+    learn_mean_square,
+)
 
 # A stream's spread stays above a tenth of training's: a sensor parked at its training centre
 # for months would otherwise make its next small move an enormous one to the model.
@@ -60,3 +80,29 @@ class InputScale:
     def learn(self, cols: dict[str, np.ndarray], z_train: np.ndarray) -> None:
         if self.window:
             learn_input_var(cols["input_var"], z_train, self._alpha)
+
+
+def within_tail(
+    z: np.ndarray, mean: np.ndarray, log_var: np.ndarray, last: np.ndarray,
+    bound: np.ndarray, rows: Mask,
+) -> np.ndarray:  # fmt: skip
+    """What the model is fed of ``z`` [B, F] (model units) on ``rows``: each value no further
+    from the prediction (``mean``, ``log_var``) than ``bound`` of the model's spreads (the
+    stream's tail's start, ``Scorer.model_feed``), unless the last standardised error
+    (``last``) was beyond it on the same side too. ``z`` itself where nothing is held back.
+
+    >>> z, zero, three = np.array([[9.0, 9.0, -9.0, 1.0]]), np.zeros((1, 4)), np.full((1, 4), 3.0)
+    >>> last = np.array([[0.0, 5.0, 5.0, 0.0]])
+    >>> within_tail(z, zero, zero, last, three, np.ones(1, np.bool_)).tolist()
+    [[3.0, 9.0, -3.0, 1.0]]
+    """
+    error = (z - mean) * np.exp(-0.5 * log_var)
+    high, low = error > bound, error < -bound
+    beyond = (high & ~(last > bound)) | (low & ~(last < -bound))
+    beyond &= rows[:, None]
+    if not beyond.any():  # the usual step
+        return z
+    reach = bound * np.exp(0.5 * log_var)
+    held = np.where(high, mean + reach, mean - reach)
+    out: np.ndarray = np.where(beyond, held, z)
+    return out

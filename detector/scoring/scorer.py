@@ -1,9 +1,10 @@
 """The scorer: the parts composed into one step of many streams.
 
-Per step of B streams: input scaling (what the model is fed), surprise (the raw score
-under the prediction made before), two likelihoods of it (a short average for
-``anomaly_score``, a longer one for alerts), the per-step and stuck-sensor checks, the
-range check, onset marking, and the alert state machine. The alert's likelihood is that of
+Per step of B streams: input scaling (what the model is fed, an outlier held back),
+surprise (the raw score under the prediction made before), two likelihoods of it (a short
+average for ``anomaly_score``, a longer one for alerts), the per-step (each sample, and each
+pair of samples) and stuck-sensor checks, the range check, onset marking, and the alert
+state machine. The alert's likelihood is that of
 the most surprising of its signals (``combine_tails``). One set of defaults serves a model
 per stream and a model shared by a fleet.
 """
@@ -19,13 +20,13 @@ import numpy.typing as npt
 
 from detector.scoring.alerts import Alerts, raise_once
 from detector.scoring.calibration import Calibration
-from detector.scoring.inputs import InputScale
+from detector.scoring.inputs import InputScale, within_tail
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.onsets import Onsets
 from detector.scoring.relations import Relations
 from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
-from detector.scoring.surprise import StepTail, Surprise
+from detector.scoring.surprise import StepTail, Surprise, tail_bound
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class ScoringConfig:
     alert_window: int = 50  # steps in the average the alert rule watches (0: the short one):
     # an alert is for a condition that lasts, the score marks where one starts
     long_window: int = 8000  # steps of memory of each stream's long-run statistics
-    step_check: bool = True  # alerts also watch each sample's own error (spikes, jumps)
+    step_check: bool = True  # alerts also watch each sample's own error and each pair's
+    # (spikes, jumps)
     stuck_check: bool = True  # alerts also watch for a sensor repeating its last reading
     relations_check: bool = True  # alerts also watch each sensor against the others at the
     # same step (a drift, a broken correlation); needs 2 sensors and a model that has the
@@ -140,7 +142,9 @@ class Scorer:
         # cluster of exceedances ends as an alert clears
         rate, excess = calibration.tail_rate, calibration.tail_excess
         tail = None if rate is None or excess is None else (rate, excess)
-        self.step = StepTail(float(calibration.n), cfg.long_window, cfg.clear_steps, tail)
+        # the error scale's prior: the likelihoods' weight, never more than the held-out steps
+        scale_steps = min(float(calibration.n), weight)
+        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail)
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations
         self.relations = (
@@ -176,9 +180,22 @@ class Scorer:
         return [*names, *Stuck.gap_reset, *relations, *Alerts.gap_reset]
 
     def model_inputs(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
-        """What the model is fed, in its normalised units: ``z`` (the values normalised by
-        the training statistics) over each stream's own input spread."""
+        """What the model's prediction is judged against, in its normalised units: ``z`` (the
+        values normalised by the training statistics) over each stream's own input spread."""
         return self.inputs.model_inputs(cols, z)
+
+    def model_feed(self, cols: dict[str, np.ndarray], z: np.ndarray) -> np.ndarray:
+        """What the model is fed of ``z`` (``model_inputs``): past the warm-up, where the stream
+        has a prediction, a value beyond where the per-step check's learnt tail makes an error
+        as rare as a Gaussian's beyond TAIL_FROM (``surprise.tail_bound``, of the stream's
+        error spreads) no further out than that, unless the last one was beyond it on the same
+        side (``inputs.within_tail``). The engine holds the previous prediction in ``mean``
+        and ``log_var``."""
+        past = cols["has_pred"] & (cols["warm"] >= self.warmup)
+        if not past.any():
+            return z
+        bound = tail_bound(cols["tail_rate"], cols["tail_excess_sq"]) * np.sqrt(cols["error_var"])
+        return within_tail(z, cols["mean"], cols["log_var"], cols["error_last"], bound, past)
 
     def step_batch(
         self,
@@ -213,7 +230,7 @@ class Scorer:
         if cfg.step_check:
             spread = StepTail.spread(cols, s.innovations)  # one step: its innovation
             self.step.start(cols, ok & (n == 0))
-            step_tail = self.step.score(cols, spread)
+            step_tail = self.step.score(cols, spread, StepTail.spread(cols, s.pairs))
 
         relations_tail = residuals = None
         if self.relations is not None:

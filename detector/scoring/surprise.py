@@ -12,6 +12,13 @@ spike's error stands further out against it. ``Surprise.score`` returns it besid
 for the per-step check (``StepTail``); the raw score, whose averages the calibration measures
 as they are, stays of the errors. rho is the model's, per feature, measured with its
 calibration (``error_lag``). The part keeps each stream's last error.
+
+A spike two or three samples long is two or three errors of one sign, each of which alone
+may be no further out than the noise's rare extremes. Their sum is: ``Surprise.score``
+returns each feature's last two errors summed over their spread, (e_t + e_(t-1)) / sqrt(2 (1
++ rho)), as wide as one error (the pair), which the per-step check judges beside the
+innovation. A single wild sample adds nothing there: with its neighbour, its pair is
+narrower than itself.
 """
 
 from __future__ import annotations
@@ -146,6 +153,19 @@ def whiten(errors: np.ndarray, last: np.ndarray, lag: np.ndarray) -> F64:
     return out
 
 
+def error_pairs(errors: np.ndarray, last: np.ndarray, lag: np.ndarray | float) -> F64:
+    """Each error summed with the last one over the sum's spread, (e + last) / sqrt(2 (1 +
+    rho)) for errors of unit spread and lag-one autocorrelation rho: as wide as one error.
+    NaN where there is no last.
+
+    >>> error_pairs(np.array([[3.0, 3.0]]), np.array([[3.0, np.nan]]), np.array([0.5, 0.0]))
+    array([[3.46410162,        nan]])
+    """
+    rho = np.asarray(lag, np.float64)
+    out: F64 = (errors + last) / np.sqrt(2.0 * (1.0 + rho))
+    return out
+
+
 @dataclass
 class Surprised:
     raw: F64  # [B] raw score; NaN where there was no prediction
@@ -153,6 +173,7 @@ class Surprised:
     parts: F64  # [B, F] each feature's part of the raw score
     ok: Mask  # [B] a finite raw score: the step counts
     innovations: F64  # [B, F] each error less what the last one foretold (``whiten``)
+    pairs: F64  # [B, F] each error with the last one (``error_pairs``); NaN where none
 
 
 class Surprise:
@@ -186,11 +207,12 @@ class Surprise:
             raw = np.where(has_pred, raw, np.nan)
             std_errors[~has_pred] = np.nan
         innovations = std_errors  # NaN where there was no prediction, whitened or not
+        last = cols["error_last"]
+        pairs = error_pairs(std_errors, last, 0.0 if self.lag is None else self.lag)
         if self.lag is not None:
-            last = cols["error_last"]
             innovations = whiten(std_errors, last, self.lag)
-            last[...] = std_errors  # none (NaN) after a step without a prediction
-        return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw), innovations)
+        last[...] = std_errors  # none (NaN) after a step without a prediction
+        return Surprised(raw, std_errors, parts, has_pred & np.isfinite(raw), innovations, pairs)
 
 
 # A stream's error scale stays above a tenth of what the model predicts: errors far smaller
@@ -217,6 +239,20 @@ def _excess_sq(x: F64) -> F64:
 def _excess_of_square(sq: F64) -> F64:
     """:func:`_excess_sq` of a square already in hand."""
     out: F64 = 0.5 * (sq - TAIL_FROM * TAIL_FROM)
+    return out
+
+
+def tail_bound(rate: np.ndarray, excess: np.ndarray) -> F64:
+    """Where a learnt tail (``rate``, mean ``excess``) makes an error as rare as a Gaussian's
+    beyond TAIL_FROM, in spreads: TAIL_FROM for a tail no heavier than the Gaussian's, further
+    out for a stream whose large errors are a habit (a reading that jumps by quanta, a
+    routine step that the model follows a sample late).
+
+    >>> tail_bound(np.array([_GAUSS_RATE, _GAUSS_RATE * math.e**4]), np.array([1.0, 2.0]))
+    array([3., 5.])
+    """
+    heavier = np.maximum(np.log(np.asarray(rate, np.float64) / _GAUSS_RATE), 0.0)
+    out: F64 = np.sqrt(TAIL_FROM * TAIL_FROM + 2.0 * np.asarray(excess, np.float64) * heavier)
     return out
 
 
@@ -265,8 +301,15 @@ class StepTail:
     Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate``,
     ``tail_excess_sq`` (b), ``tail_peak`` (the open cluster's largest excess) and
     ``tail_calm`` (steps since the last exceedance). The scale's prior is the model's own
-    variance, counted as ``prior_steps``. Every step size shrinks like 1 / evidence, up to
-    ``long_window``.
+    variance, counted as ``prior_steps``: the scorer counts it as the likelihoods' weight,
+    never more than the held-out steps it was measured on. A fleet's model measures its
+    variance over machines whose noise differs, so a noisier machine's scale moves to its own
+    within a few hundred samples, rather than its tail taking the extra noise for outliers.
+    Every step size shrinks like 1 / evidence, up to ``long_window``.
+
+    With ``pairs``, ``score`` judges each feature's last two errors together as well, on the
+    same learnt tail (``Surprised.pairs``): a spike of two or three samples, each alone
+    within the noise's rare extremes, stands out as a pair.
 
     >>> part = StepTail(prior_steps=100.0, long_window=1000, cluster_gap=20)
     >>> cols = {k: np.full((2, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
@@ -311,7 +354,17 @@ class StepTail:
         out: F64 = np.fmax(np.abs(std_errors) / np.sqrt(cols["error_var"]), 0.0)
         return out
 
-    def score(self, cols: dict[str, np.ndarray], x: F64) -> F64:
+    def score(self, cols: dict[str, np.ndarray], x: F64, pairs: F64 | None = None) -> F64:
+        """Each stream's tail [B] for its errors' spreads ``x`` [B, F] (``spread``). With
+        ``pairs`` (the spreads of its pairs, ``Surprised.pairs``), the smaller of the two
+        tails, times two: a pair is as wide as one error, and the same tail judges it."""
+        out = self._tail(cols, x)
+        if pairs is None:
+            return out
+        both: F64 = np.minimum(1.0, 2.0 * np.minimum(out, self._tail(cols, pairs)))
+        return both
+
+    def _tail(self, cols: dict[str, np.ndarray], x: F64) -> F64:
         f = x.shape[-1]
         # The Gaussian body: the largest error's, no lower than at TAIL_FROM ...
         out: F64 = 2.0 * f * gaussian_tail(np.minimum(row_max(x), TAIL_FROM))

@@ -264,6 +264,33 @@ def test_a_spike_raises_one_event_that_names_the_sensor_and_its_episode(
     assert event.likelihood >= SCORING.threshold and bool(out.active[0])
 
 
+def test_a_one_sample_spike_is_not_followed_and_a_lasting_shift_is(
+    model: LoadedModel, normal: np.ndarray
+) -> None:
+    """The model is fed a spike held back at the per-step check's tail, so its next
+    prediction stays near the one it would have made without the spike; two samples beyond
+    the tail on one side are the process moving, and the model follows them."""
+    vibration = model.meta.features.index("vibration")
+    big = 40 * model.meta.normalisation.scale[vibration]
+
+    def predictions(shifted: range) -> np.ndarray:
+        eng = engine(model)
+        rows = normal[:64].copy()
+        rows[shifted.start : shifted.stop, vibration] += big
+        out = []
+        for t in range(64):
+            step(eng, ["p1"], [T0 + t], rows[t : t + 1])
+            state = state_of(eng, "p1")
+            out.append(state["mean"][0, vibration] * np.exp(-0.5 * state["log_var"][0, vibration]))
+        return np.array(out)  # each prediction in its own spreads
+
+    plain, spike = predictions(range(0)), predictions(range(60, 61))
+    shift = predictions(range(60, 64))
+    np.testing.assert_array_equal(spike[:60], plain[:60])
+    assert abs(spike[60] - plain[60]) < 6.0  # not 40 spreads: the spike was held back
+    assert abs(shift[61] - plain[61]) > 20.0  # followed from the second sample on
+
+
 @pytest.fixture(scope="module")
 def lstm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     path = tmp_path_factory.mktemp("lstm") / "tiny-lstm.onnx"

@@ -33,3 +33,42 @@ def test_the_input_spread_settles_on_the_variance_of_gaussian_values() -> None:
         for z in rng.normal(0.0, s, 30_000):
             learn_input_var(var, np.array([[z]]), ewma_alpha(2000), 1.5)
         assert var[0, 0] == pytest.approx(s * s, rel=0.1)
+
+
+# --- what the model is fed: an outlier held back ---
+
+
+def _fed(z: list[float], last: list[float], rows: bool = True, var: float = 1.0) -> np.ndarray:
+    from detector.scoring.inputs import within_tail
+
+    f = len(z)
+    zeros = np.zeros((1, f))
+    bound = zeros + 3.0 * math.sqrt(var)  # where the tail starts, in the model's spreads
+    return within_tail(np.array([z]), zeros + 1.0, zeros + math.log(4.0), np.array([last]),
+                       bound, np.array([rows]))[0]  # fmt: skip
+
+
+def test_a_value_beyond_the_tail_is_fed_at_its_start() -> None:
+    # predicted 1 with spread 2: the tail starts 3 spreads (6) out, at 7 and -5
+    assert _fed([20.0, -20.0, 6.9, -4.9], [0.0] * 4).tolist() == [7.0, -5.0, 6.9, -4.9]
+    # in units of the stream's own error scale: twice the model's spread reaches 13
+    assert _fed([20.0], [0.0], var=4.0).tolist() == [13.0]
+
+
+def test_two_beyond_the_tail_on_one_side_are_the_process_moving() -> None:
+    # the last error was 4 spreads out: a second one on its side is fed as it is, one on
+    # the other side (a noise burst, a sensor that jitters) is still held back
+    assert _fed([20.0, -20.0], [4.0, 4.0]).tolist() == [20.0, -5.0]
+    assert _fed([20.0, -20.0], [-4.0, -4.0]).tolist() == [7.0, -20.0]
+    # a last error within the tail, or none (NaN), holds the value back
+    assert _fed([20.0, 20.0], [2.9, math.nan]).tolist() == [7.0, 7.0]
+
+
+def test_rows_not_asked_for_and_missing_values_are_fed_as_they_are() -> None:
+    from detector.scoring.inputs import within_tail
+
+    assert _fed([20.0], [0.0], rows=False).tolist() == [20.0]
+    assert math.isnan(_fed([math.nan], [0.0])[0])
+    z = np.array([[1.5, 2.0]])  # nothing held back: the very array, no copy
+    zeros = np.zeros((1, 2))
+    assert within_tail(z, zeros, zeros, zeros, zeros + 3.0, np.ones(1, bool)) is z

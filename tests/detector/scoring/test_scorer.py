@@ -302,7 +302,10 @@ def test_non_finite_observation_leaves_the_stream_unchanged() -> None:
     out = s.step(math.nan)
     assert float(out.likelihood[0]) == 0.0
     for name, value in before.items():
-        np.testing.assert_array_equal(s.cols[name], value, err_msg=name)
+        if name != "error_last":
+            np.testing.assert_array_equal(s.cols[name], value, err_msg=name)
+    # but the last error is forgotten: the next one has no neighbour to be paired with
+    assert np.isfinite(before["error_last"]).all() and np.isnan(s.cols["error_last"]).all()
 
 
 def test_streams_in_one_batch_keep_their_own_state() -> None:
@@ -491,3 +494,30 @@ def test_an_alert_names_the_features_of_its_own_average_not_of_the_raising_step(
     np.testing.assert_allclose(error_parts(np.array([[3.0, -1.0]]), "gaussian_nll"), [[4.5, 0.5]])
     t = error_parts(np.array([[0.0, 1.0, -2.0, 4.0]]), "student_t")[0]
     assert t[0] == 0.0 and t[1] < t[2] < t[3]
+
+
+def test_the_model_is_fed_outliers_held_back_only_past_the_warm_up() -> None:
+    """Before a stream's warm-up ends its predictions are the network's cold start, and
+    without a prediction there is nothing to hold a value back against."""
+    scorer = Scorer(ScoringConfig(warmup_steps=10), calibration(1.0, 0.5))
+    cols = fresh_columns(3, 1)
+    cols["mean"], cols["log_var"] = np.zeros((3, 1)), np.zeros((3, 1))
+    cols["has_pred"] = np.array([True, True, False])
+    cols["warm"][:] = [10, 9, 10]
+    z = np.full((3, 1), 50.0)
+    np.testing.assert_allclose(scorer.model_feed(cols, z)[:, 0], [3.0, 50.0, 50.0], rtol=1e-6)
+
+
+def test_a_stream_whose_large_errors_are_a_habit_is_held_back_further_out() -> None:
+    """Where a stream's learnt tail is heavier than the Gaussian's (a sensor that jumps by
+    quanta, a routine step), a value is held back only where that tail makes it as rare as a
+    Gaussian error beyond 3 spreads: its routine jumps are followed as they come."""
+    scorer = Scorer(ScoringConfig(warmup_steps=0), calibration(1.0, 0.5))
+    cols = fresh_columns(2, 1)
+    cols["mean"], cols["log_var"] = np.zeros((2, 1)), np.zeros((2, 1))
+    cols["has_pred"] = np.ones(2, bool)
+    cols["tail_rate"][1] = cols["tail_rate"][0] * math.exp(8.0)  # jumps 3,000 times as often
+    cols["tail_excess_sq"][1] = 4.5  # and far: the tail starts 9 spreads out
+    z = np.full((2, 1), 8.0)
+    np.testing.assert_allclose(scorer.model_feed(cols, z)[:, 0], [3.0, 8.0], rtol=1e-6)
+    np.testing.assert_allclose(scorer.model_feed(cols, z + 10.0)[:, 0], [3.0, 9.0], rtol=1e-5)

@@ -82,6 +82,34 @@ def test_a_level_shift_is_caught_at_once() -> None:
     assert raised and raised[0] in (START, START + 1)
 
 
+def replay_held_back(z: np.ndarray, clean: np.ndarray) -> list[int]:
+    """``replay``, the predictor working from ``clean``: a model whose outliers were held
+    back (``Scorer.model_feed``) predicts from what the stream was doing."""
+    scorer = Scorer(ScoringConfig(), calibration_of())
+    cols = scorer_columns(1, F)
+    log_var = np.full((1, F), math.log(NOISE**2))
+    raised = []
+    for t in range(1, len(z)):
+        out = scorer.step_batch(cols, z[t : t + 1], PHI * clean[t - 1 : t], log_var,
+                                np.ones(1, bool))  # fmt: skip
+        if out.raised[0]:
+            raised.append(t)
+    return raised
+
+
+def test_a_spike_of_two_samples_is_caught_as_a_pair() -> None:
+    """Two samples 4.5 spreads out, each well within what one sample's tail lets pass at the
+    alert's level (and too few for the average), are caught on the second, as a pair; one
+    such sample alone is not."""
+    clean = normal_stream(4000, seed=6)
+    two, one = clean.copy(), clean.copy()
+    for t in (START, START + 1):  # errors of exactly 4.5 against the clean prediction
+        two[t, 0] = PHI * clean[t - 1, 0] + 4.5 * NOISE
+    one[START, 0] = two[START, 0]
+    assert replay_held_back(two, clean) == [START + 1]
+    assert replay_held_back(one, clean) == []
+
+
 def test_a_stuck_sensor_is_caught_while_it_is_stuck() -> None:
     z = normal_stream(4000, seed=4)
     z[START:END, 0] = z[START - 1, 0]  # the sensor repeats its last reading
@@ -142,6 +170,30 @@ def test_a_fleet_calibration_lets_a_stream_find_its_own_level() -> None:
     z[1:] += 0.8 * NOISE * rng.standard_normal((len(z) - 1, F))  # a noisier machine
     assert replay(z, calibration=fleet) == []
     assert replay(z, calibration=one) != []
+
+
+def test_a_fleet_calibration_lets_a_noisier_stream_learn_its_own_error_scale() -> None:
+    """The per-step check's error scale counts the model's variance as the likelihoods'
+    weight: a fleet's model, measured over machines of unlike noise, gives way to a noisier
+    machine's own scale within a few hundred samples; a model of one stream keeps the held-out
+    steps it was measured on."""
+    one = calibration_of()
+    fleet = replace(one, level_std=0.3 * one.std)  # a weight of about 10 steps
+    z = normal_stream(600, seed=11)
+    z[1:] += math.sqrt(1.25) * NOISE * np.random.default_rng(12).standard_normal((599, F))
+    scales = {}
+    for name, cal in (("one", one), ("fleet", fleet)):
+        scorer = Scorer(ScoringConfig(), cal)
+        assert scorer.step.prior_steps == min(float(cal.n), prior_steps(cal, 8000))
+        cols = scorer_columns(1, F)
+        log_var = np.full((1, F), math.log(NOISE**2))
+        for t in range(1, len(z)):
+            scorer.step_batch(cols, z[t : t + 1], PHI * z[t - 1 : t], log_var, np.ones(1, bool))
+        scales[name] = cols["error_var"][0]
+    # its own: about 3.3 times the model's variance (the extra noise is in the last value the
+    # prediction starts from, too)
+    assert (scales["fleet"] > 2.0).all()
+    assert (scales["one"] < 1.4).all()  # 2,000 held-out steps outweigh 600 of its own
 
 
 def test_a_new_stream_far_from_a_few_calibration_streams_is_not_yet_anomalous() -> None:

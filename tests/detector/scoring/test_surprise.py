@@ -150,3 +150,35 @@ def _t_part(e: float) -> float:
     from detector.scoring import STUDENT_T_DOF
 
     return 0.5 * (STUDENT_T_DOF + 1.0) * math.log1p(e * e / STUDENT_T_DOF)
+
+
+# --- the pair: two errors in a row ---
+
+
+def test_a_pair_of_errors_is_as_wide_as_one() -> None:
+    """(e_t + e_(t-1)) / sqrt(2 (1 + rho)) has unit spread for errors of unit spread and
+    lag-one autocorrelation rho, whatever rho's sign."""
+    from detector.scoring.surprise import error_lag, error_pairs
+
+    for e in (ma1_errors(40_000, seed=5), np.random.default_rng(6).standard_normal((40_000, 2))):
+        pairs = error_pairs(e[1:], e[:-1], np.asarray(error_lag([e])))
+        for f in range(2):
+            assert pairs[:, f].var() == pytest.approx(1.0, rel=0.03)
+
+
+def test_the_surprise_pairs_each_error_with_the_last() -> None:
+    from detector.scoring.surprise import Surprise
+
+    for lag, rho in (([-0.5, 0.0], np.array([-0.5, 0.0])), (None, np.zeros(2))):
+        part = Surprise("student_t", lag)
+        specs = part.columns(2).items()
+        cols = {k: np.full((1, *shape), fill, dtype) for k, (shape, dtype, fill) in specs}
+        zero, yes, no = np.zeros((1, 2)), np.ones(1, bool), np.zeros(1, bool)
+        first = part.score(cols, np.array([[2.0, 2.0]]), zero, zero, yes)
+        assert np.isnan(first.pairs).all()  # no last error to pair with
+        second = part.score(cols, np.array([[4.0, -1.0]]), zero, zero, yes)
+        expected = np.array([6.0, 1.0]) / np.sqrt(2.0 * (1.0 + rho))
+        np.testing.assert_allclose(second.pairs[0], expected)
+        part.score(cols, np.array([[1.0, 1.0]]), zero, zero, no)  # no prediction: forgotten
+        after = part.score(cols, np.array([[4.0, 4.0]]), zero, zero, yes)
+        assert np.isnan(after.pairs).all()

@@ -27,7 +27,7 @@ from detector.replay import replay_table
 from detector.scoring import ScoringConfig
 from training.evaluation.synth import generate_fleet
 from training.trainer import fit_and_export
-from training.trainer.calibrate import predictions, stream_errors
+from training.trainer.calibrate import held_back, predictions, stream_errors
 from training.trainer.export import (
     PARITY_MIN_STEPS,
     ParityError,
@@ -147,25 +147,42 @@ def test_normalisation_is_inside_the_graph(streams: list[np.ndarray]) -> None:
 
 def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: Path) -> None:
     """The engine's order, done by hand: the value in training units, over the spread so far,
-    is what the model steps with and what the previous prediction is scored against; then
-    the spread learns from the value. A stream three times as busy as training scores lower
-    with the spread (the model sees values in its range) than without."""
+    is what the previous prediction is scored against and, held back past the warm-up where
+    it lies beyond the per-step check's tail, what the model steps with; then the spread
+    learns from the value. A stream three times as busy as training scores lower with the
+    spread (the model sees values in its range) than without. (Without the step check the
+    error scale stays the model's own, so the hand's hold-back needs no scale of its own.)"""
     from detector.scoring import ewma_alpha, learn_input_var, student_t_score
+    from detector.scoring.inputs import within_tail
+    from detector.scoring.scorer import warmup_steps
+    from detector.scoring.surprise import standardised_errors
 
     model = LoadedModel.load(tiny_model)
-    cfg = ScoringConfig(input_scale_window=20)
+    cfg = ScoringConfig(input_scale_window=20, step_check=False)
+    warmup = warmup_steps(cfg, model.meta.calibration)
+    held_count = 0
 
     def by_hand(values: np.ndarray) -> tuple[list[float], np.ndarray]:
-        var = np.ones((1, model.meta.n_features), np.float32)  # as the column keeps it
+        nonlocal held_count
+        f = model.meta.n_features
+        var = np.ones((1, f), np.float32)  # as the column keeps it
         states = model.zero_states(1)
         prediction = None
+        last = np.full((1, f), np.nan, np.float32)
         raw = []
-        for x in values:
+        for k, x in enumerate(values):
             z_train = model.normalise(x[None])
             z = z_train / np.sqrt(var)
-            scored = math.nan if prediction is None else student_t_score(z, *prediction)[0]
-            raw.append(float(scored))
-            out = model.step(model.denormalise(z), states)
+            fed = z
+            if prediction is None:
+                raw.append(math.nan)
+            else:
+                raw.append(float(student_t_score(z, *prediction)[0]))
+                past = np.array([k - 1 >= warmup])  # the samples scored before this one
+                fed = within_tail(z, *prediction, last, np.full((1, f), 3.0), past)
+                held_count += fed is not z
+                last = standardised_errors(z, *prediction).astype(np.float32)
+            out = model.step(model.denormalise(fed), states)
             states, prediction = out.states, (out.mean, out.log_var)
             learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window))
         return raw, var
@@ -177,8 +194,9 @@ def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: 
     np.testing.assert_allclose(replayed.raw, raw, rtol=1e-6, atol=1e-9)
     # the spread found the busier stream: nine times the variance, once its start is forgotten
     np.testing.assert_allclose(var, 9.0 * by_hand(values)[1], rtol=1e-6)
-    fixed = replay_table(model, busy, None, ScoringConfig(input_scale_window=0))
+    fixed = replay_table(model, busy, None, replace(cfg, input_scale_window=0))
     assert np.nanmean(replayed.raw[100:]) < np.nanmean(fixed.raw[100:])
+    assert held_count > 0  # the hand held some value back: the comparison covered it
 
 
 def test_without_a_validation_split_it_calibrates_on_the_training_tail(
@@ -192,15 +210,26 @@ def test_without_a_validation_split_it_calibrates_on_the_training_tail(
 
 def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: Path) -> None:
     """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows,
-    the model fed in its training units: a stream's own input spread starts there."""
+    the model fed in its training units (a stream's own input spread starts there) and an
+    outlier held back past the warm-up at the model's own error scale (a new stream's; the
+    step check, off here, would learn it). Without the hold-back they part."""
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
+    values[80:82, 0] += 30.0 * meta.normalisation.scale[0]  # a spike of two samples
     proto = onnx.load(tiny_model)
-    raw_cal = stream_errors(meta.normalisation, [values], *predictions(proto, [values]))[0][0]
-    replayed = replay_table(model, values, None, ScoringConfig(input_scale_window=0))
+    warmup = 30
+    # where the tail starts without the step check: the Gaussian's (the calibration's own
+    # comes from the held-out errors)
+    bound = [3.0] * len(meta.features)
+    held = predictions(proto, [values], held_back(meta.normalisation, warmup + 1, bound))
+    raw_cal = stream_errors(meta.normalisation, [values], *held)[0][0]
+    config = ScoringConfig(input_scale_window=0, step_check=False, warmup_steps=warmup)
+    replayed = replay_table(model, values, None, config)
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
+    plain = stream_errors(meta.normalisation, [values], *predictions(proto, [values]))[0][0]
+    assert not np.allclose(plain[82:], replayed.raw[82:], rtol=1e-6)
     cal = meta.calibration
     qs = [cal.quantiles[q] for q in ("0.5", "0.9", "0.99", "0.999")]
     assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
