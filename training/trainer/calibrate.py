@@ -29,17 +29,10 @@ from detector.scoring import (
     ewma_var_share,
     short_average,
 )
-from detector.scoring.inputs import within_tail
 from detector.scoring.relations import relation_residuals, relations_precision
 from detector.scoring.stats import advance_average, huber_scatter, scatter_weight
-from detector.scoring.surprise import (
-    error_lag,
-    standardised_errors,
-    tail_bound,
-    tail_prior,
-    whiten,
-)
-from training.trainer.export import Feed, make_session, onnx_rollout
+from detector.scoring.surprise import error_lag, standardised_errors, tail_prior, whiten
+from training.trainer.export import make_session, onnx_rollout
 
 log = logging.getLogger(__name__)
 
@@ -53,39 +46,13 @@ MIN_STD = 1e-6  # the daemon refuses a calibration whose window_std is not posit
 
 
 def predictions(
-    proto: onnx.ModelProto | bytes, streams: Sequence[np.ndarray], feed: Feed | None = None
+    proto: onnx.ModelProto | bytes, streams: Sequence[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The streams side by side (B, T, F; :func:`side_by_side`) and the exported step's
-    predictions over them, stepped from a zero state: (x, mean, log_var). ``feed``: what the
-    step is fed (default: the rows as they are; :func:`held_back`)."""
+    predictions over them, stepped from a zero state: (x, mean, log_var)."""
     x = side_by_side(streams)
-    mean, log_var, _ = onnx_rollout(make_session(proto), x, feed=feed)
+    mean, log_var, _ = onnx_rollout(make_session(proto), x)
     return x, mean, log_var
-
-
-def held_back(norm: Normalisation, from_step: int, bound: Sequence[float] | np.ndarray) -> Feed:
-    """What the daemon feeds a stream's model (``Scorer.model_feed``), as a rollout's
-    ``feed``: from step ``from_step`` on, each value beyond ``bound`` spreads (per feature:
-    where the tail starts, ``detector.scoring.surprise.tail_bound``) held back there
-    (``detector.scoring.inputs.within_tail``), at a new stream's error scale (the model's
-    own) and with the last error kept in float32, as the daemon keeps it."""
-    bounds = np.asarray(bound, np.float64)
-    centre = np.asarray(norm.centre, np.float64)
-    inv_scale = 1.0 / np.asarray(norm.scale, np.float64)
-    last: list[np.ndarray] = []
-
-    def feed(t: int, x: np.ndarray, mean: np.ndarray, log_var: np.ndarray) -> np.ndarray:
-        z = (x - centre) * inv_scale  # as the daemon normalises
-        error = standardised_errors(z, mean, log_var).astype(np.float32)
-        before = last.pop() if last else np.full_like(error, np.nan)
-        last.append(error)
-        if t < from_step:
-            return x
-        rows = np.ones(len(x), np.bool_)
-        fed = within_tail(z, mean, log_var, before, bounds, rows)
-        return x if fed is z else fed / inv_scale + centre
-
-    return feed
 
 
 def stream_errors(
@@ -122,9 +89,7 @@ def settle_steps(
     """How long the network takes to settle from a cold start: each held-out part (stream
     ``i`` from row ``score_from[i]``) stepped from a zero state beside the same rows stepped
     warm, at the end of its whole stream (``warm``: the mean and log-variance of the whole
-    streams' :func:`predictions`, fed as they are, as the cold rows are: nothing is held back
-    during a warm-up, so an outlier late in a part does not count as the network unsettled);
-    the first step after which every feature's cold
+    streams' :func:`predictions`); the first step after which every feature's cold
     prediction stays within SETTLED of the warm one's spreads (mean square over the
     streams; a held-out part of fewer than two rows says nothing). A network that has not
     settled by the end of the held-out parts counts their length, with a warning. What the
@@ -401,25 +366,6 @@ def summarise(
     )
 
 
-def error_statistics(
-    norm: Normalisation, streams: Sequence[np.ndarray], x: np.ndarray, mean: np.ndarray,
-    log_var: np.ndarray, burn_in: int, score_from: Sequence[int] | None,
-) -> tuple[list[np.ndarray], list[float] | None, list[float], list[float]]:  # fmt: skip
-    """Of the streams' :func:`predictions`: each stream's raw scores, and on the steps the
-    calibration counts the errors' lag-one autocorrelation and the per-step check's tail (of
-    the innovations; rate and mean excess per feature)."""
-    scored = stream_errors(norm, streams, x, mean, log_var)
-    # the steps the calibration counts, of each stream's errors (step 0 has none)
-    counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
-    lag = error_lag(counted) if any(len(e) > 1 for e in counted) else None
-    errors = np.concatenate([
-        innovations(e, lag)[1:][first_counted(i, burn_in, score_from) :]
-        for i, (_, e) in enumerate(scored)
-    ])  # fmt: skip
-    rate, excess = tail_prior(errors)
-    return [raw for raw, _ in scored], lag, rate, excess
-
-
 def calibrate(
     proto: onnx.ModelProto | bytes,
     norm: Normalisation,
@@ -431,16 +377,18 @@ def calibrate(
 ) -> Calibration:
     """Calibration of the exported step over ``streams`` (raw units, gaps filled), each
     scored from ``score_from`` on (see :func:`summarise`)."""
-    # Stepped as they are first (the cold start's settling is measured on these), then as the
-    # daemon steps a stream past its warm-up: a value beyond where the tail those errors
-    # show starts, held back there.
-    x, plain_mean, plain_log_var = predictions(proto, streams)
-    _, _, rate, excess = error_statistics(norm, streams, x, plain_mean, plain_log_var, burn_in,
-                                          score_from)  # fmt: skip
-    feed = held_back(norm, burn_in + 1, tail_bound(np.asarray(rate), np.asarray(excess)))
-    x, mean, log_var = predictions(proto, streams, feed)
-    scores, lag, rate, excess = error_statistics(norm, streams, x, mean, log_var, burn_in,
-                                                 score_from)  # fmt: skip
+    x, mean, log_var = predictions(proto, streams)
+    scored = stream_errors(norm, streams, x, mean, log_var)
+    # the steps the calibration counts, of each stream's errors (step 0 has none)
+    counted = [e[1:][first_counted(i, burn_in, score_from) :] for i, (_, e) in enumerate(scored)]
+    lag = error_lag(counted) if any(len(e) > 1 for e in counted) else None
+    scores = [raw for raw, _ in scored]
+    # the per-step check's tail: of the innovations, on the steps the calibration counts
+    errors = np.concatenate([
+        innovations(e, lag)[1:][first_counted(i, burn_in, score_from) :]
+        for i, (_, e) in enumerate(scored)
+    ])  # fmt: skip
+    rate, excess = tail_prior(errors)
     calibration = dataclasses.replace(
         summarise(scores, burn_in, window, threshold, score_from),
         relations=relations_prior(norm, streams, burn_in, ALERT_WINDOW),
@@ -448,7 +396,7 @@ def calibrate(
         tail_excess=excess,
         error_lag=lag,
         settle_steps=(None if score_from is None else settle_steps(
-            proto, streams, score_from, (plain_mean, plain_log_var))),
+            proto, streams, score_from, (mean, log_var))),
     )  # fmt: skip
     log.debug(
         "calibration over %d steps: raw score mean %.3f sd %.3f",

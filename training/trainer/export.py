@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -241,19 +240,12 @@ def make_session(proto: onnx.ModelProto | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-# What a rollout feeds at step t >= 1 of the rows x_t [B, F] (raw units, float64), given the
-# previous step's mean and log-variance [B, F]: the rows themselves, or what is held back.
-Feed = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
 def onnx_rollout(
-    session: ort.InferenceSession, x: np.ndarray, keep_states_every: int = 0,
-    feed: Feed | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[int, list[np.ndarray]]]:  # fmt: skip
+    session: ort.InferenceSession, x: np.ndarray, keep_states_every: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict[int, list[np.ndarray]]]:
     """Step x (B, T, F) raw through the graph from zero states, feeding the states back (the
     graph's state inputs, in its order and its shapes); (mean, log_var) (B, T, F) and, every
-    ``keep_states_every`` steps, the states after that many steps. ``feed`` says what is fed
-    from step 1 on (default: x itself)."""
+    ``keep_states_every`` steps, the states after that many steps."""
     batch, steps, _ = x.shape
     inputs = [a for a in session.get_inputs() if a.name != INPUT_NAME]
     names = [a.name for a in inputs]
@@ -264,11 +256,7 @@ def onnx_rollout(
     kept: dict[int, list[np.ndarray]] = {}
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     for t in range(steps):
-        fed = x32[:, t]
-        if feed is not None and t >= 1:
-            given = feed(t, np.asarray(x[:, t], np.float64), means[:, t - 1], log_vars[:, t - 1])
-            fed = np.ascontiguousarray(given, dtype=np.float32)
-        feeds = {INPUT_NAME: fed, **dict(zip(names, states, strict=True))}
+        feeds = {INPUT_NAME: x32[:, t], **dict(zip(names, states, strict=True))}
         mean, log_var, *states = session.run(outputs, feeds)
         means[:, t], log_vars[:, t] = mean, log_var
         if keep_states_every and ((t + 1) % keep_states_every == 0 or t + 1 == steps):

@@ -27,7 +27,7 @@ from detector.replay import replay_table
 from detector.scoring import ScoringConfig
 from training.evaluation.synth import generate_fleet
 from training.trainer import fit_and_export
-from training.trainer.calibrate import held_back, predictions, stream_errors
+from training.trainer.calibrate import predictions, stream_errors
 from training.trainer.export import (
     PARITY_MIN_STEPS,
     ParityError,
@@ -210,26 +210,21 @@ def test_without_a_validation_split_it_calibrates_on_the_training_tail(
 
 def test_calibration_scores_what_the_daemon_scores(tmp_path: Path, tiny_model: Path) -> None:
     """Calibration's streamed raw scores equal the daemon path's (replay) on the same rows,
-    the model fed in its training units (a stream's own input spread starts there) and an
-    outlier held back past the warm-up at the model's own error scale (a new stream's; the
-    step check, off here, would learn it). Without the hold-back they part."""
+    the model fed in its training units (a stream's own input spread starts there) and the
+    rows as they are: the daemon holds an outlier back only past a stream's warm-up, which
+    here lasts the whole file. Past a warm-up, what is held back (the spike) parts them."""
     model = LoadedModel.load(tiny_model)
     meta = model.meta
     values = generate_fleet(1, 150, features=meta.features, seed=9).values[0]
     values[80:82, 0] += 30.0 * meta.normalisation.scale[0]  # a spike of two samples
     proto = onnx.load(tiny_model)
-    warmup = 30
-    # where the tail starts without the step check: the Gaussian's (the calibration's own
-    # comes from the held-out errors)
-    bound = [3.0] * len(meta.features)
-    held = predictions(proto, [values], held_back(meta.normalisation, warmup + 1, bound))
-    raw_cal = stream_errors(meta.normalisation, [values], *held)[0][0]
-    config = ScoringConfig(input_scale_window=0, step_check=False, warmup_steps=warmup)
+    raw_cal = stream_errors(meta.normalisation, [values], *predictions(proto, [values]))[0][0]
+    config = ScoringConfig(input_scale_window=0, warmup_steps=len(values))
     replayed = replay_table(model, values, None, config)
     assert np.isnan(raw_cal[0]) and np.isnan(replayed.raw[0])
     np.testing.assert_allclose(raw_cal[1:], replayed.raw[1:], rtol=1e-9, atol=1e-9)
-    plain = stream_errors(meta.normalisation, [values], *predictions(proto, [values]))[0][0]
-    assert not np.allclose(plain[82:], replayed.raw[82:], rtol=1e-6)
+    held = replay_table(model, values, None, replace(config, warmup_steps=30))
+    assert not np.allclose(raw_cal[82:], held.raw[82:], rtol=1e-6)
     cal = meta.calibration
     qs = [cal.quantiles[q] for q in ("0.5", "0.9", "0.99", "0.999")]
     assert qs == sorted(qs) and cal.n > 0 and cal.std > 0 and cal.window_std > 0
