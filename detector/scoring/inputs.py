@@ -83,20 +83,20 @@ class InputScale:
 
 
 def within_tail(
-    z: np.ndarray, mean: np.ndarray, log_var: np.ndarray, last: np.ndarray,
-    bound: np.ndarray, rows: Mask,
+    z: np.ndarray, mean: np.ndarray, log_var: np.ndarray, error: np.ndarray,
+    last: np.ndarray, bound: np.ndarray, rows: Mask,
 ) -> np.ndarray:  # fmt: skip
     """What the model is fed of ``z`` [B, F] (model units) on ``rows``: each value no further
     from the prediction (``mean``, ``log_var``) than ``bound`` of the model's spreads (the
     stream's tail's start, ``Scorer.model_feed``), unless the last standardised error
-    (``last``) was beyond it on the same side too. ``z`` itself where nothing is held back.
+    (``last``) was beyond it on the same side too. ``error``: this step's standardised
+    errors (``surprise.standardised_errors``). ``z`` itself where nothing is held back.
 
     >>> z, zero, three = np.array([[9.0, 9.0, -9.0, 1.0]]), np.zeros((1, 4)), np.full((1, 4), 3.0)
     >>> last = np.array([[0.0, 5.0, 5.0, 0.0]])
-    >>> within_tail(z, zero, zero, last, three, np.ones(1, np.bool_)).tolist()
+    >>> within_tail(z, zero, zero, z, last, three, np.ones(1, np.bool_)).tolist()
     [[3.0, 9.0, -3.0, 1.0]]
     """
-    error = (z - mean) * np.exp(-0.5 * log_var)
     high, low = error > bound, error < -bound
     beyond = (high & ~(last > bound)) | (low & ~(last < -bound))
     beyond &= rows[:, None]

@@ -26,7 +26,13 @@ from detector.scoring.onsets import Onsets
 from detector.scoring.relations import Relations
 from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
-from detector.scoring.surprise import StepTail, Surprise, tail_bound
+from detector.scoring.surprise import (
+    TAIL_FROM,
+    StepTail,
+    Surprise,
+    standardised_errors,
+    tail_bound,
+)
 
 
 @dataclass(frozen=True)
@@ -194,8 +200,12 @@ class Scorer:
         past = cols["has_pred"] & (cols["warm"] >= self.warmup)
         if not past.any():
             return z
-        bound = tail_bound(cols["tail_rate"], cols["tail_excess_sq"]) * np.sqrt(cols["error_var"])
-        return within_tail(z, cols["mean"], cols["log_var"], cols["error_last"], bound, past)
+        mean, log_var, scale = cols["mean"], cols["log_var"], np.sqrt(cols["error_var"])
+        error = standardised_errors(z, mean, log_var)
+        if not (np.abs(error) > TAIL_FROM * scale).any():  # the usual step: the bound is
+            return z  # never nearer than TAIL_FROM, so nothing is held back
+        bound = tail_bound(cols["tail_rate"], cols["tail_excess_sq"]) * scale
+        return within_tail(z, mean, log_var, error, cols["error_last"], bound, past)
 
     def step_batch(
         self,

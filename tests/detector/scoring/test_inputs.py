@@ -40,12 +40,15 @@ def test_the_input_spread_settles_on_the_variance_of_gaussian_values() -> None:
 
 def _fed(z: list[float], last: list[float], rows: bool = True, var: float = 1.0) -> np.ndarray:
     from detector.scoring.inputs import within_tail
+    from detector.scoring.surprise import standardised_errors
 
     f = len(z)
     zeros = np.zeros((1, f))
     bound = zeros + 3.0 * math.sqrt(var)  # where the tail starts, in the model's spreads
-    return within_tail(np.array([z]), zeros + 1.0, zeros + math.log(4.0), np.array([last]),
-                       bound, np.array([rows]))[0]  # fmt: skip
+    mean, log_var = zeros + 1.0, zeros + math.log(4.0)
+    error = standardised_errors(np.array([z]), mean, log_var)
+    return within_tail(np.array([z]), mean, log_var, error, np.array([last]), bound,
+                       np.array([rows]))[0]  # fmt: skip
 
 
 def test_a_value_beyond_the_tail_is_fed_at_its_start() -> None:
@@ -71,4 +74,4 @@ def test_rows_not_asked_for_and_missing_values_are_fed_as_they_are() -> None:
     assert math.isnan(_fed([math.nan], [0.0])[0])
     z = np.array([[1.5, 2.0]])  # nothing held back: the very array, no copy
     zeros = np.zeros((1, 2))
-    assert within_tail(z, zeros, zeros, zeros, zeros + 3.0, np.ones(1, bool)) is z
+    assert within_tail(z, zeros, zeros, z, zeros, zeros + 3.0, np.ones(1, bool)) is z

@@ -179,9 +179,10 @@ def test_the_daemon_feeds_the_model_each_stream_over_its_own_spread(tiny_model: 
             else:
                 raw.append(float(student_t_score(z, *prediction)[0]))
                 past = np.array([k - 1 >= warmup])  # the samples scored before this one
-                fed = within_tail(z, *prediction, last, np.full((1, f), 3.0), past)
+                error = standardised_errors(z, *prediction)
+                fed = within_tail(z, *prediction, error, last, np.full((1, f), 3.0), past)
                 held_count += fed is not z
-                last = standardised_errors(z, *prediction).astype(np.float32)
+                last = error.astype(np.float32)
             out = model.step(model.denormalise(fed), states)
             states, prediction = out.states, (out.mean, out.log_var)
             learn_input_var(var, z_train, ewma_alpha(cfg.input_scale_window))
