@@ -49,7 +49,12 @@ stream's values. (A running mean from the stream's first sample kept the warm-up
 whose averages have not settled, and every deviation carried them.) Each stream learns how
 much its own averages stray, in units of the calibration's (a Huber-robust mean square,
 with the calibration as its prior), so a stream whose relations wander more learns a wider
-spread. The tail is a Student t whose degrees of freedom are the independent averages
+spread. It learns that spread from the steps the check calls calm, its tail above the level
+an alert clears at: a drift the check is watching grows slowly, and a spread that took it
+in would widen as the drift grows and never let it stand out. The covariance and the mean
+learn every step, so a machine left in a new state is taken in by them, its tail comes
+back and its spread learns again, no wider for the move: the check still sees the next
+departure. The tail is a Student t whose degrees of freedom are the independent averages
 behind that spread (the steps it was measured on, then the stream's own, times an average's
 share of them): a spread measured on a short file is a rough one. (A tail learnt from
 exceedances, as the per-step check's, does not suit an average: one excursion is dozens of
@@ -215,7 +220,7 @@ class Relations:
     then the second holds while the first climbs:
 
     >>> prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 5, [0.1, 0.1], 5000)
-    >>> part = Relations(prior, 5, 1000.0, 8000)
+    >>> part = Relations(prior, 5, 1000.0, 8000, calm=0.01)
     >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
     >>> ok, count = np.ones(1, np.bool_), np.zeros(1)
     >>> tails = []
@@ -229,7 +234,12 @@ class Relations:
     """
 
     def __init__(
-        self, prior: RelationsPrior, window: int, prior_steps: float, long_window: int
+        self,
+        prior: RelationsPrior,
+        window: int,
+        prior_steps: float,
+        long_window: int,
+        calm: float,
     ) -> None:
         f = len(prior.average_var)
         if f < 2 or len(prior.covariance) not in (f, 2 * f):
@@ -254,6 +264,7 @@ class Relations:
         # A spread is known as well as the independent averages behind it: the steps it was
         # measured on, then the stream's own, times an average's share of them.
         self.calibration_steps = float(prior.steps)
+        self.calm = calm  # a step whose tail is above this is calm (alerts clear above it)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
@@ -339,6 +350,8 @@ class Relations:
             rows = slice(None) if every else np.nonzero(learn)[0]
             evidence = np.minimum(self.prior_steps + n + 1.0, memory)
             alpha = 1.0 / (evidence if every else evidence[rows])
+            # the spread learns from the calm steps only (a drift it took in would hide)
+            alpha = alpha * (tail > self.calm if every else tail[rows] > self.calm)
             own = var if every else var[rows]
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:

@@ -154,7 +154,13 @@ class Scorer:
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations
         self.relations = (
-            Relations(prior, cfg.alert_window or cfg.short_window, weight, cfg.long_window)
+            Relations(
+                prior,
+                cfg.alert_window or cfg.short_window,
+                weight,
+                cfg.long_window,
+                calm=1.0 - cfg.clear_threshold,
+            )
             if cfg.relations_check and prior is not None
             else None
         )

@@ -140,7 +140,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     scatter's). A stream whose sensors move against each other turns the prior's
     (they move together) around, and ends near its own covariance."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(2).items()}
     rng = np.random.default_rng(5)
     a = rng.standard_normal(3000)
@@ -171,7 +171,7 @@ def conditional_sd(x: np.ndarray, prior: RelationsPrior | None = None,
     own average, by the precision a stream learns over ``x``."""
     prior = prior or CALIBRATION.relations
     assert prior is not None
-    part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000)
+    part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000, calm=0.01)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
@@ -214,6 +214,51 @@ def test_a_streams_own_anomalies_do_not_loosen_its_relations() -> None:
     assert caught_while_happening(replay(broken))
 
 
+def fleet_stream_tails(x: np.ndarray, calm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` through the check as a fleet's model gives it (the weakest prior, 2F + 1
+    samples): each step's tail [T], and the stream's own spread of its averages [T, F]."""
+    assert CALIBRATION.relations is not None
+    part = Relations(CALIBRATION.relations, 50, 2 * F + 1, 8000, calm=calm)
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
+    ok, count = np.ones(1, np.bool_), np.zeros(1)
+    tails, spread = np.ones(len(x)), np.ones((len(x), F))
+    for t in range(len(x)):
+        tails[t] = part.step(cols, x[t : t + 1], ok, ok, count)[0][0]
+        spread[t] = cols["rel_var"][0]
+        count += 1
+    return tails, spread
+
+
+RAISE = 1e-8 / 4  # the alert's level for one of four signals
+
+
+def test_a_drift_the_check_watches_does_not_widen_the_spread_it_is_judged_against() -> None:
+    """A young stream's second sensor ramps away over 800 steps. Its averages' spread learns
+    from the calm steps only, so it ends the drift where it began (every step learnt, it
+    would end two and a half times as wide), and the drift is caught while it lasts."""
+    x = related_stream(1800, seed=20)
+    x[1000:, 1] += np.arange(1, 801) / 800
+    tails, spread = fleet_stream_tails(x, calm=0.01)
+    assert np.all(spread[-1] < 1.25 * spread[1000])
+    assert tails[1000:].min() < RAISE
+    every_step = fleet_stream_tails(x, calm=-1.0)[1]
+    assert np.all(every_step[-1] > 2.0 * every_step[1000])
+
+
+def test_after_a_machine_is_left_in_a_new_state_a_later_drift_still_shows() -> None:
+    """The second sensor moves to a new offset for good. The mean and covariance take it in
+    (every step teaches them), the check is calm again, and its spread did not learn the
+    move: a drift of the first sensor thirteen thousand steps later is caught."""
+    x = related_stream(20_000, seed=22)[:15_600]
+    x[1000:1800, 1] += np.arange(1, 801) / 800
+    x[1800:, 1] += 1.0
+    x[15_000:, 0] += np.arange(1, 601) / 600
+    tails = fleet_stream_tails(x, calm=0.01)[0]
+    assert np.all(tails[14_500:15_000] > RAISE)
+    assert np.mean(tails[14_500:15_000] > 0.01) > 0.8
+    assert tails[15_000:].min() < RAISE
+
+
 def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> None:
     """A snapshot from before the check restores a stream long in service with the check's
     columns new: its mean and covariance are learnt from the samples they take in, not
@@ -250,7 +295,7 @@ def test_a_file_that_measured_the_values_alone_still_has_the_check() -> None:
     """A model file from before the averages joined carries an F x F covariance: the check
     takes the averages as unrelated to the values until the stream has learnt them."""
     old = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(old, 50, prior_steps=10.0, long_window=8000)
+    part = Relations(old, 50, prior_steps=10.0, long_window=8000, calm=0.01)
     assert part.prior_prec.shape == (4, 4) and part.prior_prec[0, 2] == 0.0
     x = related_stream(4000, seed=2)
     x[START:END, 1] += 1.5 * np.arange(1, END - START + 1) / (END - START)
@@ -320,7 +365,7 @@ def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left
     (``feature_major``): the same numbers as one stream alone; and a row that does not learn
     (here, the first on every step) keeps its precision to the bit."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(prior, 50, prior_steps=10.0, long_window=8000)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01)
     x = related_stream(300, seed=12)
     precisions = []
     for b in (1, 128):
