@@ -22,43 +22,50 @@ further than the white-noise share would say. The model file measures that sprea
 held-out streams (``RelationsPrior.average_var``), each step with a covariance that had not
 seen it.
 
-The covariance's prior is the model's: the held-out streams' covariance within each
-stream, counted as samples of the stream's own (``relations_weight``): for a model of one
-stream, whose calibration describes that stream, the samples it was measured on (a few
-hundred held-out rows are not a full memory); for a fleet, the weakest proper prior, 2F + 1
-samples. A fleet's covariance is an average over machines whose
-relations have each their own coefficients, and the average blurs them: a sensor that lags
-the load is several times sharper given the others on its own machine than under the
-average. It says which sensors move together, not how closely on this one, and the stream's
-own samples take over from the first. Each step past the warm-up moves it
-by 1 / evidence, up to ``long_window``; its precision is kept by a rank-one
-(Sherman-Morrison) update, (2F)^2 work a step and no inversion, and stored as its upper
-triangle. The covariance and the mean are Huber-robust, as the other learnt spreads are: a
-step far from what the relations say (its squared Mahalanobis distance past the bound of
-``stats.huber_scatter``) counts for less, so a stream's own incidents (a stuck sensor while
-the load moved, a level shift) do not loosen the relations that would show the next one.
-The covariance weighs a step's outer product by min(1, k / q) and the mean its deviation by
-the square root of that, min(1, sqrt(k / q)): Huber's M-estimator of location and scatter
-(Maronna 1976), whose location has a bounded influence. (The scatter's weight on the mean
-made its influence fall as 1 / distance: a mean that started far from the stream's values,
-as after a start-up transient, stayed there.) A model file from before the averages joined
-(an F x F covariance) takes them as unrelated to the values until the stream has learnt
-them. The mean is learnt from the samples the covariance learns, those past the warm-up, as
-the calibration's starts past the network's burn-in; until the first of them it follows the
-stream's values. (A running mean from the stream's first sample kept the warm-up's samples,
-whose averages have not settled, and every deviation carried them.) Each stream learns how
-much its own averages stray, in units of the calibration's (a Huber-robust mean square,
-with the calibration as its prior), so a stream whose relations wander more learns a wider
-spread. It learns that spread from the steps the check calls calm, its tail above the level
-an alert clears at: a drift the check is watching grows slowly, and a spread that took it
-in would widen as the drift grows and never let it stand out. The covariance and the mean
-learn every step, so a machine left in a new state is taken in by them, its tail comes
-back and its spread learns again, no wider for the move: the check still sees the next
-departure. The tail is a Student t whose degrees of freedom are the independent averages
-behind that spread (the steps it was measured on, then the stream's own, times an average's
-share of them): a spread measured on a short file is a rough one. (A tail learnt from
-exceedances, as the per-step check's, does not suit an average: one excursion is dozens of
-exceedances in a row, and the tail would learn the anomaly.)
+The covariance's prior is the model's: the held-out streams' covariance within each stream,
+counted as samples of the stream's own (``relations_weight``): for a model of one stream,
+whose calibration describes that stream, the samples it was measured on (a few hundred
+held-out rows are not a full memory); for a fleet, the weakest proper prior, 2F + 1 samples.
+A fleet's covariance is an average over machines whose relations have each their own
+coefficients, and the average blurs them: a sensor that lags the load is several times
+sharper given the others on its own machine than under the average. It says which sensors
+move together, not how closely on this one, and the stream's own samples take over from the
+first. Each step past the warm-up moves it by 1 / evidence, up to ``long_window``; its
+precision is kept by a rank-one (Sherman-Morrison) update, (2F)^2 work a step and no
+inversion, and stored as its upper triangle. The covariance and the mean are Huber-robust,
+as the other learnt spreads are: a step far from what the relations say (its squared
+Mahalanobis distance past the bound of ``stats.huber_scatter``) counts for less, so a
+stream's own incidents (a stuck sensor while the load moved, a level shift) do not loosen
+the relations that would show the next one. The covariance weighs a step's outer product by
+min(1, k / q) and the mean its deviation by the square root of that, min(1, sqrt(k / q)):
+Huber's M-estimator of location and scatter (Maronna 1976), whose location has a bounded
+influence. (The scatter's weight on the mean made its influence fall as 1 / distance: a mean
+that started far from the stream's values, as after a start-up transient, stayed there.)
+Robust weights bound what one step teaches, not what hundreds do: a drift's steps are each
+only a little out, and a young stream, whose covariance moves by 1 / its age, takes a
+departure of a few hundred steps in as a third of what it knows; the check then calms before
+the departure ends, and the return raises as a second one. So a departure, the steps since
+the check was last calm, teaches the covariance none of its steps the check raises at (their
+tail below the alert's level) until it has lasted as long as what the covariance knew before
+it began: then it is most of what the covariance knows, and what the stream is now (an
+estimator's breakdown point of one half). A model file from before the averages joined (an
+F x F covariance) takes them as unrelated to the values until the stream has learnt them. The
+mean is learnt from the samples past the warm-up, as the calibration's starts past the
+network's burn-in (every one of them, so that a new state moves it); until the first of them
+it follows the stream's values. (A running mean from the stream's first sample kept the
+warm-up's samples, whose averages have not settled, and every deviation carried them.) Each
+stream learns how much its own averages stray, in units of the calibration's (a Huber-robust
+mean square, with the calibration as its prior), so a stream whose relations wander more
+learns a wider spread. It learns that spread from the steps the check calls calm, its tail
+above the level an alert clears at: a drift the check is watching grows slowly, and a spread
+that took it in would widen as the drift grows and never let it stand out. A machine left in
+a new state is taken in by the mean and, once the move is most of what it knows, the
+covariance; its tail comes back and its spread learns again, no wider for the move. The tail
+is a Student t whose degrees of freedom are the independent averages behind that spread (the
+steps it was measured on, then the stream's own, times an average's share of them): a spread
+measured on a short file is a rough one. (A tail learnt from exceedances, as the per-step
+check's, does not suit an average: one excursion is dozens of exceedances in a row, and the
+tail would learn the anomaly.)
 """
 
 from __future__ import annotations
@@ -209,8 +216,8 @@ class Relations:
     ``rel_var`` [F] (in the calibration's units), the calm samples since the last raise
     ``rel_armed``, the samples taken in ``rel_n`` (the covariance's evidence) and those
     the mean has learnt ``rel_learnt`` (NaN: a state kept before it, whose mean learnt every
-    sample taken in). The stream's tail is the smallest over its features, times their
-    number.
+    sample taken in), and the steps since the check was last calm ``rel_away``. The stream's
+    tail is the smallest over its features, times their number.
 
     The prior's ``average_var`` is the spread of the average over its ``window``; for another
     ``window`` it is rescaled by the exponential averages' white-noise shares (close, not
@@ -220,7 +227,7 @@ class Relations:
     then the second holds while the first climbs:
 
     >>> prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 5, [0.1, 0.1], 5000)
-    >>> part = Relations(prior, 5, 1000.0, 8000, calm=0.01)
+    >>> part = Relations(prior, 5, 1000.0, 8000, calm=0.01, level=2.5e-9)
     >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(2).items()}
     >>> ok, count = np.ones(1, np.bool_), np.zeros(1)
     >>> tails = []
@@ -240,6 +247,7 @@ class Relations:
         prior_steps: float,
         long_window: int,
         calm: float,
+        level: float,
     ) -> None:
         f = len(prior.average_var)
         if f < 2 or len(prior.covariance) not in (f, 2 * f):
@@ -265,6 +273,7 @@ class Relations:
         # measured on, then the stream's own, times an average's share of them.
         self.calibration_steps = float(prior.steps)
         self.calm = calm  # a step whose tail is above this is calm (alerts clear above it)
+        self.level = level  # a step whose tail is below this raises (the alert's level)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
@@ -281,9 +290,10 @@ class Relations:
             # (alerts.raise_once)
             PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
             PREFIX + "learnt": ((), np.float32, math.nan),  # samples the mean learnt
+            PREFIX + "away": ((), np.float32, 0.0),  # steps since the check was calm
         }
 
-    gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed")
+    gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed", PREFIX + "away")
 
     def step(
         self,
@@ -345,10 +355,18 @@ class Relations:
         if not every_ok:
             tail = np.where(ok, tail, 1.0)
         memory = float(self.long_window)
+        # A departure (the steps since the check was last calm) teaches the covariance none
+        # of its steps the check raises at (their tail below the alert's level) until it has
+        # lasted as long as what the covariance knew before it began: then it is most of what
+        # the covariance knows, what the stream is now. The mean learns every step, the
+        # spread every calm one.
+        away = cols[PREFIX + "away"]
+        evidence = np.minimum(self.prior_steps + n + 1.0, memory)
+        departed = (tail < self.level) & (away + away < evidence)
+        np.minimum(np.where(tail > self.calm, 0.0, away + 1.0), memory, out=away, where=ok)
         if learn.any():
             every = bool(learn.all())
             rows = slice(None) if every else np.nonzero(learn)[0]
-            evidence = np.minimum(self.prior_steps + n + 1.0, memory)
             alpha = 1.0 / (evidence if every else evidence[rows])
             # the spread learns from the calm steps only (a drift it took in would hide)
             alpha = alpha * (tail > self.calm if every else tail[rows] > self.calm)
@@ -356,10 +374,15 @@ class Relations:
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
-            held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, every, evidence)
+            if departed.any():
+                teach = learn & ~departed
+                held = self._learn_covariance(packed, prec_t, d_t, u_t, teach,
+                                              bool(teach.all()), evidence)  # fmt: skip
+            else:
+                held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, every, evidence)
         else:
             held = np.ones(len(n))
-        # the mean: a running mean of the samples the covariance learns, up to long_window,
+        # the mean: a running mean of the samples past the warm-up, up to long_window,
         # each with its Huber weight for location, the square root of the covariance's;
         # until the first, the values themselves (d is 0 where a row is not ok)
         learnt = cols[PREFIX + "learnt"]
@@ -393,7 +416,7 @@ class Relations:
         P' = (P - c u u^T / (1 + c d.u)) / (1 - b), u = P d; on the triangles ``prec_t``
         [T, B] (feature-major), copied back into ``packed`` [B, T]. A row that does not learn
         takes b = 0, which leaves it as it was (``every``: all of them learn). Returns each
-        row's Huber weight (1 where it does not learn)."""
+        row's Huber weight, whether it learns or not (the mean's weight)."""
         b = 1.0 / np.maximum(evidence, 2.0)
         if not every:
             b = np.where(learn, b, 0.0)
@@ -415,5 +438,4 @@ class Relations:
             if bad.any():
                 prec_t[:, bad] = self._prior_packed[:, None]
         packed[...] = prec_t.T
-        out: F64 = held if every else np.where(learn, held, 1.0)
-        return out
+        return held

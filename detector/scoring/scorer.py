@@ -153,6 +153,9 @@ class Scorer:
         self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail)
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations
+        relations = cfg.relations_check and prior is not None
+        # the signals alerts watch: the average, and each check in use
+        self.signals = 1 + sum((cfg.step_check, cfg.stuck_check, relations))
         self.relations = (
             Relations(
                 prior,
@@ -160,8 +163,9 @@ class Scorer:
                 weight,
                 cfg.long_window,
                 calm=1.0 - cfg.clear_threshold,
+                level=(1.0 - cfg.threshold) / self.signals,
             )
-            if cfg.relations_check and prior is not None
+            if relations and prior is not None
             else None
         )
         self.range = Range(cfg.spatial_tolerance)
@@ -271,11 +275,10 @@ class Scorer:
         # raises an alert; what holds and clears it is the average: a sensor that stays flat
         # after an incident, as a closed valve's flow does, does not keep its alert on.
         average_tail = alert_tail
-        signals = 1 + sum(t is not None for t in (step_tail, stuck_tail, relations_tail))
         # A stuck run, or a sensor's departure from the others, raises once, as it becomes
         # too unlikely to be chance; one that goes on after its alert has cleared (a
         # machine left in a new state) does not raise again until it has ended.
-        level, calm_level = (1.0 - cfg.threshold) / signals, 1.0 - cfg.clear_threshold
+        level, calm_level = (1.0 - cfg.threshold) / self.signals, 1.0 - cfg.clear_threshold
         if stuck_tail is not None:
             stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level,
                                     cfg.clear_steps, ok)  # fmt: skip

@@ -23,6 +23,7 @@ from detector.scoring import (
     short_average,
     student_t_score,
 )
+from detector.scoring.alerts import ARMED, raise_once
 from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
     Relations,
@@ -140,7 +141,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     scatter's). A stream whose sensors move against each other turns the prior's
     (they move together) around, and ends near its own covariance."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(2).items()}
     rng = np.random.default_rng(5)
     a = rng.standard_normal(3000)
@@ -171,7 +172,7 @@ def conditional_sd(x: np.ndarray, prior: RelationsPrior | None = None,
     own average, by the precision a stream learns over ``x``."""
     prior = prior or CALIBRATION.relations
     assert prior is not None
-    part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000, calm=0.01)
+    part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000, calm=0.01, level=2.5e-9)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
@@ -214,11 +215,14 @@ def test_a_streams_own_anomalies_do_not_loosen_its_relations() -> None:
     assert caught_while_happening(replay(broken))
 
 
-def fleet_stream_tails(x: np.ndarray, calm: float) -> tuple[np.ndarray, np.ndarray]:
+def fleet_stream_tails(
+    x: np.ndarray, calm: float = 0.01, level: float = 1e-8 / 4
+) -> tuple[np.ndarray, np.ndarray]:
     """``x`` through the check as a fleet's model gives it (the weakest prior, 2F + 1
-    samples): each step's tail [T], and the stream's own spread of its averages [T, F]."""
+    samples), the alert's level for one of four signals: each step's tail [T], and the
+    stream's own spread of its averages [T, F]."""
     assert CALIBRATION.relations is not None
-    part = Relations(CALIBRATION.relations, 50, 2 * F + 1, 8000, calm=calm)
+    part = Relations(CALIBRATION.relations, 50, 2 * F + 1, 8000, calm=calm, level=level)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     tails, spread = np.ones(len(x)), np.ones((len(x), F))
@@ -229,7 +233,17 @@ def fleet_stream_tails(x: np.ndarray, calm: float) -> tuple[np.ndarray, np.ndarr
     return tails, spread
 
 
-RAISE = 1e-8 / 4  # the alert's level for one of four signals
+RAISE = 1e-8 / 4
+
+
+def raises(tails: np.ndarray) -> list[int]:
+    """The steps the check raises at, once per departure (``alerts.raise_once``)."""
+    run, ok, out = np.full(1, ARMED, np.int16), np.ones(1, np.bool_), []
+    for t, tail in enumerate(tails):
+        if run[0] >= 20 and tail < RAISE:
+            out.append(t)
+        raise_once(run, np.array([tail]), RAISE, 0.01, 20, ok)
+    return out
 
 
 def test_a_drift_the_check_watches_does_not_widen_the_spread_it_is_judged_against() -> None:
@@ -238,25 +252,38 @@ def test_a_drift_the_check_watches_does_not_widen_the_spread_it_is_judged_agains
     would end two and a half times as wide), and the drift is caught while it lasts."""
     x = related_stream(1800, seed=20)
     x[1000:, 1] += np.arange(1, 801) / 800
-    tails, spread = fleet_stream_tails(x, calm=0.01)
+    tails, spread = fleet_stream_tails(x)
     assert np.all(spread[-1] < 1.25 * spread[1000])
     assert tails[1000:].min() < RAISE
     every_step = fleet_stream_tails(x, calm=-1.0)[1]
     assert np.all(every_step[-1] > 2.0 * every_step[1000])
 
 
-def test_after_a_machine_is_left_in_a_new_state_a_later_drift_still_shows() -> None:
-    """The second sensor moves to a new offset for good. The mean and covariance take it in
-    (every step teaches them), the check is calm again, and its spread did not learn the
-    move: a drift of the first sensor thirteen thousand steps later is caught."""
-    x = related_stream(20_000, seed=22)[:15_600]
+def test_a_departure_that_passes_is_not_learnt_so_its_end_raises_nothing() -> None:
+    """A young stream's second sensor is off by four of its own noise spreads for 1,200
+    steps, then back. The check raises once, at the start. Its covariance takes in none of
+    the steps it raises at, so the return is where the stream belongs; learning them (a
+    level no step is below) the covariance takes the departure in, the check is calm again
+    before it ends, and the return raises a second time."""
+    x = related_stream(4000, seed=31)
+    x[800:2000, 1] += 0.4
+    assert raises(fleet_stream_tails(x)[0]) == [813]
+    learnt = raises(fleet_stream_tails(x, level=0.0)[0])
+    assert learnt[0] == 813 and len(learnt) == 2 and 2000 <= learnt[1] < 2200
+
+
+def test_a_machine_left_in_a_new_state_is_learnt_once_the_move_is_most_of_what_it_knows() -> None:
+    """The second sensor moves to a new offset for good. Held back from the covariance, the
+    move is taken in once it has lasted as long as what the covariance knew before it
+    began: the check is calm again, 20 steps in a row, and may raise at the next one."""
+    x = related_stream(20_000, seed=20)[:9000]
     x[1000:1800, 1] += np.arange(1, 801) / 800
     x[1800:, 1] += 1.0
-    x[15_000:, 0] += np.arange(1, 601) / 600
-    tails = fleet_stream_tails(x, calm=0.01)[0]
-    assert np.all(tails[14_500:15_000] > RAISE)
-    assert np.mean(tails[14_500:15_000] > 0.01) > 0.8
-    assert tails[15_000:].min() < RAISE
+    tails = fleet_stream_tails(x)[0]
+    assert raises(tails[:1800]) != []
+    calm = np.convolve(tails[1800:] > 0.01, np.ones(20), "valid") >= 20
+    assert not calm[:1000].any()
+    assert calm.any()
 
 
 def test_a_stream_restored_without_the_checks_state_learns_it_as_a_new_one() -> None:
@@ -295,7 +322,7 @@ def test_a_file_that_measured_the_values_alone_still_has_the_check() -> None:
     """A model file from before the averages joined carries an F x F covariance: the check
     takes the averages as unrelated to the values until the stream has learnt them."""
     old = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(old, 50, prior_steps=10.0, long_window=8000, calm=0.01)
+    part = Relations(old, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
     assert part.prior_prec.shape == (4, 4) and part.prior_prec[0, 2] == 0.0
     x = related_stream(4000, seed=2)
     x[START:END, 1] += 1.5 * np.arange(1, END - START + 1) / (END - START)
@@ -365,7 +392,7 @@ def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left
     (``feature_major``): the same numbers as one stream alone; and a row that does not learn
     (here, the first on every step) keeps its precision to the bit."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
-    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
     x = related_stream(300, seed=12)
     precisions = []
     for b in (1, 128):
@@ -413,10 +440,11 @@ def test_a_mean_that_starts_far_from_the_values_comes_back() -> None:
     """The values' averages carry a warm-up's transient past it, so the mean of the averages
     starts 4 spreads off. Its Huber weight for location bounds each sample's pull; the
     scatter's weight (min(1, k / q), falling as 1 / distance squared) left it 1.6 off after
-    6,000 samples."""
+    6,000 samples. (It is 0.5 off: the covariance takes in none of the transient's steps the
+    check raises at, so the mean's weight stays small longer; 0.3 where it took them in.)"""
     cols, x = _after_a_start_up_transient(6000)
     after = np.tile(x[WARMUP:].mean(axis=0), 2)
-    assert np.all(np.abs(cols["rel_mean"][0] - after) < 0.5)
+    assert np.all(np.abs(cols["rel_mean"][0] - after) < 0.6)
 
 
 def test_a_gap_keeps_the_mean_and_its_count_through_the_warm_up_that_follows() -> None:
