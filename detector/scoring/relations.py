@@ -363,23 +363,24 @@ class Relations:
         away = cols[PREFIX + "away"]
         evidence = np.minimum(self.prior_steps + n + 1.0, memory)
         departed = (tail < self.level) & (away + away < evidence)
-        np.minimum(np.where(tail > self.calm, 0.0, away + 1.0), memory, out=away, where=ok)
+        calm = tail > self.calm
+        np.minimum(np.where(calm, 0.0, away + 1.0), memory, out=away, where=ok)
         if learn.any():
             every = bool(learn.all())
             rows = slice(None) if every else np.nonzero(learn)[0]
             alpha = 1.0 / (evidence if every else evidence[rows])
             # the spread learns from the calm steps only (a drift it took in would hide)
-            alpha = alpha * (tail > self.calm if every else tail[rows] > self.calm)
+            alpha = alpha * calm[rows]
             own = var if every else var[rows]
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
+            teach, every_taught = learn, every
             if departed.any():
                 teach = learn & ~departed
-                held = self._learn_covariance(packed, prec_t, d_t, u_t, teach,
-                                              bool(teach.all()), evidence)  # fmt: skip
-            else:
-                held = self._learn_covariance(packed, prec_t, d_t, u_t, learn, every, evidence)
+                every_taught = bool(teach.all())
+            held = self._learn_covariance(packed, prec_t, d_t, u_t, teach, every_taught,
+                                          evidence)  # fmt: skip
         else:
             held = np.ones(len(n))
         # the mean: a running mean of the samples past the warm-up, up to long_window,

@@ -152,20 +152,21 @@ class Scorer:
         scale_steps = min(float(calibration.n), weight)
         self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail)
         self.stuck = Stuck(cfg.long_window)
-        prior = calibration.relations
-        relations = cfg.relations_check and prior is not None
-        # the signals alerts watch: the average, and each check in use
-        self.signals = 1 + sum((cfg.step_check, cfg.stuck_check, relations))
+        prior = calibration.relations if cfg.relations_check else None
+        # the signals alerts watch (the average, and each check in use), and the tails at
+        # which one raises and at which it is calm
+        signals = 1 + sum((cfg.step_check, cfg.stuck_check, prior is not None))
+        self.level, self.calm_level = (1.0 - cfg.threshold) / signals, 1.0 - cfg.clear_threshold
         self.relations = (
             Relations(
                 prior,
                 cfg.alert_window or cfg.short_window,
                 weight,
                 cfg.long_window,
-                calm=1.0 - cfg.clear_threshold,
-                level=(1.0 - cfg.threshold) / self.signals,
+                calm=self.calm_level,
+                level=self.level,
             )
-            if relations and prior is not None
+            if prior is not None
             else None
         )
         self.range = Range(cfg.spatial_tolerance)
@@ -278,7 +279,7 @@ class Scorer:
         # A stuck run, or a sensor's departure from the others, raises once, as it becomes
         # too unlikely to be chance; one that goes on after its alert has cleared (a
         # machine left in a new state) does not raise again until it has ended.
-        level, calm_level = (1.0 - cfg.threshold) / self.signals, 1.0 - cfg.clear_threshold
+        level, calm_level = self.level, self.calm_level
         if stuck_tail is not None:
             stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level,
                                     cfg.clear_steps, ok)  # fmt: skip
