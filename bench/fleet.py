@@ -326,10 +326,11 @@ def run_fleet(seed: int, scoring: ScoringConfig, work: Path) -> FleetResult:
 def _class_figures(result: FleetResult, kind: str) -> tuple[int, float, float, float, float]:
     """(anomalies, caught %, late %, missed %, median delay) of one class in one run."""
     mine = [o for o in result.outcomes if o.kind == kind]
-    shares = [100.0 * sum(o.verdict == v for o in mine) / len(mine) for v in ("caught", "late")]
+    caught, late, missed = (100.0 * sum(o.verdict == v for o in mine) / len(mine)
+                            for v in ("caught", "late", "missed"))  # fmt: skip
     delays = [o.delay_steps for o in mine if o.delay_steps is not None]
     median = float(np.median(delays)) if delays else math.nan
-    return len(mine), shares[0], shares[1], 100.0 - shares[0] - shares[1], median
+    return len(mine), caught, late, missed, median
 
 
 def _cell(values: Sequence[float], spec: str) -> str:

@@ -71,6 +71,7 @@ tail would learn the anomaly.)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -209,6 +210,24 @@ def relations_weight(prior_steps: float, long_window: int, f: int, measured: flo
     return float(min(prior_steps, 2 * f + 1))
 
 
+@dataclass(frozen=True)
+class RelationsStep:
+    """What ``Relations.score`` found at one step: its tail and standardised averages, and
+    what ``Relations.learn`` takes from it."""
+
+    tail: F64  # [B] each stream's tail
+    z: F64  # [B, F] each sensor's residual average over its spread
+    ok: Mask  # [B] the rows scored
+    n: F64  # [B] the samples the state had taken in before the step
+    d: F64  # [B, 2F] the deviations from the mean (0 where a row is not in use)
+    prec_t: np.ndarray  # [T, B] the precisions' triangles, feature-major (float32)
+    d_t: np.ndarray  # [2F, B] the deviations, feature-major (float32)
+    u_t: np.ndarray  # [2F, B] P d, feature-major
+    evidence: F64  # [B] what the covariance counts as known, the step included
+    calm: Mask  # [B] the tail above the level an alert clears at
+    departed: Mask  # [B] a departure's raising step, held back from the covariance
+
+
 class Relations:
     """Columns: each sensor's own average ``rel_slow`` [F], the mean of the values and
     averages ``rel_mean`` [2F], their precision's upper triangle ``rel_prec`` [F (2F + 1)],
@@ -234,7 +253,9 @@ class Relations:
     >>> for i in range(60):
     ...     v = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0) + (i - 49) * 0.3
     ...     w = math.sin(i / 3.0) if i < 50 else math.sin(50 / 3.0)
-    ...     tails.append(float(part.step(cols, np.array([[v, w]]), ok, ok, count)[0][0]))
+    ...     scored = part.score(cols, np.array([[v, w]]), ok, count)
+    ...     part.learn(cols, scored, ok)
+    ...     tails.append(float(scored.tail[0]))
     ...     count += 1
     >>> max(tails[:50]) == 1.0, tails[-1] < 1e-6
     (True, True)
@@ -295,17 +316,17 @@ class Relations:
 
     gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed", PREFIX + "away")
 
-    def step(
+    def score(
         self,
         cols: dict[str, np.ndarray],
         x: F64,
         ok: Mask,
-        learn: Mask,
         count: np.ndarray,
-    ) -> tuple[F64, F64]:
-        """Score then learn one step of values ``x`` [B, F] (training units). ``count``: the
-        values already in each stream's averages. Returns each stream's tail [B] and the
-        standardised averages [B, F]."""
+    ) -> RelationsStep:
+        """Score one step of values ``x`` [B, F] (training units): advance each sensor's own
+        average and its residual's, and the departure's count. ``count``: the values already
+        in each stream's averages. Returns each stream's tail [B], the standardised averages
+        [B, F], and what ``learn`` takes from the step."""
         mean, packed, avg, slow = (cols[PREFIX + k] for k in ("mean", "prec", "avg", "slow"))
         x = np.asarray(x, np.float64)
         # A stream's first step, or one whose state is new (a snapshot from before the check,
@@ -346,41 +367,48 @@ class Relations:
         young = average_var_share(self.window, count + 1) / self._share  # a young average
         # spreads more; z is NaN only on rows not in use (no average yet), whose tail is 1
         z = avg / (self.average_sd * np.sqrt(young)[:, None])
-        var = cols[PREFIX + "var"]
-        x = np.abs(z) / np.sqrt(var)
+        x = np.abs(z) / np.sqrt(cols[PREFIX + "var"])
         steps = np.maximum(self.calibration_steps, np.minimum(
             self.calibration_steps + n, float(self.long_window)))  # fmt: skip
         one = student_tail(row_max(x), np.maximum(steps * self._share, 1.0))
         tail = np.minimum(1.0, 2.0 * f * one)
         if not every_ok:
             tail = np.where(ok, tail, 1.0)
+        # A departure: the steps since the check was last calm. It teaches the covariance
+        # none of its steps the check raises at (their tail below the alert's level) until
+        # it has lasted as long as what the covariance knew before it began: then it is
+        # most of what the covariance knows, what the stream is now.
         memory = float(self.long_window)
-        # A departure (the steps since the check was last calm) teaches the covariance none
-        # of its steps the check raises at (their tail below the alert's level) until it has
-        # lasted as long as what the covariance knew before it began: then it is most of what
-        # the covariance knows, what the stream is now. The mean learns every step, the
-        # spread every calm one.
         away = cols[PREFIX + "away"]
         evidence = np.minimum(self.prior_steps + n + 1.0, memory)
         departed = (tail < self.level) & (away + away < evidence)
         calm = tail > self.calm
         np.minimum(np.where(calm, 0.0, away + 1.0), memory, out=away, where=ok)
+        return RelationsStep(tail, z, ok, n, d, prec_t, d_t, u_t, evidence, calm, departed)
+
+    def learn(self, cols: dict[str, np.ndarray], step: RelationsStep, learn: Mask) -> None:
+        """Learn from a scored step, on the rows in ``learn``: the stream's spread of its
+        averages from the calm steps, the covariance from all but a departure's raising
+        steps, the mean from every step (until the first, it follows the values)."""
+        mean, packed, var = cols[PREFIX + "mean"], cols[PREFIX + "prec"], cols[PREFIX + "var"]
+        n, d, z, evidence = step.n, step.d, step.z, step.evidence
+        memory = float(self.long_window)
         if learn.any():
             every = bool(learn.all())
             rows = slice(None) if every else np.nonzero(learn)[0]
             alpha = 1.0 / (evidence if every else evidence[rows])
             # the spread learns from the calm steps only (a drift it took in would hide)
-            alpha = alpha * calm[rows]
+            alpha = alpha * step.calm[rows]
             own = var if every else var[rows]
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
             teach, every_taught = learn, every
-            if departed.any():
-                teach = learn & ~departed
+            if step.departed.any():
+                teach = learn & ~step.departed
                 every_taught = bool(teach.all())
-            held = self._learn_covariance(packed, prec_t, d_t, u_t, teach, every_taught,
-                                          evidence)  # fmt: skip
+            held = self._learn_covariance(packed, step.prec_t, step.d_t, step.u_t, teach,
+                                          every_taught, evidence)  # fmt: skip
         else:
             held = np.ones(len(n))
         # the mean: a running mean of the samples past the warm-up, up to long_window,
@@ -403,11 +431,11 @@ class Relations:
             weight[follows] = 1.0
         mean += d * weight[:, None]
         taken = np.minimum(n + 1.0, memory)
-        if every_ok:
+        ok = step.ok
+        if bool(ok.all()):
             cols[PREFIX + "n"][...] = taken
         else:
             cols[PREFIX + "n"][ok] = taken[ok]
-        return tail, z
 
     def _learn_covariance(
         self, packed: np.ndarray, prec_t: np.ndarray, d_t: np.ndarray, u_t: np.ndarray,

@@ -244,24 +244,34 @@ class Scorer:
         alert_tail, alert_delta = short_tail, short_delta
         if self.alert is not None:
             alert_tail, alert_delta = self.alert.score(cols, s.raw, learn, count)
-        stuck_tail = None
+        stuck = stuck_tail = None
         if cfg.stuck_check:
-            stuck_tail = self.stuck.step(cols, seen, ok)
+            stuck = self.stuck.score(cols, seen, ok)
+            stuck_tail = stuck.tail
         step_tail = spread = None
         if cfg.step_check:
             spread = StepTail.spread(cols, s.innovations)  # one step: its innovation
             self.step.start(cols, ok & (n == 0))
             step_tail = self.step.score(cols, spread, StepTail.spread(cols, s.pairs))
 
-        relations_tail = residuals = None
-        if self.relations is not None:
-            relations_tail, residuals = self.relations.step(cols, seen, ok, learn, count)
+        part, relations, relations_tail, residuals = self.relations, None, None, None
+        if part is not None:
+            relations = part.score(cols, seen, ok, count)
+            relations_tail, residuals = relations.tail, relations.z
+        beyond = self.range.score(cols, seen, learn)  # (flagged past the warm-up)
+
+        # What is learnt from the step: each part from the steps it is given.
         self.short.learn(cols, learn, short_delta, n)
         if self.alert is not None:
             self.alert.learn(cols, learn, alert_delta, n)
         if spread is not None:
             self.step.learn(cols, spread, learn, n)
         self.inputs.learn(cols, seen)
+        if stuck is not None:
+            self.stuck.learn(cols, stuck)
+        if part is not None and relations is not None:
+            part.learn(cols, relations, learn)
+        self.range.learn(cols, seen)
         every_ok = bool(ok.all())  # the usual step: whole columns, no masks
         if every_ok:
             n += 1
@@ -293,7 +303,6 @@ class Scorer:
         if not every_eligible:
             likelihood = np.where(eligible, likelihood, 0.0)
             calm = np.where(eligible, calm, 0.0)
-        beyond = self.range.step(cols, seen, eligible)
         shown = self.onsets.step(cols, short_tail, beyond, ok)
         score = log_score(shown)
         if not every_eligible:

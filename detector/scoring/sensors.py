@@ -12,6 +12,7 @@ in training units, where equal readings stay equal.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +24,16 @@ from detector.scoring.stats import (
     row_any,
     row_min,
 )
+
+
+@dataclass(frozen=True)
+class StuckStep:
+    """What ``Stuck.score`` found at one step, for ``Stuck.learn``."""
+
+    tail: F64  # [B] each stream's tail
+    seen: Mask  # [B] rows compared with a last value
+    ended: Mask | None  # [B, F] runs this step ended (None: no run was open)
+    lengths: np.ndarray | None  # those runs' lengths
 
 
 class Stuck:
@@ -41,7 +52,11 @@ class Stuck:
     >>> s = Stuck(1000)
     >>> cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in s.columns(1).items()}
     >>> ok = np.ones(1, np.bool_)
-    >>> [round(float(s.step(cols, np.array([[v]]), ok)[0]), 4) for v in [1, 2, 3, 3, 3, 3]]
+    >>> def step(v):
+    ...     scored = s.score(cols, np.array([[v]]), ok)
+    ...     s.learn(cols, scored)
+    ...     return round(float(scored.tail[0]), 4)
+    >>> [step(v) for v in [1, 2, 3, 3, 3, 3]]
     [1.0, 1.0, 1.0, 0.25, 0.1, 0.05]
     """
 
@@ -73,28 +88,44 @@ class Stuck:
         out: F64 = np.minimum(1.0, logp.shape[-1] * np.exp(row_min(logp)))
         return out
 
-    def step(self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask) -> F64:
-        """Score then learn one step of the streams in ``ok``; return each stream's tail."""
+    def score(self, cols: dict[str, np.ndarray], z: np.ndarray, ok: Mask) -> StuckStep:
+        """Score one step of the streams in ``ok``: extend each sensor's run of repeats by a
+        repeat (its chance under the counts so far), end the runs a new value ends. Returns
+        each stream's tail, and what ``learn`` takes from the step."""
         x = np.asarray(z, np.float64)
         last, run, logp = cols["last_value"], cols["repeat_run"], cols["repeat_logp"]
-        repeats, compared = cols["repeats"], cols["compared"]
         seen = ok & ~np.isnan(last[:, 0])  # a row's values are set together
         same = seen[:, None] & (x == last)
         in_run = run > 0
         if same.any():
-            # Score: the counts from before the current run are the Beta posterior's; a
-            # repeat extends the run by one more chance (a + r) / (a + b + r).
+            # The counts from before the current run are the Beta posterior's; a repeat
+            # extends the run by one more chance (a + r) / (a + b + r).
             at = np.nonzero(same)
-            a = repeats[at] + 1.0
-            b = np.maximum(compared[at[0]] - repeats[at] - run[at], 0.0) + 1.0
+            repeats = cols["repeats"][at]
+            a = repeats + 1.0
+            b = np.maximum(cols["compared"][at[0]] - repeats - run[at], 0.0) + 1.0
             logp[at] += np.log((a + run[at]) / (a + b + run[at]))
             run[same] += 1.0  # (a run that ended below is not among them)
+        ended: Mask | None = None
+        lengths = None
         if in_run.any():
             ended = in_run & ok[:, None] & ~same
-            repeats[ended] += run[ended]  # learn: a run teaches the counts once it is over
+            lengths = run[ended]  # (a copy: what learn adds to the counts)
             logp[ended] = 0.0
             run[ended] = 0.0
-        # The counts fade over long_window steps, so a sensor's habits may change.
+        if ok.all():
+            last[...] = x
+        else:
+            last[ok] = x[ok]
+        return StuckStep(self.tail(cols), seen, ended, lengths)
+
+    def learn(self, cols: dict[str, np.ndarray], step: StuckStep) -> None:
+        """Learn from a scored step: a run teaches the counts once it is over, and every
+        comparison counts; the counts fade over long_window steps, so a sensor's habits may
+        change."""
+        repeats, compared, seen = cols["repeats"], cols["compared"], step.seen
+        if step.ended is not None:
+            repeats[step.ended] += step.lengths
         full = seen & (compared >= self.long_window)
         if full.any():
             repeats[full] *= 1.0 - 1.0 / self.long_window
@@ -102,11 +133,6 @@ class Stuck:
             np.minimum(compared + 1.0, self.long_window, out=compared)
         else:
             compared[seen] = np.minimum(compared[seen] + 1.0, self.long_window)
-        if ok.all():
-            last[...] = x
-        else:
-            last[ok] = x[ok]
-        return self.tail(cols)
 
 
 class Range:
@@ -123,7 +149,8 @@ class Range:
 
     gap_reset: tuple[str, ...] = ()
 
-    def step(self, cols: dict[str, np.ndarray], z: np.ndarray, eligible: Mask) -> Mask:
+    def score(self, cols: dict[str, np.ndarray], z: np.ndarray, eligible: Mask) -> Mask:
+        """Which of the ``eligible`` streams have a value beyond their range so far."""
         if self.tolerance < 0:
             return np.zeros(len(eligible), np.bool_)
         x = np.asarray(z, np.float64)
@@ -132,6 +159,15 @@ class Range:
             width = hi - lo  # -inf or NaN until a value was seen, 0 after one: cannot flag
             margin = self.tolerance * width
             beyond = (width > 0) & ((x > hi + margin) | (x < lo - margin))
+        out: Mask = eligible & row_any(beyond)
+        return out
+
+    def learn(self, cols: dict[str, np.ndarray], z: np.ndarray) -> None:
+        """Widen each range to take in the values (NaN: none)."""
+        if self.tolerance < 0:
+            return
+        x = np.asarray(z, np.float64)
+        lo, hi = cols["seen_min"], cols["seen_max"]
         finite = np.isfinite(x)
         if finite.all():
             np.minimum(lo, x, out=lo)
@@ -139,5 +175,3 @@ class Range:
         else:
             np.minimum(lo, np.where(finite, x, np.inf), out=lo)
             np.maximum(hi, np.where(finite, x, -np.inf), out=hi)
-        out: Mask = eligible & row_any(beyond)
-        return out

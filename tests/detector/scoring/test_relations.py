@@ -27,6 +27,7 @@ from detector.scoring.alerts import ARMED, raise_once
 from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
     Relations,
+    RelationsStep,
     packing,
     relation_residuals,
     relations_precision,
@@ -48,6 +49,19 @@ def related_stream(steps: int, seed: int) -> np.ndarray:
     for t in range(1, steps):
         load[t] = LOAD_PHI * load[t - 1] + LOAD_NOISE * rng.standard_normal()
     return load[:, None] * np.array([1.0, 0.8]) + OWN * rng.standard_normal((steps, F))
+
+
+def fresh_columns(part: Relations | type[Relations], b: int = 1) -> dict[str, np.ndarray]:
+    """A relations part's columns for ``b`` new streams, as the state table makes them."""
+    return {k: np.full((b, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+
+
+def step(part: Relations, cols: dict[str, np.ndarray], x: np.ndarray, ok: np.ndarray,
+         learn: np.ndarray, count: np.ndarray) -> RelationsStep:  # fmt: skip
+    """Score one step, then learn it on the rows in ``learn``, as the scorer does."""
+    scored = part.score(cols, x, ok, count)
+    part.learn(cols, scored, learn)
+    return scored
 
 
 # The last-value predictor's error variance: the load's step and two samples of own noise.
@@ -142,7 +156,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     (they move together) around, and ends near its own covariance."""
     prior = RelationsPrior([[1.0, 0.9], [0.9, 1.0]], 50, [0.1, 0.1], 4000)
     part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
-    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(2).items()}
+    cols = fresh_columns(Relations)
     rng = np.random.default_rng(5)
     a = rng.standard_normal(3000)
     x = np.stack([a, -0.5 * a + 0.3 * rng.standard_normal(3000)], axis=1)
@@ -151,7 +165,7 @@ def test_the_precision_follows_the_streams_own_covariance() -> None:
     cov, mean = np.linalg.inv(part.prior_prec), y[0].copy()
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
-        part.step(cols, x[t : t + 1], ok, ok, count)
+        step(part, cols, x[t : t + 1], ok, ok, count)
         count += 1
         d = y[t] - mean
         b = 1.0 / max(min(part.prior_steps + t + 1.0, 8000.0), 2.0)
@@ -173,10 +187,10 @@ def conditional_sd(x: np.ndarray, prior: RelationsPrior | None = None,
     prior = prior or CALIBRATION.relations
     assert prior is not None
     part = Relations(prior, 50, prior_steps=prior_steps, long_window=8000, calm=0.01, level=2.5e-9)
-    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
+    cols = fresh_columns(Relations)
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     for t in range(len(x)):
-        part.step(cols, x[t : t + 1], ok, ok, count)
+        step(part, cols, x[t : t + 1], ok, ok, count)
         count += 1
     return second_given_first(cols["rel_prec"][0].astype(np.float64)[packing(2 * F)[0]])
 
@@ -223,11 +237,11 @@ def fleet_stream_tails(
     stream's own spread of its averages [T, F]."""
     assert CALIBRATION.relations is not None
     part = Relations(CALIBRATION.relations, 50, 2 * F + 1, 8000, calm=calm, level=level)
-    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Relations.columns(F).items()}
+    cols = fresh_columns(Relations)
     ok, count = np.ones(1, np.bool_), np.zeros(1)
     tails, spread = np.ones(len(x)), np.ones((len(x), F))
     for t in range(len(x)):
-        tails[t] = part.step(cols, x[t : t + 1], ok, ok, count)[0][0]
+        tails[t] = step(part, cols, x[t : t + 1], ok, ok, count).tail[0]
         spread[t] = cols["rel_var"][0]
         count += 1
     return tails, spread
@@ -396,12 +410,12 @@ def test_a_batch_learns_as_one_stream_does_and_a_row_that_does_not_learn_is_left
     x = related_stream(300, seed=12)
     precisions = []
     for b in (1, 128):
-        cols = {k: np.full((b, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+        cols = fresh_columns(part, b)
         ok, count = np.ones(b, np.bool_), np.zeros(b)
         learn = ok.copy()
         learn[0] = b == 1
         for t in range(len(x)):
-            part.step(cols, np.repeat(x[t : t + 1], b, axis=0), ok, learn, count)
+            step(part, cols, np.repeat(x[t : t + 1], b, axis=0), ok, learn, count)
             count += 1
         precisions.append(cols["rel_prec"][-1])
         if b > 1:
