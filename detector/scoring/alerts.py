@@ -3,8 +3,11 @@
 A stream past its warm-up raises when its likelihood reaches ``threshold`` (and the last
 raise is ``min_interval_steps`` behind), holds while the anomaly lasts, and clears after
 ``clear_steps`` steps in a row with a calm likelihood (the scorer's: its average's) below
-``clear_threshold``. Raised and cleared alternate, and each raise starts a new episode
-number. Each feature's part of the raw score is averaged like the alert's average.
+``clear_threshold``. A step at which the likelihood is at ``threshold`` is not calm, whatever
+the average says: a signal that would raise says the anomaly goes on (a stuck run or a
+departure, which raise once, hold nothing after their raise). Raised and cleared alternate,
+and each raise starts a new episode number. Each feature's part of the raw score is averaged
+like the alert's average.
 """
 
 from __future__ import annotations
@@ -105,9 +108,10 @@ class Alerts:
         n: np.ndarray,
         count: np.ndarray,
     ) -> AlertSteps:
-        """One step: ``likelihood`` raises, ``calm_likelihood`` (that of the signals that last)
-        clears; ``n`` counts each stream's scored steps (for the minimum interval),
-        ``count`` the values already in its averages (the parts are averaged like them)."""
+        """One step: ``likelihood`` raises (and holds), ``calm_likelihood`` (that of the
+        signals that last) clears; ``n`` counts each stream's scored steps (for the minimum
+        interval), ``count`` the values already in its averages (the parts are averaged like
+        them)."""
         advance_average(cols["alert_parts"], parts, ok, self._alpha_parts, count)
         contributions: F64 = cols["alert_parts"].astype(np.float64)
         if not ok.all():
@@ -115,7 +119,7 @@ class Alerts:
         active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
         above = eligible & (likelihood >= self.threshold)
         raised = above & ~active & (n - last_raise >= self.min_interval_steps)
-        calm = active & ok & (calm_likelihood < self.clear_threshold)
+        calm = active & ok & (calm_likelihood < self.clear_threshold) & ~above
         below[:] = np.where(calm, below + 1, np.where(active, 0, below))
         cleared = active & (below >= self.clear_steps)
         any_raised = bool(raised.any())

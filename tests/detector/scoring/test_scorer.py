@@ -21,6 +21,7 @@ from detector.scoring import (
     short_average,
     top_features,
 )
+from detector.scoring.alerts import Alerts
 from detector.scoring.calibration import Calibration
 from detector.scoring.scorer import FALLBACK_WARMUP
 
@@ -236,6 +237,28 @@ def test_clears_only_after_clear_steps_consecutive_calm_steps() -> None:
     assert [bool(o.active[0]) for o in calm] == [True, True, True, False]
     assert not any(o.raised[0] for o in calm)
     assert int(calm[-1].episode[0]) == 1  # the cleared event belongs to the raised episode
+
+
+def test_an_alert_does_not_clear_while_a_signal_is_at_its_raise_level() -> None:
+    """The average calm, but every fourth step a signal at the raise level (a sensor that
+    keeps spiking): the alert holds, one episode; once nothing raises, it clears after
+    clear_steps calm steps."""
+    alerts = Alerts(0.9999, 0.99, clear_steps=5, min_interval_steps=20, update_every_steps=0,
+                    parts_window=10)  # fmt: skip
+    cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Alerts.columns(1).items()}
+    one, parts = np.ones(1, np.bool_), np.zeros((1, 1))
+
+    def step(t: int, likelihood: float) -> tuple[bool, bool, bool]:
+        out = alerts.step(cols, np.array([likelihood]), np.array([0.5]), parts, one, one,
+                          np.array([t]), np.array([t]))  # fmt: skip
+        return bool(out.raised[0]), bool(out.cleared[0]), bool(out.active[0])
+
+    assert step(0, 1.0) == (True, False, True)
+    held = [step(t, 1.0 if t % 4 == 0 else 0.5) for t in range(1, 41)]
+    assert all(active and not raised and not cleared for raised, cleared, active in held)
+    calm = [step(t, 0.5) for t in range(41, 46)]
+    assert [cleared for _, cleared, _ in calm] == [False] * 4 + [True]
+    assert int(cols["episodes"][0]) == 1
 
 
 def test_hysteresis_a_value_between_thresholds_neither_clears_nor_raises() -> None:
