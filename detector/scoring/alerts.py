@@ -1,13 +1,13 @@
 """Alerts: the per-stream state machine that turns a likelihood into raised and cleared.
 
-A stream past its warm-up raises when its likelihood reaches ``threshold`` (and the last
-raise is ``min_interval_steps`` behind), holds while the anomaly lasts, and clears after
-``clear_steps`` steps in a row with a calm likelihood (the scorer's: its average's) below
-``clear_threshold``. A step at which the likelihood is at ``threshold`` is not calm, whatever
-the average says: a signal that would raise says the anomaly goes on (a stuck run or a
-departure, which raise once, hold nothing after their raise). Raised and cleared alternate,
-and each raise starts a new episode number. Each feature's part of the raw score is averaged
-like the alert's average.
+A stream past its warm-up raises when its likelihood reaches ``threshold``, holds while the
+anomaly lasts, and clears after ``clear_steps`` steps in a row with a calm likelihood (the
+scorer's: its average's) below ``clear_threshold``. A step at which the likelihood is at
+``threshold`` is not calm, whatever the average says: a signal that would raise says the
+anomaly goes on (a stuck run or a departure, which raise once, hold nothing after their
+raise). So two raises are at least ``clear_steps`` + 1 steps apart. Raised and cleared
+alternate, and each raise starts a new episode number. Each feature's part of the raw score
+is averaged like the alert's average.
 """
 
 from __future__ import annotations
@@ -65,22 +65,20 @@ class AlertSteps:
 
 
 class Alerts:
-    """Columns: whether an alert is active, its calm steps, the last raise, the episode
-    count, the steps since the raise, and each feature's averaged part of the score."""
+    """Columns: whether an alert is active, its calm steps, the episode count, the steps
+    since the raise, and each feature's averaged part of the score."""
 
     def __init__(
         self,
         threshold: float,
         clear_threshold: float,
         clear_steps: int,
-        min_interval_steps: int,
         update_every_steps: int,
         parts_window: int,
     ) -> None:
         self.threshold = threshold
         self.clear_threshold = clear_threshold
         self.clear_steps = clear_steps
-        self.min_interval_steps = min_interval_steps
         self.update_every_steps = update_every_steps
         self._alpha_parts = ewma_alpha(parts_window)
 
@@ -89,7 +87,6 @@ class Alerts:
         return {
             "active": ((), np.bool_, 0),
             "below": ((), np.int32, 0),
-            "last_raise": ((), np.int64, -(2**62)),
             "episodes": ((), np.int64, 0),
             "active_steps": ((), np.int64, 0),
             "alert_parts": ((f,), np.float32, math.nan),  # which sensors: float32 is ample
@@ -105,26 +102,23 @@ class Alerts:
         parts: F64,
         ok: Mask,
         eligible: Mask,
-        n: np.ndarray,
         count: np.ndarray,
     ) -> AlertSteps:
         """One step: ``likelihood`` raises (and holds), ``calm_likelihood`` (that of the
-        signals that last) clears; ``n`` counts each stream's scored steps (for the minimum
-        interval), ``count`` the values already in its averages (the parts are averaged like
-        them)."""
+        signals that last) clears; ``count``: the values already in each stream's averages
+        (the parts are averaged like them)."""
         advance_average(cols["alert_parts"], parts, ok, self._alpha_parts, count)
         contributions: F64 = cols["alert_parts"].astype(np.float64)
         if not ok.all():
             contributions[~ok] = np.nan
-        active, below, last_raise = cols["active"], cols["below"], cols["last_raise"]
+        active, below = cols["active"], cols["below"]
         above = eligible & (likelihood >= self.threshold)
-        raised = above & ~active & (n - last_raise >= self.min_interval_steps)
+        raised = above & ~active
         calm = active & ok & (calm_likelihood < self.clear_threshold) & ~above
         below[:] = np.where(calm, below + 1, np.where(active, 0, below))
         cleared = active & (below >= self.clear_steps)
         any_raised = bool(raised.any())
         if any_raised:
-            last_raise[raised] = n[raised]
             cols["episodes"][raised] += 1
         steps_on = cols["active_steps"]
         steps_on[active & ok] += 1

@@ -56,7 +56,6 @@ class ScoringConfig:
     clear_threshold: float = 0.99  # likelihood below which an active alert may clear
     clear_steps: int = 20  # consecutive steps below clear_threshold to clear: an anomaly
     # that lasts keeps one alert through its calmer stretches
-    min_interval_steps: int = 20  # steps between one raise and the next on a stream
     top_k: int = 3  # features named in an alert
     update_every_steps: int = 0  # while active, an "update" event every this many steps (0: off)
     onset_hold_steps: int = 100  # anomaly_score holds this many steps after an onset, so one
@@ -75,8 +74,8 @@ class ScoringConfig:
                 problems.append(f"{name} must be at least 1")
         if self.warmup_steps < -1:
             problems.append("warmup_steps must be -1 (the model's) or a count of steps")
-        for name in ("min_interval_steps", "update_every_steps",
-                     "onset_hold_steps", "alert_window", "input_scale_window"):  # fmt: skip
+        for name in ("update_every_steps", "onset_hold_steps", "alert_window",
+                     "input_scale_window"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         return problems
@@ -172,7 +171,7 @@ class Scorer:
         self.range = Range(cfg.spatial_tolerance)
         self.onsets = Onsets(cfg.onset_hold_steps)
         self.alerts = Alerts(cfg.threshold, cfg.clear_threshold, cfg.clear_steps,
-                             cfg.min_interval_steps, cfg.update_every_steps,
+                             cfg.update_every_steps,
                              cfg.alert_window or cfg.short_window)  # fmt: skip
 
     @staticmethod
@@ -307,7 +306,7 @@ class Scorer:
         score = log_score(shown)
         if not every_eligible:
             score = np.where(eligible, score, 0.0)
-        steps = self.alerts.step(cols, likelihood, calm, s.parts, learn, eligible, n, count)
+        steps = self.alerts.step(cols, likelihood, calm, s.parts, learn, eligible, count)
         contributions = steps.contributions  # the alert's average's: each sensor's part
         # An alert names the sensors of the signal that is most surprising at this step: a
         # spike's own errors, a stuck sensor's run.

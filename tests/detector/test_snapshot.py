@@ -24,7 +24,7 @@ from detector.snapshot import SNAPSHOT_VERSION, load_snapshot, save_snapshot
 # carries active alerts, hold counters and episode numbers, not only averages.
 SCORING = ScoringConfig(warmup_steps=3, short_window=3, long_window=2000,
                         threshold=0.9, clear_threshold=0.6,
-                        clear_steps=2, min_interval_steps=4)  # fmt: skip
+                        clear_steps=2)  # fmt: skip
 STREAMS = ["pump-1", "plant/site 7/machine/telemetry", "naïve/温度/🚀", "", 'a\\b"c\n']
 T0 = 1_700_000_000.0
 

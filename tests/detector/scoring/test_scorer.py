@@ -135,7 +135,6 @@ def test_default_scoring_config_is_valid() -> None:
         ({"clear_steps": 0}, "clear_steps"),
         ({"top_k": 0}, "top_k"),
         ({"warmup_steps": -2}, "warmup_steps"),
-        ({"min_interval_steps": -1}, "min_interval_steps"),
         ({"input_scale_window": -1}, "input_scale_window"),
     ],
 )
@@ -243,14 +242,13 @@ def test_an_alert_does_not_clear_while_a_signal_is_at_its_raise_level() -> None:
     """The average calm, but every fourth step a signal at the raise level (a sensor that
     keeps spiking): the alert holds, one episode; once nothing raises, it clears after
     clear_steps calm steps."""
-    alerts = Alerts(0.9999, 0.99, clear_steps=5, min_interval_steps=20, update_every_steps=0,
-                    parts_window=10)  # fmt: skip
+    alerts = Alerts(0.9999, 0.99, clear_steps=5, update_every_steps=0, parts_window=10)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in Alerts.columns(1).items()}
     one, parts = np.ones(1, np.bool_), np.zeros((1, 1))
 
     def step(t: int, likelihood: float) -> tuple[bool, bool, bool]:
         out = alerts.step(cols, np.array([likelihood]), np.array([0.5]), parts, one, one,
-                          np.array([t]), np.array([t]))  # fmt: skip
+                          np.array([t]))  # fmt: skip
         return bool(out.raised[0]), bool(out.cleared[0]), bool(out.active[0])
 
     assert step(0, 1.0) == (True, False, True)
@@ -280,24 +278,15 @@ def test_a_middle_value_does_not_raise_a_fresh_alert() -> None:
     assert not any(o.raised[0] or o.active[0] for o in s.run([MIDDLE] * 10))
 
 
-def test_min_interval_steps_blocks_a_second_raise() -> None:
-    s = OneStream(warmup_steps=0, clear_steps=2, min_interval_steps=10)
-    s.run([CALM] * 3)
-    first = s.step(HIGH)
-    assert first.raised[0]
-    outs = s.run([CALM, CALM] + [HIGH] * 10)  # steps 1..12 after the first raise
-    raised_at = [k + 1 for k, o in enumerate(outs) if o.raised[0]]
-    assert outs[1].cleared[0]
-    assert raised_at == [10]  # n - last_raise reaches min_interval_steps on the 10th step
-    assert int(outs[9].episode[0]) == 2
-    assert all(not o.active[0] for o in outs[2:9])
-
-
-def test_zero_min_interval_allows_raising_right_after_a_clear() -> None:
-    s = OneStream(warmup_steps=0, clear_steps=1, min_interval_steps=0)
-    outs = s.run([HIGH, CALM, HIGH])
-    assert [bool(o.raised[0]) for o in outs] == [True, False, True]
-    assert outs[1].cleared[0]
+def test_raises_are_spaced_by_the_clear_a_new_one_may_follow_right_after_it() -> None:
+    """An alert clears after clear_steps calm steps, none of them at the raise level, so two
+    raises on a stream are at least clear_steps + 1 steps apart; the step after a clear may
+    raise again."""
+    s = OneStream(warmup_steps=0, clear_steps=2)
+    outs = s.run([HIGH, CALM, CALM, HIGH, HIGH, CALM, HIGH])
+    assert [bool(o.raised[0]) for o in outs] == [True, False, False, True, False, False, False]
+    assert [bool(o.cleared[0]) for o in outs] == [False, False, True, False, False, False, False]
+    assert int(outs[-1].episode[0]) == 2
 
 
 def test_rows_without_a_prediction_give_nan_raw_and_zero_likelihood() -> None:
@@ -383,9 +372,8 @@ def test_onset_hold_caps_the_scores_of_the_steps_after_an_onset_then_lets_go() -
     s.step(CALM)
     assert float(s.step(HIGH).score[0]) == pytest.approx(first)  # after the hold: in full
     # alerts do not depend on the hold: the same steps without a hold raise the same
-    plain = OneStream(warmup_steps=0, onset_hold_steps=0, min_interval_steps=0, clear_steps=1)
-    held_run = OneStream(warmup_steps=0, onset_hold_steps=4,
-                         min_interval_steps=0, clear_steps=1)  # fmt: skip
+    plain = OneStream(warmup_steps=0, onset_hold_steps=0, clear_steps=1)
+    held_run = OneStream(warmup_steps=0, onset_hold_steps=4, clear_steps=1)
     steps = [CALM] * 3 + [HIGH, CALM, HIGH, CALM, HIGH, CALM, HIGH]
     assert [bool(r.raised[0]) for r in plain.run(steps)] == [
         bool(r.raised[0]) for r in held_run.run(steps)

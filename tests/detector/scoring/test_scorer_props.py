@@ -87,7 +87,6 @@ configs = st.builds(
     threshold=st.sampled_from([0.9, 0.99, 0.9999]),
     clear_threshold=st.sampled_from([0.5, 0.8, 0.9]),
     clear_steps=st.integers(1, 3),
-    min_interval_steps=st.integers(0, 6),
     onset_hold_steps=st.integers(0, 3),
     stuck_check=st.booleans(),
     step_check=st.booleans(),
