@@ -24,6 +24,7 @@ from detector.scoring.surprise import StepTail
 
 F = 2
 B = 3  # streams in the batch; each learns
+OK = np.ones(B, np.bool_)  # every row scored
 STEPS = 400
 
 
@@ -66,33 +67,30 @@ class Case:
 
 def stuck_case() -> Case:
     part = Stuck(long_window=200)
-    ok = np.ones(B, np.bool_)
     return Case(
         part.columns(F),
         ("repeats", "compared"),
-        lambda cols, x, t: part.score(cols, x, ok),
+        lambda cols, x, t: part.score(cols, x, OK),
         lambda cols, scored, x, rows: part.learn(cols, scored) if rows.all() else None,
     )
 
 
 def range_case() -> Case:
     part = Range(tolerance=0.01)
-    ok = np.ones(B, np.bool_)
     return Case(
         part.columns(F),
         ("seen_min", "seen_max"),
-        lambda cols, x, t: part.score(cols, x, ok),
+        lambda cols, x, t: part.score(cols, x, OK),
         lambda cols, scored, x, rows: part.learn(cols, x) if rows.all() else None,
     )
 
 
 def relations_case() -> Case:
     part = Relations(PRIOR, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
-    ok = np.ones(B, np.bool_)
     return Case(
         part.columns(F),
         ("rel_mean", "rel_prec", "rel_var", "rel_learnt"),
-        lambda cols, x, t: part.score(cols, x, ok, np.full(B, float(t))),
+        lambda cols, x, t: part.score(cols, x, OK, np.full(B, float(t))),
         lambda cols, scored, x, rows: part.learn(cols, scored, rows),
     )
 
@@ -100,12 +98,11 @@ def relations_case() -> Case:
 def likelihood_case() -> Case:
     names = ("avg", "mean", "var")
     part = Likelihood(names, 20, CALIBRATION, 8000, 100.0)
-    ok = np.ones(B, np.bool_)
     specs = {name: ((), np.float64, np.nan) for name in names} | {"n_scored": ((), np.int64, 0)}
 
     def score(cols: dict[str, np.ndarray], x: np.ndarray, t: int) -> Any:
         cols["n_scored"][:] = t
-        return part.score(cols, np.abs(x).sum(axis=1), ok, np.full(B, t))[1]
+        return part.score(cols, np.abs(x).sum(axis=1), OK, np.full(B, t))[1]
 
     def learn(cols: dict[str, np.ndarray], delta: Any, x: np.ndarray, rows: np.ndarray) -> None:
         part.learn(cols, rows, delta, cols["n_scored"])
