@@ -253,9 +253,9 @@ class Scorer:
             self.step.start(cols, ok & (n == 0))
             step_tail = self.step.score(cols, spread, StepTail.spread(cols, s.pairs))
 
-        part, relations, relations_tail, residuals = self.relations, None, None, None
-        if part is not None:
-            relations = part.score(cols, seen, ok, count)
+        relations = relations_tail = residuals = None
+        if self.relations is not None:
+            relations = self.relations.score(cols, seen, ok, count)
             relations_tail, residuals = relations.tail, relations.z
         beyond = self.range.score(cols, seen, learn)  # (flagged past the warm-up)
 
@@ -268,8 +268,8 @@ class Scorer:
         self.inputs.learn(cols, seen)
         if stuck is not None:
             self.stuck.learn(cols, stuck)
-        if part is not None and relations is not None:
-            part.learn(cols, relations, learn)
+        if self.relations is not None and relations is not None:
+            self.relations.learn(cols, relations, learn)
         self.range.learn(cols, seen)
         every_ok = bool(ok.all())  # the usual step: whole columns, no masks
         if every_ok:
