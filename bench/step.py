@@ -10,7 +10,9 @@
 3. The same worker on batch payloads (100 samples a message, 2,000 streams): samples/s.
 4. The reading process's cost of handing messages over to scoring processes
    (``WorkerPool.dispatch``) per message, for 1, 2 and 4 processes that only read.
-5. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
+5. ``Scorer.step_batch`` alone per stream for models of 4 to 32 sensors, the relations
+   check on and off, and the scorer's columns a stream (the relations' grow as the square).
+6. The CUDA execution provider against CPU at batch 4,096 and 65,536, where onnxruntime
    lists it.
 
     .venv/bin/python bench/step.py [--streams 10000] [--messages 200000] [--seconds 0.3]
@@ -43,6 +45,8 @@ from common import (
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.model import LoadedModel
+from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, scorer_columns
+from detector.scoring.calibration import Calibration, RelationsPrior
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -359,6 +363,42 @@ def handover_cost(model: Path, streams: int, messages: int) -> None:
                 rows))  # fmt: skip
 
 
+def scorer_width(batch: int = 512, widths: tuple[int, ...] = (4, 8, 16, 32)) -> None:
+    """``Scorer.step_batch`` alone per stream against the model's number of sensors, the
+    relations check on and off, and the scorer's columns a stream: the relations' precision
+    is (2F)^2 / 2 floats a stream and its work a step as many products. Random related
+    streams (a common load and noise of their own) and a calibration whose prior relates
+    every pair alike; the median of 50 calls after 10."""
+    rows = []
+    for f in widths:
+        rng = np.random.default_rng(f)
+        cov = 0.5 * np.ones((2 * f, 2 * f)) + 0.5 * np.eye(2 * f)
+        prior = RelationsPrior(cov.tolist(), 50, [0.1] * f, 4000)
+        cal = Calibration(1000, 2.0, 1.0, {}, 20, 2.0, 0.5, 0.9999, "student_t", relations=prior)
+        load = rng.normal(size=(61, batch, 1)).cumsum(axis=0) * 0.1
+        x = load + 0.3 * rng.normal(size=(61, batch, f))
+        log_var, has_pred = np.zeros((batch, f), np.float32), np.ones(batch, np.bool_)
+        per_stream = []
+        for relations in (True, False):
+            scorer = Scorer(ScoringConfig(relations_check=relations, warmup_steps=5), cal)
+            cols = scorer_columns(batch, f)
+            times = []
+            for t in range(1, 61):
+                began = time.perf_counter()
+                scorer.step_batch(cols, x[t], x[t - 1].astype(np.float32), log_var, has_pred)
+                times.append(time.perf_counter() - began)
+            per_stream.append(float(np.median(times[10:])) / batch * 1e6)
+        specs = scorer_column_specs(f)
+        sizes = {k: int(np.prod(shape or (1,))) * np.dtype(dtype).itemsize
+                 for k, (shape, dtype, _) in specs.items()}  # fmt: skip
+        own = sum(v for k, v in sizes.items() if k.startswith("rel_"))
+        rows.append((f"{f}", f"{per_stream[0]:.2f}", f"{per_stream[1]:.2f}",
+                     f"{sum(sizes.values()):,}", f"{own:,}"))  # fmt: skip
+    heads = ["sensors", "µs a stream", "without relations", "columns, bytes a stream",
+             "of which relations"]  # fmt: skip
+    print(table(heads, rows))
+
+
 def cuda_part(paths: dict[str, Path], seconds: float) -> None:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
@@ -413,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("the hand-over to scoring processes (`WorkerPool.dispatch`), processes that only read:\n")
     handover_cost(paths["gru"], args.streams, args.messages)
+    print()
+    print("the scorer alone against the model's sensors (`Scorer.step_batch`, 512 streams):\n")
+    scorer_width()
     print()
     cuda_part(paths, args.seconds)
     print(f"\nwall time {time.monotonic() - began:.0f} s; " + load_note_at_end())

@@ -101,6 +101,7 @@ RIDGE: Final = 1e-3
 # there, the float32 products of the residuals and the update cannot overflow.
 DEVIATION_BOUND: Final = 1e6
 VAR_FLOOR: Final = 0.1  # a stream's averages stray at least a tenth of the calibration's
+GATHER_BYTES: Final = 2**22  # the most of a batch's full precisions gathered at once (4 MiB)
 
 
 def relations_precision(covariance: np.ndarray | list[list[float]]) -> F64:
@@ -358,7 +359,7 @@ class Relations:
         # on feature-major ([T, B], ``feature_major``) and copied back only if they learn.
         prec_t = feature_major(packed)
         d_t = np.ascontiguousarray(d.T, np.float32)  # [2F, B]
-        u_t = np.einsum("ijb,jb->ib", prec_t[self._index], d_t)  # P d
+        u_t = self._times_deviations(prec_t, d_t)  # P d
         diag = prec_t[self._diagonal]
         f = x.shape[1]
         r = _given_the_others(u_t[:f], u_t[f:], diag[:f], prec_t[self._value_average],
@@ -436,6 +437,23 @@ class Relations:
             cols[PREFIX + "n"][...] = taken
         else:
             cols[PREFIX + "n"][ok] = taken[ok]
+
+    def _times_deviations(self, prec_t: np.ndarray, d_t: np.ndarray) -> np.ndarray:
+        """P d [2F, B] from the triangles ``prec_t`` [T, B] and the deviations ``d_t`` [2F,
+        B], a block of streams at a time: each block's full matrices [2F, 2F, block] stay
+        within GATHER_BYTES, in the cache, where a wide model's whole batch would not."""
+        n = d_t.shape[0]
+        b = d_t.shape[1]
+        block = max(1, GATHER_BYTES // (n * n * prec_t.itemsize))
+        if b <= block:
+            out: np.ndarray = np.einsum("ijb,jb->ib", prec_t[self._index], d_t)
+            return out
+        out = np.empty((n, b), np.result_type(prec_t, d_t))
+        for lo in range(0, b, block):
+            hi = min(lo + block, b)
+            np.einsum("ijb,jb->ib", prec_t[:, lo:hi][self._index], d_t[:, lo:hi],
+                      out=out[:, lo:hi])  # fmt: skip
+        return out
 
     def _learn_covariance(
         self, packed: np.ndarray, prec_t: np.ndarray, d_t: np.ndarray, u_t: np.ndarray,

@@ -26,8 +26,10 @@ from detector.scoring import (
 from detector.scoring.alerts import ARMED, raise_once
 from detector.scoring.calibration import Calibration, RelationsPrior
 from detector.scoring.relations import (
+    GATHER_BYTES,
     Relations,
     RelationsStep,
+    feature_major,
     packing,
     relation_residuals,
     relations_precision,
@@ -488,3 +490,19 @@ def test_a_state_kept_before_the_means_count_takes_the_samples_it_took_in() -> N
     cols["rel_learnt"][...] = np.nan
     _steps(scorer, cols, x[599:])
     assert cols["rel_learnt"][0] == taken + 100
+
+
+def test_a_wide_models_p_d_is_taken_a_block_of_streams_at_a_time_to_the_same_bits() -> None:
+    """32 sensors: a batch of 300 streams' full precisions would be 4.9 MiB, so P d is taken
+    over blocks of 256 streams (``GATHER_BYTES``), the same numbers as the whole batch at once."""
+    f, b = 32, 300
+    cov = 0.5 * np.ones((2 * f, 2 * f)) + 0.5 * np.eye(2 * f)
+    prior = RelationsPrior(cov.tolist(), 50, [0.1] * f, 4000)
+    part = Relations(prior, 50, prior_steps=10.0, long_window=8000, calm=0.01, level=2.5e-9)
+    rng = np.random.default_rng(32)
+    packed = rng.normal(size=(b, f * (2 * f + 1))).astype(np.float32)
+    prec_t = feature_major(packed)
+    d_t = rng.normal(size=(2 * f, b)).astype(np.float32)
+    assert GATHER_BYTES // ((2 * f) ** 2 * prec_t.itemsize) < b  # more than one block
+    whole = np.einsum("ijb,jb->ib", prec_t[packing(2 * f)[0]], d_t)
+    assert part._times_deviations(prec_t, d_t).tobytes() == whole.tobytes()
