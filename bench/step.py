@@ -45,7 +45,7 @@ from common import (
 from detector.config import build_config
 from detector.daemon import Daemon
 from detector.model import LoadedModel
-from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, scorer_columns
+from detector.scoring import Scorer, ScoringConfig, scorer_columns
 from detector.scoring.calibration import Calibration, RelationsPrior
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -388,9 +388,7 @@ def scorer_width(batch: int = 512, widths: tuple[int, ...] = (4, 8, 16, 32)) -> 
                 scorer.step_batch(cols, x[t], x[t - 1].astype(np.float32), log_var, has_pred)
                 times.append(time.perf_counter() - began)
             per_stream.append(float(np.median(times[10:])) / batch * 1e6)
-        specs = scorer_column_specs(f)
-        sizes = {k: int(np.prod(shape or (1,))) * np.dtype(dtype).itemsize
-                 for k, (shape, dtype, _) in specs.items()}  # fmt: skip
+        sizes = {k: a.nbytes // batch for k, a in scorer_columns(batch, f).items()}
         own = sum(v for k, v in sizes.items() if k.startswith("rel_"))
         rows.append((f"{f}", f"{per_stream[0]:.2f}", f"{per_stream[1]:.2f}",
                      f"{sum(sizes.values()):,}", f"{own:,}"))  # fmt: skip

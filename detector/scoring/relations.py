@@ -442,17 +442,12 @@ class Relations:
         """P d [2F, B] from the triangles ``prec_t`` [T, B] and the deviations ``d_t`` [2F,
         B], a block of streams at a time: each block's full matrices [2F, 2F, block] stay
         within GATHER_BYTES, in the cache, where a wide model's whole batch would not."""
-        n = d_t.shape[0]
-        b = d_t.shape[1]
+        n, b = d_t.shape
         block = max(1, GATHER_BYTES // (n * n * prec_t.itemsize))
-        if b <= block:
-            out: np.ndarray = np.einsum("ijb,jb->ib", prec_t[self._index], d_t)
-            return out
         out = np.empty((n, b), np.result_type(prec_t, d_t))
         for lo in range(0, b, block):
-            hi = min(lo + block, b)
-            np.einsum("ijb,jb->ib", prec_t[:, lo:hi][self._index], d_t[:, lo:hi],
-                      out=out[:, lo:hi])  # fmt: skip
+            rows = slice(lo, lo + block)
+            np.einsum("ijb,jb->ib", prec_t[:, rows][self._index], d_t[:, rows], out=out[:, rows])
         return out
 
     def _learn_covariance(
