@@ -383,6 +383,18 @@ def _relations_weight(cal: Calibration, scoring: ScoringConfig) -> float | None:
     return None if relations is None else relations.prior_steps
 
 
+def _step_counts(cal: Calibration, scoring: ScoringConfig) -> str:
+    """How many of a stream's own steps the per-step check's tail and error scale take the
+    model's as: the scorer's own."""
+    from detector.scoring import Scorer
+
+    step = Scorer(scoring, cal).step
+    return (
+        f"; it counts as {step.tail_steps:.0f} of a stream's own steps (at least one"
+        f" Gaussian exceedance's worth), the model's error scale as {step.prior_steps:.0f}"
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -430,7 +442,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          " not applied (alerts use the rule above)"),
         ("relations check", relations_text(cal.relations, scoring.relations_check,
                                            _relations_weight(cal, scoring))),
-        ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)),
+        ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)
+         + _step_counts(cal, scoring)),
         ("errors' lag", lag_text(meta.features, cal.error_lag)),
         ("warm-up", warmup_text(scoring, cal)),
     ]  # fmt: skip

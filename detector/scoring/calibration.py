@@ -75,3 +75,22 @@ class Calibration:
     tail_excess: list[float] | None = None  # ... and their mean excess of x^2 / 2
     error_lag: list[float] | None = None  # per feature: the errors' lag-one autocorrelation
     settle_steps: int | None = None  # steps a cold start takes to settle: the warm-up
+
+
+def measured_weight(prior_steps: float, long_window: int, measured: float, dim: int) -> float:
+    """How many of a stream's own samples a spread the model measured on held-out data (of
+    ``dim`` variables) counts as. For a model of one stream (``prior_steps``, the
+    likelihoods' weight, is ``long_window``), the samples of that stream it was measured on
+    (``measured``). For a fleet's, whose machines each differ in it (their noise, the
+    coefficients of their relations), the weakest proper prior of a covariance of ``dim``
+    variables, an inverse Wishart's least degrees of freedom, dim + 1: each stream's own
+    samples take over from the first. Never more than ``prior_steps``.
+
+    >>> measured_weight(8000.0, 8000, 341.0, 8), measured_weight(263.0, 8000, 31528.0, 8)
+    (341.0, 9.0)
+    >>> measured_weight(263.0, 8000, 6400.0, 1)
+    2.0
+    """
+    if prior_steps >= long_window:
+        return float(min(prior_steps, measured))
+    return float(min(prior_steps, dim + 1))

@@ -23,9 +23,10 @@ held-out streams (``RelationsPrior.average_var``), each step with a covariance t
 seen it.
 
 The covariance's prior is the model's: the held-out streams' covariance within each stream,
-counted as samples of the stream's own (``relations_weight``): for a model of one stream,
-whose calibration describes that stream, the samples it was measured on (a few hundred
-held-out rows are not a full memory); for a fleet, the weakest proper prior, 2F + 1 samples.
+counted as samples of the stream's own (``calibration.measured_weight``): for a model of one
+stream, whose calibration describes that stream, the samples it was measured on (a few
+hundred held-out rows are not a full memory); for a fleet, the weakest proper prior, 2F + 1
+samples.
 A fleet's covariance is an average over machines whose relations have each their own
 coefficients, and the average blurs them: a sensor that lags the load is several times
 sharper given the others on its own machine than under the average. It says which sensors
@@ -77,7 +78,7 @@ from typing import Final
 import numpy as np
 
 from detector.scoring.alerts import ARMED
-from detector.scoring.calibration import RelationsPrior
+from detector.scoring.calibration import RelationsPrior, measured_weight
 from detector.scoring.stats import (
     F64,
     ColumnSpec,
@@ -196,21 +197,6 @@ def packing(n: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     return index, upper
 
 
-def relations_weight(prior_steps: float, long_window: int, f: int, measured: float) -> float:
-    """How many of a stream's own samples the model's covariance and spreads count as. For
-    a model of one stream (``prior_steps``, the likelihoods' weight, is ``long_window``),
-    the samples of that stream they were measured on (``measured``); for a fleet's, the
-    weakest proper prior of a covariance of 2F variables, an inverse Wishart's least degrees
-    of freedom, 2F + 1. Never more than ``prior_steps``.
-
-    >>> relations_weight(8000.0, 8000, 4, 341.0), relations_weight(263.0, 8000, 4, 31528.0)
-    (341.0, 9.0)
-    """
-    if prior_steps >= long_window:
-        return float(min(prior_steps, measured))
-    return float(min(prior_steps, 2 * f + 1))
-
-
 @dataclass(frozen=True)
 class RelationsStep:
     """What ``Relations.score`` found at one step: its tail and standardised averages, and
@@ -289,7 +275,7 @@ class Relations:
         self.window = window
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
-        self.prior_steps = relations_weight(prior_steps, long_window, f, float(prior.steps))
+        self.prior_steps = measured_weight(prior_steps, long_window, float(prior.steps), 2 * f)
         self.long_window = long_window
         # A spread is known as well as the independent averages behind it: the steps it was
         # measured on, then the stream's own, times an average's share of them.

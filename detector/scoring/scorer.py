@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.scoring.alerts import Alerts, raise_once
-from detector.scoring.calibration import Calibration
+from detector.scoring.calibration import Calibration, measured_weight
 from detector.scoring.inputs import InputScale, within_tail
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.onsets import Onsets
@@ -28,6 +28,7 @@ from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
 from detector.scoring.surprise import (
     TAIL_FROM,
+    TAIL_PRIOR_STEPS,
     StepTail,
     Surprise,
     standardised_errors,
@@ -147,9 +148,12 @@ class Scorer:
         # cluster of exceedances ends as an alert clears
         rate, excess = calibration.tail_rate, calibration.tail_excess
         tail = None if rate is None or excess is None else (rate, excess)
-        # the error scale's prior: the likelihoods' weight, never more than the held-out steps
-        scale_steps = min(float(calibration.n), weight)
-        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail)
+        # the error scale's prior: the model's variance, counted as the held-out steps it was
+        # measured on for a model of one stream, as the weakest proper prior for a fleet's;
+        # the tail's, as the held-out steps it was measured on
+        scale_steps = measured_weight(weight, cfg.long_window, float(calibration.n), 1)
+        tail_steps = TAIL_PRIOR_STEPS if tail is None else float(calibration.n)
+        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail, tail_steps)
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations if cfg.relations_check else None
         # the signals alerts watch (the average, and each check in use), and the tails at

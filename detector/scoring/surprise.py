@@ -295,17 +295,21 @@ class StepTail:
     thirty, and does not teach the tail to pass the next spike. The rate counts every
     exceedance. A sensor whose large errors are a habit from the start (a reading that
     jumps by quanta) is known from the model's held-out errors: the tail starts from
-    ``prior`` (the model file's rate and mean excess per feature; a Gaussian's for a file
-    without them), counted as TAIL_PRIOR_STEPS, one Gaussian exceedance's worth.
+    ``prior`` (the model file's rate and mean excess per feature), counted as ``tail_steps``,
+    the held-out steps it was measured on: a tail learnt from a stream's first dozen
+    exceedances, extrapolated to an error twice as far out, is a guess, wrong in either
+    direction by orders of magnitude, where the model's held-out errors say how its errors
+    fall off. A file without them has the Gaussian's, an assumption, counted as
+    TAIL_PRIOR_STEPS, one Gaussian exceedance's worth, and never less than that.
 
     Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate``,
     ``tail_excess_sq`` (b), ``tail_peak`` (the open cluster's largest excess) and
     ``tail_calm`` (steps since the last exceedance). The scale's prior is the model's own
-    variance, counted as ``prior_steps``: the scorer counts it as the likelihoods' weight,
-    never more than the held-out steps it was measured on. A fleet's model measures its
-    variance over machines whose noise differs, so a noisier machine's scale moves to its own
-    within a few hundred samples, rather than its tail taking the extra noise for outliers.
-    Every step size shrinks like 1 / evidence, up to ``long_window``.
+    variance, counted as ``prior_steps``: for a model of one stream, the held-out steps it
+    was measured on; for a fleet's, whose machines differ in noise, the weakest proper prior
+    (``calibration.measured_weight``), so that a noisier machine's scale is its own from its
+    first samples rather than its tail taking the extra noise for outliers. Every step size
+    shrinks like 1 / evidence, up to ``long_window``.
 
     With ``pairs``, ``score`` judges each feature's last two errors together as well, on the
     same learnt tail (``Surprised.pairs``): a spike of two or three samples, each alone
@@ -324,11 +328,13 @@ class StepTail:
         long_window: int,
         cluster_gap: int,
         prior: tuple[list[float], list[float]] | None = None,
+        tail_steps: float = TAIL_PRIOR_STEPS,
     ) -> None:
         self.prior_steps = prior_steps
         self.long_window = long_window
         self.cluster_gap = cluster_gap
         self.prior = None if prior is None else tuple(np.asarray(p, np.float32) for p in prior)
+        self.tail_steps = max(float(tail_steps), TAIL_PRIOR_STEPS)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
@@ -385,7 +391,7 @@ class StepTail:
         var, rate, excess, peak, calm = (cols[k] if every else cols[k][rows] for k in names)
         x = spread[rows]
         memory = float(self.long_window)
-        evidence = np.minimum(TAIL_PRIOR_STEPS + n[rows] + 1.0, memory)  # the tail's
+        evidence = np.minimum(self.tail_steps + n[rows] + 1.0, memory)  # the tail's
         alpha = (1.0 / evidence)[:, None]
         scale_alpha = (1.0 / np.minimum(self.prior_steps + n[rows] + 1.0, memory))[:, None]
         gap = self.cluster_gap

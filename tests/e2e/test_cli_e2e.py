@@ -71,6 +71,13 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     counts = re.search(r"from (\d+) held-out steps; they count as (\d+) of a stream's own",
                        done.stdout)  # fmt: skip
     assert counts is not None and counts[1] == counts[2], done.stdout
+    # ... and so do the step check's tail (here at least one Gaussian exceedance's worth)
+    # and its error scale
+    held_out = re.search(r"over (\d+) steps;", done.stdout)
+    tail = re.search(r"it counts as (\d+) of a stream's own steps .*, the model's error scale"
+                     r" as (\d+)", done.stdout)  # fmt: skip
+    assert held_out is not None and tail is not None, done.stdout
+    assert int(tail[1]) == max(370, int(held_out[1])) and tail[2] == held_out[1], done.stdout
 
 
 def test_inspect_shows_the_alert_rule_the_daemon_applies(

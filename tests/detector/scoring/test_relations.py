@@ -24,7 +24,7 @@ from detector.scoring import (
     student_t_score,
 )
 from detector.scoring.alerts import ARMED, raise_once
-from detector.scoring.calibration import Calibration, RelationsPrior
+from detector.scoring.calibration import Calibration, RelationsPrior, measured_weight
 from detector.scoring.relations import (
     GATHER_BYTES,
     Relations,
@@ -33,7 +33,6 @@ from detector.scoring.relations import (
     packing,
     relation_residuals,
     relations_precision,
-    relations_weight,
 )
 from detector.scoring.stats import huber_scatter
 from training.trainer.calibrate import relations_prior, slow_averages
@@ -213,8 +212,8 @@ def test_a_fleets_covariance_gives_way_to_the_streams_own_relations() -> None:
     # the fleet's: the second sensor's relation blurred by ten times its own noise
     loose = RelationsPrior(cov + np.diag([0.0, 100.0, 0.0, 100.0]) * OWN**2, 50, [0.1, 0.1], 4000)
     own = second_given_first(relations_precision(cov))
-    assert relations_weight(263.0, 8000, F, 4000.0) == 2 * F + 1
-    assert relations_weight(8000.0, 8000, F, 341.0) == 341.0
+    assert measured_weight(263.0, 8000, 4000.0, 2 * F) == 2 * F + 1
+    assert measured_weight(8000.0, 8000, 341.0, 2 * F) == 341.0
     assert conditional_sd(x, loose, prior_steps=263.0) < 1.5 * own
     assert conditional_sd(x, loose, prior_steps=8000.0) > 5.0 * own
 

@@ -17,7 +17,7 @@ from detector.scoring import Scorer, ScoringConfig, combine_tails, scorer_column
 from detector.scoring.calibration import Calibration
 from detector.scoring.likelihood import Likelihood, prior_steps
 from detector.scoring.sensors import Stuck
-from detector.scoring.surprise import StepTail, student_t_score, tail_prior
+from detector.scoring.surprise import TAIL_PRIOR_STEPS, StepTail, student_t_score, tail_prior
 
 PHI = 0.9
 NOISE = math.sqrt(1.0 - PHI**2)  # the stream's variance is 1
@@ -173,18 +173,18 @@ def test_a_fleet_calibration_lets_a_stream_find_its_own_level() -> None:
 
 
 def test_a_fleet_calibration_lets_a_noisier_stream_learn_its_own_error_scale() -> None:
-    """The per-step check's error scale counts the model's variance as the likelihoods'
-    weight: a fleet's model, measured over machines of unlike noise, gives way to a noisier
-    machine's own scale within a few hundred samples; a model of one stream keeps the held-out
+    """The per-step check's error scale: a fleet's model, measured over machines of unlike
+    noise, counts its variance as the weakest proper prior and gives way to a noisier
+    machine's own scale from its first samples; a model of one stream keeps the held-out
     steps it was measured on."""
     one = calibration_of()
-    fleet = replace(one, level_std=0.3 * one.std)  # a weight of about 10 steps
+    fleet = replace(one, level_std=0.3 * one.std)  # a likelihoods' weight of about 10 steps
     z = normal_stream(600, seed=11)
     z[1:] += math.sqrt(1.25) * NOISE * np.random.default_rng(12).standard_normal((599, F))
     scales = {}
     for name, cal in (("one", one), ("fleet", fleet)):
         scorer = Scorer(ScoringConfig(), cal)
-        assert scorer.step.prior_steps == min(float(cal.n), prior_steps(cal, 8000))
+        assert scorer.step.prior_steps == (2.0 if cal is fleet else float(cal.n))
         cols = scorer_columns(1, F)
         log_var = np.full((1, F), math.log(NOISE**2))
         for t in range(1, len(z)):
@@ -275,6 +275,56 @@ def test_a_sensor_that_jumps_by_habit_starts_from_the_models_tail() -> None:
         part.start(cols, np.ones(1, bool))
         tails.append(float(part.score(cols, part.spread(cols, jump))[0]))
     assert tails[0] > 1e-3 and tails[1] < 1e-100
+
+
+def far_tails(tail_steps: float, streams: int = 12) -> list[float]:
+    """The tail of a 6.5-spread error on streams of Gaussian errors 3,000 steps old, each
+    having learnt its tail from a model's (the Gaussian's) counted as ``tail_steps``."""
+    gaussian = tail_prior(np.zeros((0, F)))  # no held-out errors: the Gaussian's
+    ok = np.ones(1, bool)
+    out = []
+    for seed in range(streams):
+        part = StepTail(10.0, 8000, 20, prior=gaussian, tail_steps=tail_steps)
+        cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(F).items()}
+        part.start(cols, ok)
+        rng = np.random.default_rng(100 + seed)
+        for n in range(3000):
+            part.learn(cols, part.spread(cols, rng.standard_normal((1, F))), ok, np.array([n]))
+        out.append(float(part.score(cols, part.spread(cols, np.array([[6.5, 0.0]])))[0]))
+    return out
+
+
+def test_the_models_tail_counts_as_the_steps_it_was_measured_on() -> None:
+    """A tail learnt from a stream's own few exceedances beyond 3 spreads, taken out to 6.5,
+    strays by orders of magnitude from one stream to the next, both ways, though every
+    stream's errors are alike (here over seven decades); counted as the 6,400 held-out
+    steps it was measured on, the model's tail holds them to under half that spread."""
+    sd = {}
+    for steps in (TAIL_PRIOR_STEPS, 6400.0):
+        sd[steps] = float(np.std(np.log10(far_tails(steps))))  # in decades
+    assert sd[TAIL_PRIOR_STEPS] > 1.5
+    assert sd[6400.0] < sd[TAIL_PRIOR_STEPS] / 2.0
+
+
+def test_a_fleets_error_scale_is_each_streams_own_its_tail_the_models() -> None:
+    """A fleet's machines differ in noise: its model's variance counts as the weakest proper
+    prior of a stream's error scale (2 samples); a model of one stream counts its own as the
+    held-out steps it was measured on. The tail's shape counts as those steps either way; a
+    file without one has the Gaussian's, counted as one exceedance's worth."""
+    tail = {"tail_rate": [0.003] * F, "tail_excess": [0.9] * F}
+    one = replace(calibration_of(), n=6400, **tail)
+    fleet = replace(one, level_std=0.3 * one.std, level_streams=8)  # a weight of about 10
+    bare = replace(one, tail_rate=None, tail_excess=None)
+    steps = {
+        name: (
+            Scorer(ScoringConfig(), cal).step.prior_steps,
+            Scorer(ScoringConfig(), cal).step.tail_steps,
+        )
+        for name, cal in (("one", one), ("fleet", fleet), ("bare", bare))
+    }
+    assert steps["one"] == (6400.0, 6400.0)
+    assert steps["fleet"] == (2.0, 6400.0)
+    assert steps["bare"] == (6400.0, TAIL_PRIOR_STEPS)
 
 
 def test_stuck_needs_a_longer_run_on_a_sensor_that_often_repeats() -> None:
