@@ -306,6 +306,32 @@ def test_the_models_tail_counts_as_the_steps_it_was_measured_on() -> None:
     assert sd[6400.0] < sd[TAIL_PRIOR_STEPS] / 2.0
 
 
+def test_a_sensor_that_jumps_by_habit_unlike_the_models_is_learnt_in_time() -> None:
+    """A machine whose sensor jumps 20 spreads every 50 steps, where the model's held-out
+    errors (6,400 steps of them) showed none: its first jumps raise, then the tail learns
+    them as a habit and the rest pass; the model's count sets how many repeats that takes
+    (a stream's own count, 370 steps, takes fewer)."""
+    gaussian = tail_prior(np.zeros((0, 4)))
+    raised = {}
+    for steps in (TAIL_PRIOR_STEPS, 6400.0):
+        part = StepTail(2.0, 8000, 20, prior=gaussian, tail_steps=steps)
+        cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(4).items()}
+        ok = np.ones(1, bool)
+        part.start(cols, ok)
+        rng = np.random.default_rng(3)
+        raised[steps] = []
+        for n in range(6000):
+            errors = rng.standard_normal((1, 4))
+            if n % 50 == 25:
+                errors[0, 1] = 20.0
+            x = part.spread(cols, errors)
+            if n % 50 == 25 and float(part.score(cols, x)[0]) < 2.5e-9:  # an alert's level
+                raised[steps].append(n)
+            part.learn(cols, x, ok, np.array([n]))
+    assert 0 < len(raised[TAIL_PRIOR_STEPS]) < len(raised[6400.0])
+    assert max(raised[6400.0]) < 3000  # of 6,000 steps: the second half raises nothing
+
+
 def test_a_fleets_error_scale_is_each_streams_own_its_tail_the_models() -> None:
     """A fleet's machines differ in noise: its model's variance counts as the weakest proper
     prior of a stream's error scale (2 samples); a model of one stream counts its own as the
