@@ -375,23 +375,16 @@ def relations_text(prior: RelationsPrior | None, enabled: bool, weight: float | 
     )
 
 
-def _relations_weight(cal: Calibration, scoring: ScoringConfig) -> float | None:
-    """How many samples a stream's relations take the model's as: the scorer's own."""
-    from detector.scoring import Scorer
-
-    relations = Scorer(scoring, cal).relations
-    return None if relations is None else relations.prior_steps
-
-
-def _step_counts(cal: Calibration, scoring: ScoringConfig) -> str:
+def step_counts_text(tail_steps: float, scale_steps: float) -> str:
     """How many of a stream's own steps the per-step check's tail and error scale take the
-    model's as: the scorer's own."""
-    from detector.scoring import Scorer
+    model's as (the scorer's own counts), appended to ``tail_text``.
 
-    step = Scorer(scoring, cal).step
+    >>> step_counts_text(6400.0, 2.0).split(", ")[-1]
+    "the model's error scale as 2"
+    """
     return (
-        f"; it counts as {step.tail_steps:.0f} of a stream's own steps (at least one"
-        f" Gaussian exceedance's worth), the model's error scale as {step.prior_steps:.0f}"
+        f"; it counts as {tail_steps:.0f} of a stream's own steps (at least one"
+        f" Gaussian exceedance's worth), the model's error scale as {scale_steps:.0f}"
     )
 
 
@@ -400,6 +393,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from detector.config import load_config
     from detector.model import LoadedModel
+    from detector.scoring import Scorer
 
     config, problems = load_config(args.config)  # file, then environment, as run reads it
     if problems:
@@ -424,6 +418,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     cal = meta.calibration
+    scorer = Scorer(scoring, cal)  # the counts it takes the model's priors as
+    relations_weight = None if scorer.relations is None else scorer.relations.prior_steps
     rows = [
         ("model", meta.name),
         ("file", args.model),
@@ -441,9 +437,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("calibration suggestion", f"likelihood {cal.threshold:.12g}, stored at training;"
          " not applied (alerts use the rule above)"),
         ("relations check", relations_text(cal.relations, scoring.relations_check,
-                                           _relations_weight(cal, scoring))),
+                                           relations_weight)),
         ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)
-         + _step_counts(cal, scoring)),
+         + step_counts_text(scorer.step.tail_steps, scorer.step.prior_steps)),
         ("errors' lag", lag_text(meta.features, cal.error_lag)),
         ("warm-up", warmup_text(scoring, cal)),
     ]  # fmt: skip

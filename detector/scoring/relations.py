@@ -380,8 +380,8 @@ class Relations:
         mean, packed, var = cols[PREFIX + "mean"], cols[PREFIX + "prec"], cols[PREFIX + "var"]
         n, d, z, evidence = step.n, step.d, step.z, step.evidence
         memory = float(self.long_window)
+        every = bool(learn.all())  # the usual step: whole columns, no masks
         if learn.any():
-            every = bool(learn.all())
             rows = slice(None) if every else np.nonzero(learn)[0]
             alpha = 1.0 / (evidence if every else evidence[rows])
             # the spread learns from the calm steps only (a drift it took in would hide)
@@ -406,7 +406,7 @@ class Relations:
         if kept_before.any():
             learnt[kept_before] = n[kept_before]
         follows = learnt == 0.0  # (a first sample learnt is the mean, whatever its weight)
-        if bool(learn.all()):
+        if every:
             learnt += 1.0
             np.minimum(learnt, memory, out=learnt)
             weight = np.sqrt(held) / learnt

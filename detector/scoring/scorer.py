@@ -28,7 +28,6 @@ from detector.scoring.sensors import Range, Stuck
 from detector.scoring.stats import F64, ColumnSpec, combine_tails, log_score
 from detector.scoring.surprise import (
     TAIL_FROM,
-    TAIL_PRIOR_STEPS,
     StepTail,
     Surprise,
     standardised_errors,
@@ -152,8 +151,8 @@ class Scorer:
         # measured on for a model of one stream, as the weakest proper prior for a fleet's;
         # the tail's, as the held-out steps it was measured on
         scale_steps = measured_weight(weight, cfg.long_window, float(calibration.n), 1)
-        tail_steps = TAIL_PRIOR_STEPS if tail is None else float(calibration.n)
-        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail, tail_steps)
+        self.step = StepTail(scale_steps, cfg.long_window, cfg.clear_steps, tail,
+                             float(calibration.n))  # fmt: skip
         self.stuck = Stuck(cfg.long_window)
         prior = calibration.relations if cfg.relations_check else None
         # the signals alerts watch (the average, and each check in use), and the tails at

@@ -334,7 +334,8 @@ class StepTail:
         self.long_window = long_window
         self.cluster_gap = cluster_gap
         self.prior = None if prior is None else tuple(np.asarray(p, np.float32) for p in prior)
-        self.tail_steps = max(float(tail_steps), TAIL_PRIOR_STEPS)
+        # a Gaussian's tail (no prior) is an assumption: one exceedance's worth, never less
+        self.tail_steps = TAIL_PRIOR_STEPS if prior is None else max(tail_steps, TAIL_PRIOR_STEPS)
 
     @staticmethod
     def columns(f: int) -> dict[str, ColumnSpec]:
