@@ -388,6 +388,22 @@ def step_counts_text(tail_steps: float, scale_steps: float) -> str:
     )
 
 
+def pooled_text(features: list[str], pooled: Any) -> str:
+    """Each feature's mean excess as the daemon starts a stream's step check from it, pooled
+    across the model's sensors where they are alike (``surprise.pooled_excess``), appended
+    to ``tail_text``; nothing for one sensor or a file without a tail.
+
+    >>> pooled_text(["a", "b"], [0.934, 0.934])
+    '; its mean excess pooled across the sensors: a 0.934, b 0.934'
+    >>> pooled_text(["a"], [0.92]), pooled_text(["a", "b"], None)
+    ('', '')
+    """
+    if pooled is None or len(features) < 2:
+        return ""
+    parts = [f"{name} {float(b):.3g}" for name, b in zip(features, pooled, strict=True)]
+    return "; its mean excess pooled across the sensors: " + ", ".join(parts)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -439,7 +455,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("relations check", relations_text(cal.relations, scoring.relations_check,
                                            relations_weight)),
         ("step check's tail", tail_text(meta.features, cal.tail_rate, cal.tail_excess)
-         + step_counts_text(scorer.step.tail_steps, scorer.step.prior_steps)),
+         + step_counts_text(scorer.step.tail_steps, scorer.step.prior_steps)
+         + pooled_text(meta.features, None if scorer.step.prior is None
+                       else scorer.step.prior[1])),
         ("errors' lag", lag_text(meta.features, cal.error_lag)),
         ("warm-up", warmup_text(scoring, cal)),
     ]  # fmt: skip

@@ -275,6 +275,45 @@ def tail_prior(errors: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(v) for v in rate], [float(v) for v in excess]
 
 
+def pooled_excess(rate: Sequence[float], excess: Sequence[float], steps: float) -> list[float]:
+    """A model's mean excess per feature (``tail_prior``'s, from ``steps`` held-out steps),
+    each shrunk towards the features' common one as far as their differences lie within
+    what their exceedances can tell: empirical Bayes, a random-effects model of log b across
+    the features (DerSimonian and Laird 1986). A mean of k exponential excesses has log b
+    known to about 1 / sqrt(k); the far tail goes as exp(-excess / b), so at seven spreads a
+    b a quarter off (16 exceedances) moves the tail by two decades. The sensors of one model
+    share its network and its process: where their b differ by no more than chance, they
+    share one, known from all their exceedances together; a sensor whose tail truly differs
+    (one that jumps by habit) keeps its own. One feature: its own.
+
+    Twenty exceedances each: within chance, one b; further apart, each drawn in part; beside a
+    sensor whose tail is far heavier, the others are left as they are:
+
+    >>> [round(b, 2) for b in pooled_excess([0.003] * 3, [0.8, 0.9, 1.05], 6400.0)]
+    [0.91, 0.91, 0.91]
+    >>> [round(b, 2) for b in pooled_excess([0.003] * 3, [0.6, 0.9, 1.4], 6400.0)]
+    [0.67, 0.9, 1.24]
+    >>> [round(b, 2) for b in pooled_excess([0.003, 0.003, 0.1], [0.9, 1.0, 600.0], 6400.0)]
+    [0.9, 1.01, 599.81]
+    """
+    if len(excess) < 2:
+        return [float(b) for b in excess]
+    log_b = np.log(np.asarray(excess, np.float64))
+    # each log b's precision: the exceedances it was measured from, the prior's one included
+    weight = np.asarray(rate, np.float64) * (steps + TAIL_PRIOR_STEPS)
+    total = weight.sum()
+    common = (weight * log_b).sum() / total
+    beyond_chance = (weight * (log_b - common) ** 2).sum() - (len(log_b) - 1)
+    spread = max(0.0, beyond_chance / (total - (weight * weight).sum() / total))  # tau^2
+    if spread == 0.0:
+        return [float(np.exp(common))] * len(log_b)
+    noise = 1.0 / weight
+    mixed = 1.0 / (noise + spread)
+    centre = (mixed * log_b).sum() / mixed.sum()
+    shrunk = centre + (log_b - centre) * (spread / (spread + noise))
+    return [float(b) for b in np.exp(shrunk)]
+
+
 class StepTail:
     """How unlikely one step's error is on its own, each feature against its stream's own
     history: a spike or a step change that the averages dilute shows here at once.
@@ -299,7 +338,9 @@ class StepTail:
     the held-out steps it was measured on: a tail learnt from a stream's first dozen
     exceedances, extrapolated to an error twice as far out, is a guess, wrong in either
     direction by orders of magnitude, where the model's held-out errors say how its errors
-    fall off. A file without them has the Gaussian's, an assumption, counted as
+    fall off. Each feature's mean excess there is known from its own exceedances, a dozen or
+    two; where the features' differ by no more than that allows, they share one
+    (``pooled_excess``). A file without them has the Gaussian's, an assumption, counted as
     TAIL_PRIOR_STEPS, one Gaussian exceedance's worth, and never less than that.
 
     Columns per feature: ``error_var`` (s^2, Huber-robust), ``tail_rate``,
@@ -333,6 +374,8 @@ class StepTail:
         self.prior_steps = prior_steps
         self.long_window = long_window
         self.cluster_gap = cluster_gap
+        if prior is not None:  # each feature's mean excess, pooled with its sensors' alike
+            prior = (prior[0], pooled_excess(prior[0], prior[1], tail_steps))
         self.prior = None if prior is None else tuple(np.asarray(p, np.float32) for p in prior)
         # a Gaussian's tail (no prior) is an assumption: one exceedance's worth, never less
         self.tail_steps = TAIL_PRIOR_STEPS if prior is None else max(tail_steps, TAIL_PRIOR_STEPS)

@@ -78,6 +78,10 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
                      r" as (\d+)", done.stdout)  # fmt: skip
     assert held_out is not None and tail is not None, done.stdout
     assert int(tail[1]) == max(370, int(held_out[1])) and tail[2] == held_out[1], done.stdout
+    # the mean excess each sensor starts from, pooled across the four sensors
+    assert re.search(
+        r"its mean excess pooled across the sensors: flow [\d.]+, pressure", done.stdout
+    )
 
 
 def test_inspect_shows_the_alert_rule_the_daemon_applies(
