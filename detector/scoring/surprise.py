@@ -302,9 +302,12 @@ def pooled_excess(rate: Sequence[float], excess: Sequence[float], steps: float) 
     # each log b's precision: the exceedances it was measured from, the prior's one included
     weight = np.asarray(rate, np.float64) * (steps + TAIL_PRIOR_STEPS)
     total = weight.sum()
+    scale = total - (weight * weight).sum() / total
+    if not scale > 0.0:  # one feature's count outweighs the rest beyond float precision
+        return [float(b) for b in excess]
     common = (weight * log_b).sum() / total
     beyond_chance = (weight * (log_b - common) ** 2).sum() - (len(log_b) - 1)
-    spread = max(0.0, beyond_chance / (total - (weight * weight).sum() / total))  # tau^2
+    spread = max(0.0, beyond_chance / scale)  # tau^2: the true log b's spread across features
     if spread == 0.0:
         return [float(np.exp(common))] * len(log_b)
     noise = 1.0 / weight

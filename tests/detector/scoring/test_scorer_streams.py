@@ -333,6 +333,7 @@ def test_a_models_tail_is_one_across_its_sensors_where_they_are_alike() -> None:
         heavy = pooled_excess(rate, excess, 6400.0)
         assert heavy[3] > 0.9 * excess[3] and heavy[3] > 1.5 * max(heavy[:3] + heavy[4:])
     assert np.mean(pooled) < np.mean(own) / 2.0
+    assert pooled_excess([0.003], [2.0], 6400.0) == [2.0]  # one sensor: its own
     part = StepTail(2.0, 8000, 20, prior=(rate, excess), tail_steps=6400.0)
     cols = {k: np.full((1, *sh), v, dt) for k, (sh, dt, v) in part.columns(8).items()}
     part.start(cols, np.ones(1, bool))
