@@ -53,6 +53,7 @@ bench: setup
 bench-quality: setup
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/building.py
 
 bench-all: bench bench-quality
 	$(BIN)/python bench/long_memory.py

@@ -59,6 +59,8 @@ class BatchResult:
     score: np.ndarray  # [B] log-scaled anomaly score in [0, 1] (0 during warm-up)
     active: np.ndarray  # [B] bool: an alert is active after this sample
     std_errors: np.ndarray  # [B, F]
+    contributions: np.ndarray  # [B, F] each feature's part of the most surprising signal
+    # (what an alert at the sample names: a spike's errors, a stuck run, the average's parts)
     events: list[AlertEvent] = field(default_factory=list)
     gap_resets: int = 0
     intervals: int = 0  # samples taken that followed one of their stream's (not after a restore)
@@ -152,6 +154,7 @@ class Engine:
             score=np.zeros(n),
             active=np.zeros(n, np.bool_),
             std_errors=np.full((n, f), np.nan),
+            contributions=np.full((n, f), np.nan),
         )
         if n == 0:
             return result
@@ -271,6 +274,7 @@ class Engine:
         result.score[idx] = scores.score
         result.active[idx] = scores.active
         result.std_errors[idx] = scores.std_errors
+        result.contributions[idx] = scores.contributions
         for k in np.flatnonzero(scores.raised | scores.cleared | scores.updated):
             result.events.append(
                 self._event(int(k), idx, streams, ts, scores, float(cols["episode_ts"][k]))

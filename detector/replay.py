@@ -4,8 +4,10 @@ Each row becomes one sample of one stream, stepped by the same :class:`Engine`
 the daemon uses; the output CSV holds the input columns then ``raw_score``,
 ``anomaly_score`` (the log-scaled likelihood in [0, 1], 0 in warm-up; see
 :func:`detector.scoring.log_score`), ``alert`` (0/1, active at this row),
-``top_feature`` and ``alert_score`` (the likelihood the alert rule compares with its
-thresholds, log-scaled the same way). Rows with a missing value are not stepped.
+``top_feature`` (the sensor an alert at the row would name first: of the most surprising
+signal, as ``rnnsentry/alerts`` names them) and ``alert_score`` (the likelihood the alert
+rule compares with its thresholds, log-scaled the same way). Rows with a missing value are
+not stepped.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def replay_table(
             like[t] = result.likelihood[0]
             score[t] = result.score[0]
             active = bool(result.active[0])
-            if not math.isnan(raw[t]):
-                top[t] = features[top_features(result.std_errors[0], 1)[0]]
+            if not math.isnan(raw[t]):  # the sensor an alert here would name first
+                parts = result.contributions[0]
+                named = parts if np.isfinite(parts).any() else result.std_errors[0]
+                top[t] = features[top_features(named, 1)[0]]
             raised += sum(1 for e in result.events if e.event == "raised")
         alert[t] = active
     return ReplayResult(
