@@ -20,7 +20,14 @@ the alert window, against how far such an average strays in normal data: the rel
 real machines are not linear, so the residual wanders slowly, and an average of it strays
 further than the white-noise share would say. The model file measures that spread on
 held-out streams (``RelationsPrior.average_var``), each step with a covariance that had not
-seen it.
+seen it. The check also watches a slow average of the same residuals, over SLOW_WINDOWS
+windows: their slow wander averages out about as fast as noise would, so a drift that creeps
+over hundreds of steps stands out there before it does in the window's average. The two ask
+one question, so they share the check's part of the alert's level in proportion to the
+independent averages each holds (a weighted Bonferroni), and a raise by either disarms both
+until each is calm again (one departure, one alert). The slow average's prior spread is the
+window's rescaled by white-noise shares, and each stream learns its own, as it does for the
+window's.
 
 The covariance's prior is the model's: the held-out streams' covariance within each stream,
 counted as samples of the stream's own (``calibration.measured_weight``): for a model of one
@@ -103,6 +110,9 @@ RIDGE: Final = 1e-3
 DEVIATION_BOUND: Final = 1e6
 VAR_FLOOR: Final = 0.1  # a stream's averages stray at least a tenth of the calibration's
 GATHER_BYTES: Final = 2**22  # the most of a batch's full precisions gathered at once (4 MiB)
+# The slow average of the residuals spans this many of the check's windows (400 steps for
+# the alert's 50): a drift that creeps over hundreds of steps stands out there first.
+SLOW_WINDOWS: Final = 8
 
 
 def relations_precision(covariance: np.ndarray | list[list[float]]) -> F64:
@@ -213,6 +223,8 @@ class RelationsStep:
     evidence: F64  # [B] what the covariance counts as known, the step included
     calm: Mask  # [B] the tail above the level an alert clears at
     departed: Mask  # [B] a departure's raising step, held back from the covariance
+    slow_tail: F64  # [B] the tail of the residuals' slow average
+    slow_z: F64  # [B, F] each sensor's slow average over its spread
 
 
 class Relations:
@@ -222,8 +234,10 @@ class Relations:
     ``rel_var`` [F] (in the calibration's units), the calm samples since the last raise
     ``rel_armed``, the samples taken in ``rel_n`` (the covariance's evidence) and those
     the mean has learnt ``rel_learnt`` (NaN: a state kept before it, whose mean learnt every
-    sample taken in), and the steps since the check was last calm ``rel_away``. The stream's
-    tail is the smallest over its features, times their number.
+    sample taken in), and the steps since the check was last calm ``rel_away``; the
+    residuals' slow average ``rel_avg_slow`` [F], its own spread ``rel_var_slow`` [F] and
+    raise state ``rel_armed_slow``. Each average's tail is the smallest over its features,
+    times their number; ``weights`` are the two averages' shares of the check's level.
 
     The prior's ``average_var`` is the spread of the average over its ``window``; for another
     ``window`` it is rescaled by the exponential averages' white-noise shares (close, not
@@ -275,6 +289,16 @@ class Relations:
         self.window = window
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
+        self.slow_window = SLOW_WINDOWS * window
+        self._slow_alpha = ewma_alpha(self.slow_window)
+        self._slow_share = ewma_var_share(self.slow_window)
+        slow_rescale = self._slow_share / ewma_var_share(prior.window)
+        self.slow_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * slow_rescale, 1e-12))
+        # The two averages ask one question, so they share the check's part of the alert's
+        # level, each in proportion to the independent averages it holds (a weighted
+        # Bonferroni): the window's 0.89, the slow one's 0.11.
+        total = self._share + self._slow_share
+        self.weights = (self._share / total, self._slow_share / total)
         self.prior_steps = measured_weight(prior_steps, long_window, float(prior.steps), 2 * f)
         self.long_window = long_window
         # A spread is known as well as the independent averages behind it: the steps it was
@@ -299,9 +323,16 @@ class Relations:
             PREFIX + "n": ((), np.float32, 0.0),  # samples taken in
             PREFIX + "learnt": ((), np.float32, math.nan),  # samples the mean learnt
             PREFIX + "away": ((), np.float32, 0.0),  # steps since the check was calm
+            # the residuals' slow average and its stream's own spread
+            PREFIX + "avg_slow": ((f,), np.float32, math.nan),
+            PREFIX + "var_slow": ((f,), np.float32, 1.0),
+            PREFIX + "armed_slow": ((), np.int16, ARMED),  # its own raise state
         }
 
-    gap_reset = (PREFIX + "slow", PREFIX + "avg", PREFIX + "armed", PREFIX + "away")
+    gap_reset = (
+        PREFIX + "slow", PREFIX + "avg", PREFIX + "armed", PREFIX + "away",
+        PREFIX + "avg_slow", PREFIX + "armed_slow",
+    )  # fmt: skip
 
     def score(
         self,
@@ -351,16 +382,15 @@ class Relations:
         r = _given_the_others(u_t[:f], u_t[f:], diag[:f], prec_t[self._value_average],
                               diag[f:]).T  # fmt: skip
         advance_average(avg, r, ok, self._alpha, count)
-        young = average_var_share(self.window, count + 1) / self._share  # a young average
-        # spreads more; z is NaN only on rows not in use (no average yet), whose tail is 1
-        z = avg / (self.average_sd * np.sqrt(young)[:, None])
-        x = np.abs(z) / np.sqrt(cols[PREFIX + "var"])
+        slow_avg = cols[PREFIX + "avg_slow"]
+        advance_average(slow_avg, r, ok, self._slow_alpha, count)
         steps = np.maximum(self.calibration_steps, np.minimum(
             self.calibration_steps + n, float(self.long_window)))  # fmt: skip
-        one = student_tail(row_max(x), np.maximum(steps * self._share, 1.0))
-        tail = np.minimum(1.0, 2.0 * f * one)
-        if not every_ok:
-            tail = np.where(ok, tail, 1.0)
+        tail, z = self._tail(avg, self.average_sd, cols[PREFIX + "var"], self.window,
+                             self._share, count, steps, ok)  # fmt: skip
+        slow_tail, slow_z = self._tail(slow_avg, self.slow_sd, cols[PREFIX + "var_slow"],
+                                       self.slow_window, self._slow_share, count, steps,
+                                       ok)  # fmt: skip
         # A departure: the steps since the check was last calm. It teaches the covariance
         # none of its steps the check raises at (their tail below the alert's level) until
         # it has lasted as long as what the covariance knew before it began: then it is
@@ -371,7 +401,25 @@ class Relations:
         departed = (tail < self.level) & (away + away < evidence)
         calm = tail > self.calm
         np.minimum(np.where(calm, 0.0, away + 1.0), memory, out=away, where=ok)
-        return RelationsStep(tail, z, ok, n, d, prec_t, d_t, u_t, evidence, calm, departed)
+        return RelationsStep(tail, z, ok, n, d, prec_t, d_t, u_t, evidence, calm, departed,
+                             slow_tail, slow_z)  # fmt: skip
+
+    def _tail(
+        self, avg: np.ndarray, sd: F64, var: np.ndarray, window: int, share: float,
+        count: np.ndarray, steps: F64, ok: Mask,
+    ) -> tuple[F64, F64]:  # fmt: skip
+        """Each stream's tail [B] for its residuals' averages ``avg`` [B, F] over ``window``
+        steps (the model's spread ``sd``, the stream's own ``var`` in its units), and the
+        standardised averages [B, F]. A young average spreads more; z is NaN only on rows not
+        in use (no average yet), whose tail is 1."""
+        young = average_var_share(window, count + 1) / share
+        z: F64 = avg / (sd * np.sqrt(young)[:, None])
+        x = np.abs(z) / np.sqrt(var)
+        one = student_tail(row_max(x), np.maximum(steps * share, 1.0))
+        tail: F64 = np.minimum(1.0, 2.0 * avg.shape[1] * one)
+        if not bool(ok.all()):
+            tail = np.where(ok, tail, 1.0)
+        return tail, z
 
     def learn(self, cols: dict[str, np.ndarray], step: RelationsStep, learn: Mask) -> None:
         """Learn from a scored step, on the rows in ``learn``: the stream's spread of its
@@ -383,13 +431,20 @@ class Relations:
         every = bool(learn.all())  # the usual step: whole columns, no masks
         if learn.any():
             rows = slice(None) if every else np.nonzero(learn)[0]
-            alpha = 1.0 / (evidence if every else evidence[rows])
+            base = 1.0 / (evidence if every else evidence[rows])
             # the spread learns from the calm steps only (a drift it took in would hide)
-            alpha = alpha * step.calm[rows]
+            alpha = base * step.calm[rows]
             own = var if every else var[rows]
             learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
             if not every:
                 var[rows] = own
+            # the slow average's spread, from the steps its own tail calls calm
+            slow_var = cols[PREFIX + "var_slow"]
+            slow_alpha = base * (step.slow_tail[rows] > self.calm)
+            own = slow_var if every else slow_var[rows]
+            learn_mean_square(own, step.slow_z[rows] ** 2, slow_alpha[:, None], VAR_FLOOR)
+            if not every:
+                slow_var[rows] = own
             teach, every_taught = learn, every
             if step.departed.any():
                 teach = learn & ~step.departed

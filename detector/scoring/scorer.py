@@ -295,9 +295,26 @@ class Scorer:
         if stuck_tail is not None:
             stuck_tail = raise_once(cols["stuck_armed"], stuck_tail, level, calm_level,
                                     cfg.clear_steps, ok)  # fmt: skip
-        if relations_tail is not None:
-            relations_tail = raise_once(cols["rel_armed"], relations_tail, level, calm_level,
-                                        cfg.clear_steps, ok)  # fmt: skip
+        if relations is not None and self.relations is not None:
+            # its two averages, each on its share of the check's level, raising once
+            fast, slow = self.relations.weights
+            fast_tail = relations.tail / fast
+            slow_tail = relations.slow_tail / slow
+            by_slow = slow_tail < fast_tail
+            if by_slow.any():  # named by the sensors of the average that is further out
+                residuals = np.where(by_slow[:, None], relations.slow_z, relations.z)
+            fast_armed, slow_armed = cols["rel_armed"], cols["rel_armed_slow"]
+            fast_tail = raise_once(fast_armed, np.minimum(1.0, fast_tail), level, calm_level,
+                                   cfg.clear_steps, ok)  # fmt: skip
+            slow_tail = raise_once(slow_armed, np.minimum(1.0, slow_tail), level, calm_level,
+                                   cfg.clear_steps, ok)  # fmt: skip
+            relations_tail = np.minimum(fast_tail, slow_tail)
+            # a raise by either disarms both, each until its own average is calm again:
+            # one departure, one alert
+            fired = ok & (relations_tail < level)
+            if fired.any():
+                fast_armed[fired] = 0
+                slow_armed[fired] = 0
         alert_tails = [t for t in (alert_tail, step_tail, stuck_tail, relations_tail)
                        if t is not None]  # fmt: skip
         alert_tail = combine_tails(*alert_tails)

@@ -274,6 +274,31 @@ def test_a_drift_the_check_watches_does_not_widen_the_spread_it_is_judged_agains
     assert np.all(every_step[-1] > 2.0 * every_step[1000])
 
 
+def test_a_slow_drift_shows_first_in_the_residuals_slow_average() -> None:
+    """A ramp of half the load's spread over 3,000 steps on the second sensor (five times its
+    own noise at the end). The residuals' 400-sample average, on its share of the check's
+    level, reaches it more than a hundred steps before the 50-sample average reaches its own,
+    while the drift goes on; before the drift, neither comes near."""
+    assert CALIBRATION.relations is not None
+    x = related_stream(7000, seed=2)
+    x[3000:6000, 1] += 0.5 * np.arange(1, 3001) / 3000
+    part = Relations(CALIBRATION.relations, 50, 8000.0, 8000, calm=0.01, level=RAISE)
+    fast_share, slow_share = part.weights
+    assert part.slow_window == 400 and 0.85 < fast_share < 0.9
+    assert fast_share + slow_share == pytest.approx(1.0)
+    cols = fresh_columns(Relations)
+    ok, count = np.ones(1, np.bool_), np.zeros(1)
+    fast, slow = np.ones(len(x)), np.ones(len(x))
+    for t in range(len(x)):
+        scored = step(part, cols, x[t : t + 1], ok, ok, count)
+        fast[t], slow[t] = scored.tail[0] / fast_share, scored.slow_tail[0] / slow_share
+        count += 1
+    assert fast[500:3000].min() > 1e3 * RAISE and slow[500:3000].min() > 1e3 * RAISE
+    first_slow = 3000 + int(np.argmax(slow[3000:] < RAISE))
+    first_fast = 3000 + int(np.argmax(fast[3000:] < RAISE))
+    assert slow[first_slow] < RAISE and first_slow + 100 < min(first_fast, 6000)
+
+
 def test_a_departure_that_passes_is_not_learnt_so_its_end_raises_nothing() -> None:
     """A young stream's second sensor is off by four of its own noise spreads for 1,200
     steps, then back. The check raises once, at the start. Its covariance takes in none of
