@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,17 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import machine_line
+from common import REPO, machine_line
+from quality import ENV  # the project's defaults: no RNNSENTRY_* setting of the caller's
 
 from training.evaluation.evaluate import first_raise
 
-REPO = Path(__file__).resolve().parent.parent
 DAY = 1440  # one-minute rows
 DAYS = 14  # the first week trains, the second is scored
 FEATURES = ("supply_air", "humidity", "fan_power")
 GRACE_ROWS = 60  # after a failure ends: a raise here is late, not false
-# Subprocesses get the project's defaults: no RNNSENTRY_* setting of the caller's shell.
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("RNNSENTRY_")}
 
 
 @dataclass(frozen=True)

@@ -284,16 +284,16 @@ class Relations:
         # where it keeps each value's entry with its own average, P_fs
         self._value_average = self._index[np.arange(f), np.arange(f) + f]
         self._bound, self._consistency = huber_scatter(2 * f)
-        rescale = ewma_var_share(window) / ewma_var_share(prior.window)
-        self.average_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * rescale, 1e-12))
         self.window = window
         self._alpha = ewma_alpha(window)
         self._share = ewma_var_share(window)
         self.slow_window = SLOW_WINDOWS * window
         self._slow_alpha = ewma_alpha(self.slow_window)
         self._slow_share = ewma_var_share(self.slow_window)
-        slow_rescale = self._slow_share / ewma_var_share(prior.window)
-        self.slow_sd = np.sqrt(np.maximum(np.asarray(prior.average_var) * slow_rescale, 1e-12))
+        # the prior's spread of each average: the measured one's, by white-noise shares
+        measured = np.asarray(prior.average_var) / ewma_var_share(prior.window)
+        self.average_sd = np.sqrt(np.maximum(measured * self._share, 1e-12))
+        self.slow_sd = np.sqrt(np.maximum(measured * self._slow_share, 1e-12))
         # The two averages ask one question, so they share the check's part of the alert's
         # level, each in proportion to the independent averages it holds (a weighted
         # Bonferroni): the window's 0.89, the slow one's 0.11.
@@ -387,10 +387,10 @@ class Relations:
         steps = np.maximum(self.calibration_steps, np.minimum(
             self.calibration_steps + n, float(self.long_window)))  # fmt: skip
         tail, z = self._tail(avg, self.average_sd, cols[PREFIX + "var"], self.window,
-                             self._share, count, steps, ok)  # fmt: skip
+                             self._share, count, steps, None if every_ok else ok)  # fmt: skip
         slow_tail, slow_z = self._tail(slow_avg, self.slow_sd, cols[PREFIX + "var_slow"],
                                        self.slow_window, self._slow_share, count, steps,
-                                       ok)  # fmt: skip
+                                       None if every_ok else ok)  # fmt: skip
         # A departure: the steps since the check was last calm. It teaches the covariance
         # none of its steps the check raises at (their tail below the alert's level) until
         # it has lasted as long as what the covariance knew before it began: then it is
@@ -406,18 +406,18 @@ class Relations:
 
     def _tail(
         self, avg: np.ndarray, sd: F64, var: np.ndarray, window: int, share: float,
-        count: np.ndarray, steps: F64, ok: Mask,
+        count: np.ndarray, steps: F64, ok: Mask | None,
     ) -> tuple[F64, F64]:  # fmt: skip
         """Each stream's tail [B] for its residuals' averages ``avg`` [B, F] over ``window``
         steps (the model's spread ``sd``, the stream's own ``var`` in its units), and the
         standardised averages [B, F]. A young average spreads more; z is NaN only on rows not
-        in use (no average yet), whose tail is 1."""
+        in use (no average yet), whose tail is 1 (``ok``; None: every row is in use)."""
         young = average_var_share(window, count + 1) / share
         z: F64 = avg / (sd * np.sqrt(young)[:, None])
         x = np.abs(z) / np.sqrt(var)
         one = student_tail(row_max(x), np.maximum(steps * share, 1.0))
         tail: F64 = np.minimum(1.0, 2.0 * avg.shape[1] * one)
-        if not bool(ok.all()):
+        if ok is not None:
             tail = np.where(ok, tail, 1.0)
         return tail, z
 
@@ -432,19 +432,15 @@ class Relations:
         if learn.any():
             rows = slice(None) if every else np.nonzero(learn)[0]
             base = 1.0 / (evidence if every else evidence[rows])
-            # the spread learns from the calm steps only (a drift it took in would hide)
-            alpha = base * step.calm[rows]
-            own = var if every else var[rows]
-            learn_mean_square(own, z[rows] ** 2, alpha[:, None], VAR_FLOOR)
-            if not every:
-                var[rows] = own
-            # the slow average's spread, from the steps its own tail calls calm
-            slow_var = cols[PREFIX + "var_slow"]
-            slow_alpha = base * (step.slow_tail[rows] > self.calm)
-            own = slow_var if every else slow_var[rows]
-            learn_mean_square(own, step.slow_z[rows] ** 2, slow_alpha[:, None], VAR_FLOOR)
-            if not every:
-                slow_var[rows] = own
+            # each average's spread learns from the steps its own tail calls calm (a drift
+            # it took in would hide)
+            for spread, zs, calm in ((var, z, step.calm),
+                                     (cols[PREFIX + "var_slow"], step.slow_z,
+                                      step.slow_tail > self.calm)):  # fmt: skip
+                own = spread if every else spread[rows]
+                learn_mean_square(own, zs[rows] ** 2, (base * calm[rows])[:, None], VAR_FLOOR)
+                if not every:
+                    spread[rows] = own
             teach, every_taught = learn, every
             if step.departed.any():
                 teach = learn & ~step.departed
