@@ -461,6 +461,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("errors' lag", lag_text(meta.features, cal.error_lag)),
         ("warm-up", warmup_text(scoring, cal)),
     ]  # fmt: skip
+    quiet = meta.training.get("held_out_quiet")
+    if quiet:  # (a list of feature names, written by train)
+        rows.append(("held-out rows", "quieter than the training rows in "
+                     f"{', '.join(map(str, quiet))}: routine events they never show may alert"
+                     " in a stream's first days"))  # fmt: skip
     for key in ("rows", "val_loss", "seed", "date", "data_fingerprint"):
         if key in meta.training:
             rows.append((f"training {key}", str(meta.training[key])))

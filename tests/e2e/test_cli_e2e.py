@@ -82,6 +82,25 @@ def test_train_writes_metadata_that_inspect_shows(trained: tuple[Path, Path]) ->
     assert re.search(
         r"its mean excess pooled across the sensors: flow [\d.]+, pressure", done.stdout
     )
+    assert "held-out rows" not in done.stdout  # they vary as the training rows do
+
+
+def test_train_warns_when_the_held_out_rows_are_quieter_than_the_rest(tmp_path: Path) -> None:
+    """Data that ends on a quiet stretch of one sensor (a weekend): the calibration would not
+    know what the rest shows, and both train and inspect say so."""
+    values = tiny_fleet(n_streams=1, n_steps=700).values[0].copy()
+    rng = np.random.default_rng(1)
+    values[560:, 2] = values[560, 2] + 0.01 * rng.standard_normal(140)  # temperature settles
+    data, model = tmp_path / "quiet.csv", tmp_path / "quiet.onnx"
+    _write_csv(data, values)
+    done = rnnsentry("train", "--data", str(data), "--out", str(model), "--hidden", "8",
+                     "--epochs", "1", "--window", "32", "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warning = re.search(r"held-out rows \(the last 20% .* as much as the rest in ([\w, ]+):",
+                        done.stderr)  # fmt: skip
+    assert warning is not None and warning[1] == "temperature", done.stderr
+    shown = rnnsentry("inspect", str(model))
+    assert "held-out rows" in shown.stdout and "training rows in temperature:" in shown.stdout
 
 
 def test_inspect_shows_the_alert_rule_the_daemon_applies(

@@ -248,6 +248,34 @@ def slow_averages(z: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+# A feature whose held-out rows spread less than this share of the training rows' spread
+# makes ``train`` warn: the calibration describes a quieter stretch than the data.
+QUIET_SHARE: Final = 0.25
+
+
+def quiet_features(
+    train: Sequence[np.ndarray], held_out: Sequence[np.ndarray], features: Sequence[str]
+) -> list[str]:
+    """The features whose held-out rows (raw units) spread less than QUIET_SHARE of the
+    training rows' (each about its own stream's mean, pooled over the streams). The
+    calibration is measured on the held-out rows: a routine event they never show (a working
+    day's start, when the data ends on a weekend) is news to it, and alerts in a stream's
+    first days until the stream has learnt it.
+
+    >>> t = np.arange(200.0)
+    >>> busy = np.stack([np.sin(t / 5), np.sin(t / 5)], axis=1)
+    >>> quiet_features([busy], [busy[:50] * [1.0, 0.1]], ["a", "b"])
+    ['b']
+    """
+    out = []
+    for j, name in enumerate(features):
+        trained = within_std([np.asarray(s, np.float64)[:, j] for s in train if len(s)])
+        held = within_std([np.asarray(s, np.float64)[:, j] for s in held_out if len(s)])
+        if held < QUIET_SHARE * trained:
+            out.append(name)
+    return out
+
+
 def within_std(parts: Sequence[np.ndarray]) -> float:
     """The spread of values about their own stream's mean, pooled over streams.
 

@@ -21,7 +21,13 @@ import torch
 
 from detector.artifact import FORMAT_VERSION, ModelMeta
 from detector.errors import DataError
-from training.trainer.calibrate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, calibrate
+from training.trainer.calibrate import (
+    DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW,
+    QUIET_SHARE,
+    calibrate,
+    quiet_features,
+)
 from training.trainer.data import fingerprint, load_csv_streams
 from training.trainer.export import build_step_graph, check_parity, parity_sequence, write_artifact
 from training.trainer.model import level_gain
@@ -86,6 +92,7 @@ def export_result(
     model, norm = result.model, result.normalisation
     held_out = result.val_streams
     calibration_streams, score_from = held_out, None
+    quiet: list[str] = []
     if not any(len(s) > result.options.burn_in + 2 for s in held_out):
         # No usable validation split: calibrate on the last fifth of the training rows.
         if result.options.val_fraction > 0:
@@ -98,6 +105,16 @@ def export_result(
         # Each stream whole, scored on its held-out tail only: the model's state there is
         # warm, as it is in the daemon, where a cold start would count its first errors.
         score_from = [len(t) for t in result.train_streams]
+        quiet = quiet_features(result.train_streams, held_out, features)
+        if quiet:
+            log.warning(
+                "the held-out rows (the last %.0f%% of the data, on which the scores are"
+                " calibrated) vary less than %.0f%% as much as the rest in %s: routine events"
+                " they never show (a working day's start, when the data ends on a weekend)"
+                " may raise alerts in a stream's first days; train on data that ends on a"
+                " typical stretch, or on more of it", 100 * result.options.val_fraction,
+                100 * QUIET_SHARE, ", ".join(quiet),
+            )  # fmt: skip
         calibration_streams = [
             np.concatenate([t, v]) for t, v in zip(result.train_streams, held_out, strict=True)
         ]
@@ -120,6 +137,7 @@ def export_result(
         "calibration_window": calibration_window,
         "threshold": threshold,
         "export_s": round(time.perf_counter() - began, 3),  # graph, parity and calibration
+        "held_out_quiet": quiet,  # features whose held-out rows vary far less (a warning)
         **(training_info or {}),
     }
     meta = ModelMeta(
