@@ -10,7 +10,9 @@ defaults; ``rnnsentry replay`` scores the second, which carries three failures o
 a 15-minute humidity spike (+8 %RH), the supply-air sensor stuck for two hours, and fan power
 drifting to +40 % over six hours. Each is judged as the demo judges: caught (an alert raised
 inside it, with the delay), late (within GRACE_ROWS after it) or missed; a raise outside
-every failure and its grace is false. Not a test.
+every failure and its grace is false. The last column is what ``train`` warned of: the
+sensors whose held-out rows (the week's last fifth, a weekend) vary far less than the rest.
+Not a test.
 
     .venv/bin/python bench/building.py [--seeds 5] [--work DIR]
 """
@@ -30,6 +32,7 @@ import numpy as np
 from common import REPO, machine_line
 from quality import ENV  # the project's defaults: no RNNSENTRY_* setting of the caller's
 
+from detector.artifact import read_artifact
 from training.evaluation.evaluate import first_raise
 
 DAY = 1440  # one-minute rows
@@ -108,9 +111,12 @@ def rnnsentry(*argv: str) -> None:
         raise SystemExit(f"rnnsentry {argv[0]}: {done.stderr.strip()}")
 
 
-def run_seed(seed: int, work: Path) -> tuple[list[tuple[str, str, int | None]], list[int]]:
+def run_seed(
+    seed: int, work: Path
+) -> tuple[list[tuple[str, str, int | None]], list[int], list[str] | None]:
     """Train and replay one seed; each failure's (name, verdict, minutes: from its start when
-    caught, after its end when late) and the rows of the false raises."""
+    caught, after its end when late), the rows of the false raises, and the sensors train
+    warned were quiet in the held-out rows (None: a model from before the warning)."""
     values, failures = building(seed)
     train, test = work / f"train-{seed}.csv", work / f"scored-{seed}.csv"
     model, scores = work / f"unit-{seed}.onnx", work / f"scores-{seed}.csv"
@@ -131,7 +137,8 @@ def run_seed(seed: int, work: Path) -> tuple[list[tuple[str, str, int | None]], 
         since = failure.start if verdict == "caught" else failure.end - 1
         outcomes.append((failure.name, verdict, None if row is None else row - since))
         judged |= (raises >= failure.start) & (raises < failure.end + GRACE_ROWS)
-    return outcomes, [int(r) for r in raises[~judged]]
+    quiet = read_artifact(model)[1].training.get("held_out_quiet")
+    return outcomes, [int(r) for r in raises[~judged]], quiet
 
 
 def cell(verdict: str, minutes: int | None) -> str:
@@ -154,16 +161,18 @@ def main() -> int:
     args = parser.parse_args()
     began = time.perf_counter()
     print(f"building: {machine_line()}\n")
-    print("| seed | " + " | ".join(f.name for f in building(0)[1]) + " | false raises |")
-    print("|---" * 5 + "|")
+    print("| seed | " + " | ".join(f.name for f in building(0)[1])
+          + " | false raises | held-out rows quiet in |")  # fmt: skip
+    print("|---" * 6 + "|")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for seed in range(args.seeds):
-            outcomes, false = run_seed(seed, work)
+            outcomes, false, quiet = run_seed(seed, work)
             cells = [cell(verdict, minutes) for _, verdict, minutes in outcomes]
             shown = ", ".join(when(r) for r in false[:6]) + (" ..." if len(false) > 6 else "")
-            print(f"| {seed} | " + " | ".join(cells) + f" | {len(false)}: {shown} |")
+            warned = "-" if quiet is None else ", ".join(quiet) or "none"
+            print(f"| {seed} | " + " | ".join(cells) + f" | {len(false)}: {shown} | {warned} |")
     print(f"\n**wall time {time.perf_counter() - began:.0f} s**")
     return 0
 
