@@ -33,7 +33,7 @@ from common import REPO, machine_line
 from quality import ENV  # the project's defaults: no RNNSENTRY_* setting of the caller's
 
 from detector.artifact import read_artifact
-from training.evaluation.evaluate import first_raise
+from training.evaluation.evaluate import first_raise, raise_rows
 
 DAY = 1440  # one-minute rows
 DAYS = 14  # the first week trains, the second is scored
@@ -128,7 +128,7 @@ def run_seed(
     rnnsentry("replay", "--model", str(model), "--data", str(test), "--out", str(scores))
     with scores.open() as f:
         alert = np.array([int(row["alert"]) for row in csv.DictReader(f)])
-    raises = np.flatnonzero(np.diff(np.concatenate([[0], alert])) == 1)
+    raises = raise_rows(alert)
     outcomes: list[tuple[str, str, int | None]] = []
     judged = np.zeros(len(raises), bool)
     for failure in failures:

@@ -308,9 +308,7 @@ def pooled_excess(rate: Sequence[float], excess: Sequence[float], steps: float) 
     common = (weight * log_b).sum() / total
     beyond_chance = (weight * (log_b - common) ** 2).sum() - (len(log_b) - 1)
     spread = max(0.0, beyond_chance / scale)  # tau^2: the true log b's spread across features
-    if spread == 0.0:
-        return [float(np.exp(common))] * len(log_b)
-    noise = 1.0 / weight
+    noise = 1.0 / weight  # (spread 0: every b is the common one)
     mixed = 1.0 / (noise + spread)
     centre = (mixed * log_b).sum() / mixed.sum()
     shrunk = centre + (log_b - centre) * (spread / (spread + noise))

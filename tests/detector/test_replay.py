@@ -11,6 +11,7 @@ import numpy as np
 from detector.model import LoadedModel
 from detector.replay import replay_csv
 from detector.scoring import ScoringConfig, log_score
+from training.evaluation.evaluate import raise_rows
 from training.evaluation.synth import generate_fleet
 
 
@@ -56,7 +57,7 @@ def test_top_feature_is_the_sensor_an_alert_names(tiny_model: Path, tmp_path: Pa
     lines += [",".join([str(t), *(f"{v:.6f}" for v in row)]) for t, row in enumerate(values)]
     data.write_text("\n".join(lines) + "\n")
     result = replay_csv(model, data, tmp_path / "scores.csv")
-    raises = np.flatnonzero(np.diff(np.concatenate(([0], result.alert.astype(int)))) == 1)
+    raises = raise_rows(result.alert)
     first = int(raises[(raises >= 400) & (raises < 520)][0])
     assert first < 420  # the stuck check, within a few repeats
     assert result.top_feature[first] == model.meta.features[1]
