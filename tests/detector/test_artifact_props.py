@@ -10,40 +10,10 @@ from hypothesis import strategies as st
 
 from detector.artifact import FORMAT_VERSION, meta_from_dict, parse_artifact
 from detector.errors import ModelFileError
+from tests.strategies import json_values
 
 # No example database: the suite leaves no files behind in the working tree.
 PROPS = settings(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-# JSON values of every kind json.loads produces (as in test_payload_props), timestamps among
-# the texts.
-TIME_TEXTS = [
-    "2024-01-01T00:00:00Z",
-    "2024-01-01T00:00:00",
-    "2024-01-01T02:00:00+02:00",
-    "1704067200",
-    "1704067200000",
-    "yesterday",
-    "nan",
-    "-inf",
-    "1e999",
-    "1_000",
-    "",
-]
-leaves = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()  # json.dumps writes NaN / Infinity for the non-finite ones
-    | st.text(max_size=12)
-    | st.sampled_from(TIME_TEXTS)
-)
-keys = st.sampled_from(["ts", "values", "a", "b", "c", "x"]) | st.text(max_size=6)
-json_values = st.recursive(
-    leaves,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=5),
-    max_leaves=25,
-)
-
 
 VALID_META: dict[str, Any] = {
     "format_version": FORMAT_VERSION,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from detector.errors import PayloadError
 from detector.payload import ParsedMessage, PayloadLimits, parse_message, parse_timestamp
+from tests.strategies import TIME_TEXTS, json_values
 
 # No example database: the suite leaves no files behind in the working tree.
 PROPS = settings(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -19,36 +20,6 @@ FEATURE_SETS = [["a"], ["a", "b", "c"]]
 LIMITS = PayloadLimits(max_samples=8)  # the default max_bytes
 RECV_TS = 1_700_000_000.0
 
-# Text that is, or almost is, a timestamp.
-TIME_TEXTS = [
-    "2024-01-01T00:00:00Z",
-    "2024-01-01T00:00:00",
-    "2024-01-01T02:00:00+02:00",
-    "1704067200",
-    "1704067200000",
-    "yesterday",
-    "nan",
-    "-inf",
-    "1e999",
-    "1_000",
-    "",
-]
-
-# JSON leaves: the kinds json.loads can produce, big and awkward numbers included.
-leaves = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()  # json.dumps writes NaN / Infinity for the non-finite ones
-    | st.text(max_size=12)
-    | st.sampled_from(TIME_TEXTS)
-)
-keys = st.sampled_from(["ts", "values", "a", "b", "c", "x"]) | st.text(max_size=6)
-json_values = st.recursive(
-    leaves,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=5),
-    max_leaves=25,
-)
 timestamps = (
     st.none()
     | st.booleans()
