@@ -24,6 +24,10 @@ defaults or ``--config``) and under each ``[variants.NAME]``, e.g.
     group = "spatial check"  # one setting's variants; each fold picks one of a group
     scoring = { spatial_tolerance = -1.0 }  # over the baseline's [scoring]; also streams = {}
 
+A variant with ``models = "DIR"`` replays the models another ``--keep DIR`` run kept instead
+(trained with other ``train`` flags, or by other training code), so a change to training is
+judged by the same protocol; its ``scoring`` and ``streams``, if any, apply to them.
+
 Each fold holds one NAB category out and picks, per group, the candidate (the baseline is
 one) with the best mean over seeds of: NAB standard on the two other categories (one
 threshold optimised over both) + 100 SKAB F1 - 100 max(0, SKAB FAR - 0.10). The held-out
@@ -497,7 +501,7 @@ def seed_table(rounds: list[Round]) -> list[str]:
 
 BASELINE = "baseline"
 SKAB_FAR_LIMIT = 0.10  # the objective pays 100 a unit of SKAB false-alarm rate beyond this
-VARIANT_KEYS = ("group", "scoring", "streams")
+VARIANT_KEYS = ("group", "scoring", "streams", "models")
 
 
 @dataclass(frozen=True)
@@ -507,6 +511,7 @@ class Variant:
     name: str
     group: str  # the variants of one setting share a group; a fold picks one of a group
     overrides: dict[str, dict[str, Any]]  # "scoring" / "streams" -> key -> value
+    models: Path | None = None  # its own kept models (another training), or the baseline's
 
 
 @dataclass(frozen=True)
@@ -537,9 +542,14 @@ def read_variants(path: Path) -> list[Variant]:
                      if not isinstance(v, dict)]  # fmt: skip
         if not isinstance(body.get("group", ""), str):
             problems.append(f"{where}.group: expected a string")
+        models = body.get("models")
+        if models is not None and not (isinstance(models, str) and Path(models).is_dir()):
+            problems.append(f"{where}.models: expected a folder that a --keep run wrote")
+            models = None
         if name == BASELINE:
             problems.append(f"{where}: {BASELINE!r} names the project's settings")
-        out.append(Variant(name, str(body.get("group", name)), sections))
+        out.append(Variant(name, str(body.get("group", name)), sections,
+                           None if models is None else Path(models)))  # fmt: skip
     if not tables:
         problems.append("no [variants.NAME] table")
     if problems:
@@ -651,6 +661,41 @@ def rescore(
                 files.setdefault((s.name, seed), {}).setdefault(job.protocol, []).append(labelled)
     replay_s = {s.name: sum(r.replay_s[s.name] for r in done) for s in settings}
     return Rescoring(files, replay_s, time.perf_counter() - began, roots)
+
+
+def rescore_each(
+    jobs: list[Job],
+    roots: dict[str, Path],
+    seeds: list[int],
+    settings: list[Settings],
+    windows: dict[str, list[tuple[float, float]]],
+    workers: int = 2,
+) -> Rescoring:
+    """:func:`rescore` of each settings on its own models (``roots``: settings -> folder),
+    the settings that share a folder in one pass; the baseline's folder is what
+    ``check_kept_csv`` reads."""
+    by_root: dict[Path, list[Settings]] = {}
+    for s in settings:
+        by_root.setdefault(roots[s.name], []).append(s)
+    parts = [rescore(jobs, root, seeds, group, windows, workers) for root, group in by_root.items()]
+    out = next(p for p in parts if BASELINE in p.replay_s)
+    for p in parts:
+        if p is not out:
+            out.files.update(p.files)
+            out.replay_s.update(p.replay_s)
+            out.wall_s += p.wall_s
+    return out
+
+
+def fleet_work(roots: dict[str, Path], baseline: Path) -> dict[str, Path]:
+    """Where the fleet bench finds each settings' models: its folder's ``fleet/`` when a
+    variant's own --keep run trained the fleet there, else the baseline's (``train`` flags
+    do not reach the fleet bench's training)."""
+    out = {}
+    for name, root in roots.items():
+        own = root / "fleet"
+        out[name] = own if own.is_dir() and any(own.glob("*.onnx")) else baseline / "fleet"
+    return out
 
 
 def check_kept_csv(rescoring: Rescoring, seed: int) -> str:
@@ -908,15 +953,21 @@ def baseline_table(base: list[Figures], folds: list[str]) -> list[str]:
     return [*out, ""]
 
 
-def fleet_lines(settings: list[Settings], seeds: list[int], work: Path) -> list[str]:
-    """The fleet bench (bench/fleet.py) under every settings: a table per class of the share
-    caught while happening, and false alerts per 100k normal samples, mean ± sd over seeds.
-    No setting was chosen on it: for a variant, the fleet is data it was not chosen on."""
+def fleet_lines(
+    settings: list[Settings], seeds: list[int], work: Path | dict[str, Path]
+) -> list[str]:
+    """The fleet bench (bench/fleet.py) under every settings, each on the models in ``work``
+    (one folder, or one per settings): a table per class of the share caught while
+    happening, and false alerts per 100k normal samples, mean ± sd over seeds. No setting
+    was chosen on it: for a variant, the fleet is data it was not chosen on."""
     from fleet import ANOMALY_KINDS, _cell, _class_figures, fleet_table, run_fleet
 
     began = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    results = {s.name: [run_fleet(seed, s.scoring, work) for seed in seeds] for s in settings}
+    works = work if isinstance(work, dict) else {s.name: work for s in settings}
+    for folder in set(works.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+    results = {s.name: [run_fleet(seed, s.scoring, works[s.name]) for seed in seeds]
+               for s in settings}  # fmt: skip
     out = [
         f"## Fleet bench (bench/fleet.py): {len(seeds)} seed(s), one model per seed served to"
         " machines it was not trained on",
@@ -950,19 +1001,24 @@ def run_loo(args: argparse.Namespace, jobs: list[Job], windows: Any) -> int:
         base = read_toml(args.config) if args.config else {}
         settings = [build_settings(BASELINE, base, {})]
         settings += [build_settings(v.name, base, v.overrides) for v in variants]
+        # the models each settings replays: the baseline's, or a variant's own
+        roots = {BASELINE: Path(args.models), **{v.name: v.models or Path(args.models)
+                                                  for v in variants}}  # fmt: skip
         print(
             f"leave-one-out: {len(jobs)} files x {len(seeds)} seed(s) x {len(settings)} settings"
             f" (baseline: {args.config or 'project defaults'}; variants: {args.variants}),"
-            f" models from {args.models}, {args.jobs} process(es), {os.cpu_count()} CPU(s)\n"
+            f" models from {args.models}"
+            + "".join(f" ({v.name}'s from {v.models})" for v in variants if v.models)
+            + f", {args.jobs} process(es), {os.cpu_count()} CPU(s)\n"
         )
-        rescoring = rescore(jobs, args.models, seeds, settings, windows, args.jobs)
+        rescoring = rescore_each(jobs, roots, seeds, settings, windows, args.jobs)
     except RnnsentryError as exc:
         print(f"quality: {exc}", file=sys.stderr)
         return 2
     figs = {s.name: [figures(rescoring.files[s.name, seed]) for seed in seeds] for s in settings}
     lines = [check_kept_csv(rescoring, seeds[0]), "", *loo_tables(figs, variants, seeds)]
     if not args.no_fleet:
-        lines += fleet_lines(settings, seeds, Path(args.models) / "fleet")
+        lines += fleet_lines(settings, seeds, fleet_work(roots, Path(args.models)))
     per = rescoring.replay_s[BASELINE] / len(seeds)
     lines.append(
         f"**re-scored in {rescoring.wall_s:.0f} s wall** ({args.jobs} process(es)); one settings"
