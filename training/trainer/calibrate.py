@@ -299,8 +299,8 @@ def average_std(
     A held-out tail is short (on NAB 150 steps, a handful of windows of 20), so the measured
     spread of its average is a noisy figure that falls low as often as high; the raw score's
     own spread is measured on every step. Scores that follow one another make the average
-    spread more, not less, than independent ones: the floor is a lower bound. Over five
-    training seeds (bench): NAB 60.4 -> 60.6 (no seed loses), SKAB 0.797 / 9.5 % -> 0.794 / 9.2 %.
+    spread more, not less, than independent ones: the floor is a lower bound
+    (``docs/quality-notes.md`` has what it measured).
 
     >>> round(average_std([np.array([0.0, 2.0] * 50)], [np.full(100, 1.0)], 3), 3)
     0.577
