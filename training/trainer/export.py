@@ -8,6 +8,7 @@ onnxruntime over a sequence against the torch model and raises above the toleran
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import replace
@@ -46,6 +47,13 @@ log = logging.getLogger(__name__)
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17: readable by every onnxruntime rnnsentry supports
 PARITY_TOLERANCE = 1e-4
+# Where the network itself amplifies rounding (a model fitted to spikes, steep in places), two
+# float32 evaluations of the same equations part by more than PARITY_TOLERANCE: the graph may
+# differ from torch by this many times torch's own float32 error (against a float64 copy of
+# the model), beyond the tolerance. onnxruntime's kernels round differently from torch's, and
+# its errors ran up to 6 times torch's where both were far out; a wrong equation errs by
+# orders of magnitude more than either.
+FLOAT32_ROOM = 100.0
 PARITY_MIN_STEPS = 1000
 PARITY_MAX_STEPS = 4000
 PARITY_CHECKPOINT = 250  # compare the states every this many steps
@@ -288,16 +296,20 @@ def check_parity(
     absolute, except that a value beyond 1 in magnitude is compared relative to its size:
     |a - b| / max(1, |b|). An LSTM cell state can settle at |c| ~ 100, and a prediction for
     data far outside the training range can reach hundreds of normalised units, where one
-    float32 step is ~1e-5. Raises ParityError above ``tolerance``.
+    float32 step is ~1e-5. Raises ParityError above ``tolerance`` plus FLOAT32_ROOM times
+    torch's own float32 error on the sequence (the same comparison against a float64 copy of
+    the model): how far rounding alone carries this network on these inputs.
     """
     x = np.stack([sequence, sequence[::-1]]).astype(np.float32)  # (2, T, F) raw
     session = make_session(proto)
     o_mean, o_log_var, o_states = onnx_rollout(session, x, PARITY_CHECKPOINT)
     model.eval()
+    exact = copy.deepcopy(model).double()
     centre = torch.tensor(norm.centre, dtype=torch.float32)
     scale = torch.tensor(norm.scale, dtype=torch.float32)
     z = (torch.from_numpy(x) - centre) / scale  # (2, T, F): the graph's float32 arithmetic
-    worst, state, start = 0.0, None, 0
+    z64 = (torch.from_numpy(x).double() - centre.double()) / scale.double()
+    worst, rounding, state, state64, start = 0.0, 0.0, None, None, 0
     for stop in sorted(o_states):
         mean, log_var, state = model(z[:, start:stop], state)  # (2, stop-start, F)
         worst = max(
@@ -306,13 +318,23 @@ def check_parity(
             _scaled_diff(log_var.numpy(), o_log_var[:, start:stop]),
             *(_scaled_diff(s.numpy(), o) for s, o in zip(state, o_states[stop], strict=True)),
         )
+        mean64, log_var64, state64 = exact(z64[:, start:stop], state64)
+        rounding = max(
+            rounding,
+            _scaled_diff(mean64.numpy(), mean.numpy()),
+            _scaled_diff(log_var64.numpy(), log_var.numpy()),
+            *(_scaled_diff(a.numpy(), b.numpy()) for a, b in zip(state64, state, strict=True)),
+        )
         start = stop
-    if not worst <= tolerance:
+    allowed = tolerance + FLOAT32_ROOM * rounding
+    if not worst <= allowed:
         raise ParityError(
             f"the exported ONNX step differs from the torch model by {worst:.3g} over"
-            f" {x.shape[1]} steps (tolerance {tolerance:g})"
+            f" {x.shape[1]} steps (tolerance {allowed:.3g}: {tolerance:g}, and"
+            f" {FLOAT32_ROOM:g} times torch's own float32 error, {rounding:.3g})"
         )
-    log.debug("parity over %d steps: max abs diff %.2e", x.shape[1], worst)
+    log.debug("parity over %d steps: max abs diff %.2e (torch's own float32 error %.2e)",
+              x.shape[1], worst, rounding)  # fmt: skip
     return worst
 
 
