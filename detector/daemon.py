@@ -34,7 +34,7 @@ from pathlib import Path
 
 from detector.batcher import Batcher, Inbox
 from detector.config import Config, read_password
-from detector.engine import Engine
+from detector.engine import Engine, take_over
 from detector.errors import ConfigError, RnnsentryError
 from detector.journal import AlertJournal, apply_journal, journal_path, read_journals, remove_stale
 from detector.link import Inbound, Link, LinkHooks
@@ -442,11 +442,7 @@ class Daemon:
             if self.pool is not None:  # each loads the files it was checked here they hold
                 self.pool.set_router(router)
                 self.pool.control("reload")
-            # The same [[models]] entry keeps its streams, whatever name the new file carries.
-            for engine, previous in zip(engines, self.engines, strict=True):
-                if not engine.adopt_state(previous):
-                    log.warning("model %s changed its state shape: its streams start afresh",
-                                engine.model.name)  # fmt: skip
+            take_over(engines, self.engines)
             self._install((engines, router))
             self.stage.gauge_streams()  # some may be gone
         link = self.link

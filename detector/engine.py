@@ -11,8 +11,10 @@ daemon, ``replay`` and the evaluation all use it.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -22,6 +24,8 @@ from detector.config import StreamConfig
 from detector.model import LoadedModel
 from detector.scoring import Scorer, ScoringConfig, scorer_column_specs, top_features
 from detector.state import Column, StateTable, put_rows, reset_rows, take_rows
+
+log = logging.getLogger(__name__)
 
 # Per-sample outcome codes in BatchResult.status.
 SCORED: Final = 0
@@ -48,7 +52,8 @@ class AlertEvent:
     raw_score: float
     top: list[tuple[str, float, float]]  # (feature, standardised error at this sample, share
     # of the alert's average), the largest shares first
-    reason: str = ""  # why a cleared alert ended other than by calm: "evicted" (stream dropped)
+    reason: str = ""  # why a cleared alert ended other than by calm: "evicted" (stream
+    # dropped) or "reloaded" (another model took the streams over, afresh)
 
 
 @dataclass
@@ -306,7 +311,7 @@ class Engine:
             top=top,
         )
 
-    def _closing(self, rows: np.ndarray) -> None:
+    def _closing(self, rows: np.ndarray, reason: str = "evicted") -> None:
         """Rows about to be evicted: an active alert among them is cleared, so that every
         raised alert has its cleared even when its stream is forgotten."""
         a, ids = self.table.arrays, self.table.ids
@@ -315,7 +320,7 @@ class Engine:
                 index=-1, stream=str(ids[row]), event="cleared",
                 episode=int(a["episodes"][row]), ts=float(a["last_ts"][row]),
                 episode_ts=float(a["episode_ts"][row]), likelihood=math.nan, score=0.0,
-                raw_score=math.nan, top=[], reason="evicted",
+                raw_score=math.nan, top=[], reason=reason,
             ))  # fmt: skip
 
     def take_pending(self) -> list[AlertEvent]:
@@ -350,19 +355,43 @@ class Engine:
         self.table.arrays["resumed"][rows] = True
 
     def adopt_state(self, old: Engine) -> bool:
-        """Take over ``old``'s streams if its per-stream arrays have the same shapes.
+        """Take over ``old``'s streams if it ran the same network (the graph's fingerprint)
+        with per-stream arrays of the same shapes. True: taken over.
 
-        Used by a reload: streams keep their state (and their place in warm-up) when the
-        new model's state shape is unchanged, and start afresh otherwise.
+        Used by a reload: a file reloaded unchanged keeps every stream as it was. A stream's
+        state is its network's (the recurrent states, the error scale and tails, the long-run
+        statistics, all in that network's terms), so a retrained model, even of the same
+        shapes, starts every stream afresh from its own calibration and warm-up, as a new
+        stream starts. An alert open on one is cleared (reason ``reloaded``), so that each
+        raised alert has its cleared; those events, and ``old``'s pending ones, wait in
+        ``pending_events``.
         """
-        same = self.table.columns == old.table.columns
+        same = (self.model.meta.fingerprint == old.model.meta.fingerprint
+                and self.table.columns == old.table.columns)  # fmt: skip
         if same:
             self.table = old.table
             self.table.on_remove = self._closing
-            self.pending_events = old.take_pending()
+        else:
+            live = np.fromiter(old.table.index.values(), np.int64, len(old.table))
+            old._closing(live, reason="reloaded")
+        self.pending_events = old.take_pending()
         return same
 
     def evict_idle(self, now: float) -> int:
         """Forget streams idle for ``idle_ttl_s``; their open alerts wait in
         ``pending_events``."""
         return self.table.evict_idle(now, self.stream_config.idle_ttl_s)
+
+
+def take_over(engines: Sequence[Engine], previous: Sequence[Engine]) -> None:
+    """A reload: each new engine takes the streams of the engine it replaces (the same
+    ``[[models]]`` entry, whatever name the new file carries) by ``Engine.adopt_state``, and
+    says where they start afresh."""
+    for engine, old in zip(engines, previous, strict=True):
+        if not engine.adopt_state(old) and len(old.table):
+            was, now = old.model.meta, engine.model.meta
+            why = (f"another network ({now.fingerprint}, was {was.fingerprint})"
+                   if now.fingerprint != was.fingerprint else "another state shape")  # fmt: skip
+            log.info("model %s: %s: its %d stream(s) start afresh, from its calibration and"
+                     " warm-up; alerts open on them are cleared (reason reloaded)",
+                     engine.model.name, why, len(old.table))  # fmt: skip

@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from detector.config import Config
+from detector.engine import take_over
 from detector.journal import AlertJournal, apply_journal, journal_path, read_journals
 from detector.link import Inbound, Link
 from detector.logs import configure
@@ -149,10 +150,7 @@ def _control(message: tuple[Any, ...], stage: ScoringStage, metrics: Metrics,
         except Exception as exc:
             log.error("reload failed here, keeping the running model(s): %s", exc)
             return False
-        for engine, previous in zip(engines, stage.engines, strict=True):
-            if not engine.adopt_state(previous):
-                log.warning("model %s changed its state shape: its streams start afresh",
-                            engine.model.name)  # fmt: skip
+        take_over(engines, stage.engines)
         stage.install(engines, router)
     elif kind == "capture":
         if journal is not None:

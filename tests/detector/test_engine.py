@@ -298,12 +298,35 @@ def lstm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return LoadedModel.load(path)
 
 
-def test_a_reload_takes_the_streams_over_only_when_the_state_has_the_same_shape(
-    model: LoadedModel, lstm: LoadedModel, normal: np.ndarray
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A GRU of the tiny model's shapes, trained anew: another network, the same columns."""
+    path = tmp_path_factory.mktemp("retrained") / "tiny-gru.onnx"
+    train_tiny_model(path, cell="gru", epochs=1)
+    return LoadedModel.load(path, name="pump")
+
+
+def test_a_reload_takes_the_streams_over_only_for_the_same_network(
+    model: LoadedModel, lstm: LoadedModel, retrained: LoadedModel, normal: np.ndarray
 ) -> None:
     old = engine(model)
     step(old, ["a", "b"], [T0, T0], normal[:2])
-    same = engine(model)
+    same = engine(model)  # the file reloaded unchanged: every stream as it was
     assert same.adopt_state(old) and same.table is old.table and len(same.table) == 2
     other = Engine(lstm, SCORING)  # an LSTM carries c beside h: the columns differ
-    assert not other.adopt_state(old) and len(other.table) == 0
+    assert not other.adopt_state(same) and len(other.table) == 0
+
+    # A retrained network of the same shapes: its streams start afresh (its own states and
+    # statistics, its warm-up), and an alert open on one is cleared, so it has its pair.
+    assert retrained.meta.fingerprint != model.meta.fingerprint
+    fresh = Engine(retrained, SCORING)
+    assert fresh.table.columns == same.table.columns
+    row = same.table.index["b"]
+    same.table.arrays["active"][row] = True
+    same.table.arrays["episodes"][row] = 3
+    assert not fresh.adopt_state(same) and len(fresh.table) == 0
+    (cleared,) = fresh.take_pending()
+    assert (cleared.stream, cleared.event, cleared.episode) == ("b", "cleared", 3)
+    assert cleared.reason == "reloaded" and cleared.ts == T0
+    result = step(fresh, ["b"], [T0 + 1.0], normal[2:3])
+    assert result.status[0] == SCORED and not result.active[0] and len(fresh.table) == 1

@@ -63,7 +63,9 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
         new_info = {"model": new_meta.name, "cell": "gru", "fingerprint": new_fp}
         assert daemon.metric("rnnsentry_model_info", new_info) == 1
         assert daemon.metric("rnnsentry_model_info", {**info, "fingerprint": old_fp}) is None
-        assert daemon.metric("rnnsentry_streams_active") == 1  # the stream kept its state
+        # another network: the stream's state was the old one's, so it starts afresh
+        assert daemon.metric("rnnsentry_streams_active") == 0
+        assert "its 1 stream(s) start afresh" in daemon.log_path.read_text()
 
         live.write_bytes(b"\x08\x07 this is not an onnx model")
         daemon.proc.send_signal(signal.SIGHUP)
@@ -73,6 +75,11 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
             publisher.send("sensors/p1", sample_payload(TINY_FEATURES, rows[t], 10.0 + t))
         poll_until(lambda: _scored(daemon) == 30)
         assert "reload failed, keeping the running model(s)" in daemon.log_path.read_text()
+
+        shutil.copy(other, live)  # the same network again: the stream keeps its state
+        daemon.proc.send_signal(signal.SIGHUP)
+        poll_until(lambda: daemon.metric("rnnsentry_reloads_total", {"result": "ok"}) == 2)
+        assert daemon.metric("rnnsentry_streams_active") == 1
     finally:
         publisher.close()
         assert daemon.stop() == 0
