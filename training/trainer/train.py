@@ -20,6 +20,7 @@ model is too small to gain from more) and restores torch's setting afterwards.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -415,10 +416,12 @@ def prepare(
         n_features = values.shape[1]
         n_train = split_rows(len(values), options.val_fraction)
         if n_train < need:
+            least = next(n for n in itertools.count(need) if split_rows(n, options.val_fraction)
+                         >= need)  # fmt: skip
             raise DataError(
-                f"{where} has {len(values)} rows: too few for one training window of"
-                f" {options.window} steps after holding out {options.val_fraction:.0%}"
-                f" for validation (needs {need} training rows)"
+                f"{where} has {len(values)} rows to train on: too few for one training window"
+                f" of {options.window} steps after holding out {options.val_fraction:.0%} for"
+                f" validation; it needs at least {least} rows, or a shorter --window"
             )
         values = fill_missing(values, features, where=where)
         train_parts.append(values[:n_train])

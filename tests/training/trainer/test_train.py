@@ -240,8 +240,10 @@ def test_missing_values_are_filled_and_an_empty_column_is_named() -> None:
 
 
 def test_bad_inputs_and_options() -> None:
-    with pytest.raises(DataError, match="too few"):
-        train([np.zeros((20, 2))], tiny(), quiet=True)
+    with pytest.raises(DataError, match="too few .* it needs at least 21 rows"):
+        train([np.zeros((20, 2))], tiny(), quiet=True)  # a window of 16 and 20 % held out
+    rows = np.random.default_rng(0).normal(size=(21, 2))
+    assert len(train([rows], tiny(), quiet=True).train_streams[0]) == 17  # as many as it says
     with pytest.raises(DataError):
         train([], tiny(), quiet=True)
     with pytest.raises(DataError, match="features"):
