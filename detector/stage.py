@@ -197,10 +197,12 @@ class ScoringStage:
         self.partial = PartialStreams()
 
     def install(self, engines: list[Engine], router: Router) -> None:
-        """Serve these models from the next batch on; the route memo starts afresh."""
+        """Serve these models from the next batch on; the route memo starts afresh. The
+        alerts a reload cleared (``detector.engine.take_over``) are published now."""
         self.engines, self.router = engines, router
         self._forms = [PlainForm.of(tuple(e.model.meta.features)) for e in engines]
         self.routes = Routes(router, self.config.mqtt)
+        self._publish_pending()
 
     def streams_active(self) -> int:
         return sum(len(e.table) for e in self.engines)
@@ -209,11 +211,15 @@ class ScoringStage:
         """Forget streams idle for their TTL; an alert open on one is cleared."""
         m = self.metrics
         m.evictions.inc(sum(e.evict_idle(now) for e in self.engines))
+        self._publish_pending()
+        self.gauge_streams()
+
+    def _publish_pending(self) -> None:
+        """The cleared alerts of streams the engines let go (evicted, or taken over afresh)."""
         decided = time.time()
         for engine in self.engines:
             for event in engine.take_pending():
                 self.publisher.alert(engine.model, event, decided)
-        self.gauge_streams()
 
     def gauge_streams(self, alerts: bool = True) -> None:
         """Set the gauges of streams in memory and, with ``alerts`` (a pass over every row:

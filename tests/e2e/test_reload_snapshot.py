@@ -38,6 +38,9 @@ def _scored(daemon: DaemonProcess) -> float | None:
 def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
     tiny_model: Path, mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
+    """A retrained file takes over with every stream afresh, its open alert cleared (reason
+    "reloaded"); a corrupt one keeps the running model; the same file again keeps the
+    streams."""
     live = tmp_path / "live.onnx"
     shutil.copy(tiny_model, live)
     old_meta = LoadedModel.load(live).meta
@@ -48,12 +51,15 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
     assert new_fp != old_fp
 
     daemon = DaemonProcess(live, mosquitto.url, tmp_path, instance="snap", env=SNAP_ENV)
+    listener = Listener(mosquitto.port, ["rnnsentry/alerts/p1"])
     publisher = Publisher(mosquitto.port)
     try:
-        rows = tiny_fleet(n_streams=1, n_steps=40, seed=3).values[0]
-        for t in range(20):
+        rows = tiny_fleet(n_streams=1, n_steps=40, seed=3).values[0].copy()
+        rows[22, 0] += 40.0 * rows[:20, 0].std()  # a flow spike: an alert open at the reload
+        for t in range(25):
             publisher.send("sensors/p1", sample_payload(TINY_FEATURES, rows[t], 10.0 + t))
-        poll_until(lambda: _scored(daemon) == 20)
+        raised = listener.json_on("rnnsentry/alerts/p1", lambda d: d["event"] == "raised")
+        poll_until(lambda: _scored(daemon) == 25)
         info = {"model": old_meta.name, "cell": "gru"}
         assert daemon.metric("rnnsentry_model_info", {**info, "fingerprint": old_fp}) == 1
 
@@ -63,17 +69,20 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
         new_info = {"model": new_meta.name, "cell": "gru", "fingerprint": new_fp}
         assert daemon.metric("rnnsentry_model_info", new_info) == 1
         assert daemon.metric("rnnsentry_model_info", {**info, "fingerprint": old_fp}) is None
-        # another network: the stream's state was the old one's, so it starts afresh
+        # another network: the stream's state was the old one's, so it starts afresh, and
+        # its open alert is cleared
         assert daemon.metric("rnnsentry_streams_active") == 0
+        cleared = listener.json_on("rnnsentry/alerts/p1", lambda d: d["event"] == "cleared")
+        assert cleared["alert_id"] == raised["alert_id"] and cleared["reason"] == "reloaded"
         assert "its 1 stream(s) start afresh" in daemon.log_path.read_text()
 
         live.write_bytes(b"\x08\x07 this is not an onnx model")
         daemon.proc.send_signal(signal.SIGHUP)
         poll_until(lambda: daemon.metric("rnnsentry_reloads_total", {"result": "failed"}) == 1)
         assert daemon.metric("rnnsentry_model_info", new_info) == 1
-        for t in range(20, 30):
+        for t in range(25, 35):
             publisher.send("sensors/p1", sample_payload(TINY_FEATURES, rows[t], 10.0 + t))
-        poll_until(lambda: _scored(daemon) == 30)
+        poll_until(lambda: _scored(daemon) == 35)
         assert "reload failed, keeping the running model(s)" in daemon.log_path.read_text()
 
         shutil.copy(other, live)  # the same network again: the stream keeps its state
@@ -82,6 +91,7 @@ def test_sighup_swaps_a_good_model_and_keeps_the_old_on_a_corrupt_one(
         assert daemon.metric("rnnsentry_streams_active") == 1
     finally:
         publisher.close()
+        listener.close()
         assert daemon.stop() == 0
 
 
