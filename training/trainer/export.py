@@ -50,9 +50,9 @@ PARITY_TOLERANCE = 1e-4
 # Where the network itself amplifies rounding (a model fitted to spikes, steep in places), two
 # float32 evaluations of the same equations part by more than PARITY_TOLERANCE: the graph may
 # differ from torch by this many times torch's own float32 error (against a float64 copy of
-# the model), beyond the tolerance. onnxruntime's kernels round differently from torch's, and
-# its errors ran up to 6 times torch's where both were far out; a wrong equation errs by
-# orders of magnitude more than either.
+# the model), beyond the tolerance. onnxruntime's kernels round differently from torch's, so
+# its error may be several times torch's (docs/quality-notes.md has what was measured); a
+# wrong equation errs by orders of magnitude more than either.
 FLOAT32_ROOM = 100.0
 PARITY_MIN_STEPS = 1000
 PARITY_MAX_STEPS = 4000
