@@ -312,8 +312,9 @@ class Engine:
         )
 
     def _closing(self, rows: np.ndarray, reason: str = "evicted") -> None:
-        """Rows about to be evicted: an active alert among them is cleared, so that every
-        raised alert has its cleared even when its stream is forgotten."""
+        """Rows about to be let go (evicted, or left behind by a reload's new network): an
+        active alert among them is cleared with ``reason``, so that every raised alert has
+        its cleared even when its stream is forgotten."""
         a, ids = self.table.arrays, self.table.ids
         for row in rows[a["active"][rows]].tolist():
             self.pending_events.append(AlertEvent(
